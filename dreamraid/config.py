@@ -1,0 +1,355 @@
+"""
+Settings: ``conf/dreamraid.ini`` read into typed, validated, frozen objects.
+
+The ini file holds every setting; this module holds only their types, rules and
+help text, so there is one place for each default.  A setting can be
+overridden on the command line (``--section-key value``); an unknown or invalid
+setting raises L{ConfigError} naming it, which stops start-up.
+
+Relative paths in the file are resolved against the file's own directory.
+
+Run as ``python -m dreamraid.config shell [path]`` it prints the stack's
+settings as shell assignments, for ``scripts/stack.sh``.
+"""
+
+import configparser
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "conf" / "dreamraid.ini"
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or invalid; the message names it."""
+
+
+# -- value parsers: text -> typed value, ValueError with a reason otherwise ----
+
+
+def _number(kind, low=None, high=None):
+    def parse(text, base):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"expected a {kind.__name__}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    parse.kind = kind.__name__
+    return parse
+
+
+def _text(text, base):
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+_text.kind = "text"
+
+
+def _optional_text(text, base):
+    return text
+
+
+_optional_text.kind = "text"
+
+
+def _server_endpoint(text, base):
+    try:
+        serverFromString(None, text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a server endpoint description: {text!r} ({e})") from None
+    return text
+
+
+_server_endpoint.kind = "endpoint"
+
+
+def _host_port(text):
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host, _number(int, 1, 65535)(port, None)
+
+
+def _host_ports(text, base):
+    nodes = tuple(_host_port(part) for part in text.split(",") if part.strip())
+    if not nodes:
+        raise ValueError("needs at least one host:port")
+    return nodes
+
+
+_host_ports.kind = "host:port,..."
+
+
+def _path(text, base):
+    if not text:
+        raise ValueError("must not be empty")
+    return (base / text).resolve()
+
+
+_path.kind = "path"
+
+
+def _choice(*choices):
+    def parse(text, base):
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    parse.kind = "|".join(choices)
+    return parse
+
+
+def setting(parse, help):
+    """Declare a field of a settings section."""
+    return dataclasses.field(metadata={"parse": parse, "help": help})
+
+
+# -- sections -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """The client-facing side of a server process."""
+
+    listen: str = setting(_server_endpoint, "client TCP endpoint")
+    http_listen: str = setting(_server_endpoint, "HTTP endpoint for /health and /metrics")
+    max_frame_size: int = setting(
+        _number(int, 16, 65535), "largest frame accepted, in bytes after the length"
+    )
+    ping_interval: float = setting(_number(float, 0.05, 60.0), "seconds between server pings")
+    idle_timeout: float = setting(
+        _number(float, 0.1, 3600.0), "seconds of silence before a connection is dropped"
+    )
+    auth_timeout: float = setting(
+        _number(float, 0.1, 3600.0), "seconds a connection may stay unauthenticated"
+    )
+
+    def check(self):
+        if self.idle_timeout <= self.ping_interval:
+            raise ConfigError(
+                "idle_timeout: must be longer than ping_interval "
+                f"({self.idle_timeout} <= {self.ping_interval})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class GameSettings(ServerSettings):
+    """A game server: the client side plus real-time UDP."""
+
+    udp_interface: str = setting(_text, "address the raid UDP socket binds")
+    udp_port: int = setting(_number(int, 0, 65535), "raid UDP port")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    """How to reach the Redis Cluster."""
+
+    startup_nodes: tuple = setting(_host_ports, "cluster nodes to discover the topology from")
+    connect_timeout: float = setting(_number(float, 0.01, 60.0), "seconds to open a connection")
+    command_timeout: float = setting(_number(float, 0.01, 60.0), "deadline of one call, seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class MysqlSettings:
+    """How the session server reaches MariaDB/MySQL."""
+
+    host: str = setting(_text, "server address")
+    port: int = setting(_number(int, 1, 65535), "server port")
+    user: str = setting(_text, "user name")
+    password: str = setting(_optional_text, "password")
+    database: str = setting(_text, "database name")
+    pool_min: int = setting(_number(int, 1, 100), "connections kept open")
+    pool_max: int = setting(_number(int, 1, 100), "connections at most")
+    connect_timeout: float = setting(_number(float, 0.1, 60.0), "seconds to connect")
+
+    def check(self):
+        if self.pool_min > self.pool_max:
+            raise ConfigError(f"pool_min: must not exceed pool_max ({self.pool_min} > {self.pool_max})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSettings:
+    """JWTs: minted by the session server, verified by game servers."""
+
+    algorithm: str = setting(_choice("EdDSA", "HS256"), "signature algorithm")
+    issuer: str = setting(_text, "iss claim")
+    audience: str = setting(_text, "aud claim")
+    ttl: int = setting(_number(int, 10, 86400), "seconds a token lives")
+    private_key: Path = setting(_path, "EdDSA signing key (session server only)")
+    public_key: Path = setting(_path, "EdDSA verifying key")
+    secret: str = setting(_optional_text, "shared secret, HS256 only")
+
+    def check(self):
+        if self.algorithm == "HS256" and len(self.secret) < 32:
+            raise ConfigError("secret: HS256 needs a secret of at least 32 characters")
+
+
+@dataclasses.dataclass(frozen=True)
+class TablesSettings:
+    """Where the game tables live."""
+
+    path: Path = setting(_path, "JSON file of the game tables")
+
+    def check(self):
+        from dreamraid.tables import TableError, load_tables
+
+        try:
+            load_tables(self.path)
+        except TableError as e:
+            raise ConfigError(f"path: {e}") from None
+
+
+SECTIONS = {
+    "game": GameSettings,
+    "session": ServerSettings,
+    "redis": RedisSettings,
+    "mysql": MysqlSettings,
+    "tokens": TokenSettings,
+    "tables": TablesSettings,
+}
+GAME_SECTIONS = ("game", "redis", "tokens", "tables")
+SESSION_SECTIONS = ("session", "redis", "mysql", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """All sections of one configuration file."""
+
+    path: Path
+    game: GameSettings
+    session: ServerSettings
+    redis: RedisSettings
+    mysql: MysqlSettings
+    tokens: TokenSettings
+    tables: TablesSettings
+
+
+def option_name(section, key):
+    """The command-line option that overrides C{[section] key}."""
+    return f"{section}-{key}".replace("_", "-")
+
+
+def _build_section(section, cls, raw, base, overrides):
+    values = {}
+    for f in dataclasses.fields(cls):
+        if (section, f.name) in overrides:
+            text, where = overrides[section, f.name], f"--{option_name(section, f.name)}"
+        elif f.name in raw:
+            text, where = raw[f.name], f"[{section}] {f.name}"
+        else:
+            raise ConfigError(f"setting {section}.{f.name} is missing")
+        try:
+            values[f.name] = f.metadata["parse"](text.strip(), base)
+        except ValueError as e:
+            raise ConfigError(f"setting {section}.{f.name} ({where}): {e}") from None
+    unknown = sorted(set(raw) - set(values))
+    if unknown:
+        raise ConfigError(f"unknown setting {section}.{unknown[0]}")
+    built = cls(**values)
+    check = getattr(built, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"setting {section}.{e}") from None
+    return built
+
+
+def load_settings(path=DEFAULT_PATH, overrides=None):
+    """
+    Read and validate a configuration file.
+
+    @param overrides: C{{(section, key): text}} applied over the file.
+    @raise ConfigError: naming the first bad, missing or unknown setting.
+    """
+    path = Path(path).resolve()
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"configuration file {path} is malformed: {e}") from None
+    unknown = sorted(set(parser.sections()) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] in {path}")
+    overrides = overrides or {}
+    sections = {
+        name: _build_section(
+            name, cls, dict(parser[name]) if parser.has_section(name) else {}, path.parent, overrides
+        )
+        for name, cls in SECTIONS.items()
+    }
+    return Settings(path=path, **sections)
+
+
+def settings_options(server_name, sections):
+    """
+    A twistd L{usage.Options} class: C{--config} plus one option per setting
+    of C{sections}; after parsing, C{options["settings"]} is a L{Settings}.
+    """
+    params = [["config", "c", str(DEFAULT_PATH), "configuration file"]]
+    for section in sections:
+        for f in dataclasses.fields(SECTIONS[section]):
+            kind = f.metadata["parse"].kind
+            params.append([option_name(section, f.name), None, None, f"{f.metadata['help']} ({kind})"])
+
+    class Options(usage.Options):
+        synopsis = f"[options]   (runs the dreamraid {server_name})"
+        optParameters = params
+
+        def postOptions(self):
+            overrides = {
+                (section, f.name): self[option_name(section, f.name)]
+                for section in sections
+                for f in dataclasses.fields(SECTIONS[section])
+                if self[option_name(section, f.name)] is not None
+            }
+            try:
+                self["settings"] = load_settings(self["config"], overrides)
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+
+    return Options
+
+
+def shell_assignments(settings):
+    """The stack's settings as lines of C{NAME='value'} for a shell to eval."""
+    m = settings.mysql
+    values = {
+        "REDIS_NODES": " ".join(f"{h}:{p}" for h, p in settings.redis.startup_nodes),
+        "MYSQL_HOST": m.host,
+        "MYSQL_PORT": m.port,
+        "MYSQL_USER": m.user,
+        "MYSQL_PASSWORD": m.password,
+        "MYSQL_DATABASE": m.database,
+    }
+    return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in values.items())
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "shell" or len(argv) > 2:
+        sys.stderr.write("usage: python -m dreamraid.config shell [path]\n")
+        return 2
+    try:
+        settings = load_settings(argv[1] if len(argv) > 1 else DEFAULT_PATH)
+    except ConfigError as e:
+        sys.stderr.write(f"dreamraid: {e}\n")
+        return 1
+    sys.stdout.write(shell_assignments(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
