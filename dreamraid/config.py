@@ -6,7 +6,8 @@ help text, so there is one place for each default.  A setting can be
 overridden on the command line (``--section-key value``); an unknown or invalid
 setting raises L{ConfigError} naming it, which stops start-up.
 
-Relative paths in the file are resolved against the file's own directory.
+Relative paths in the file are resolved against the file's own directory,
+those given on the command line against the current directory.
 
 Run as ``python -m dreamraid.config shell [path]`` it prints the stack's
 settings as shell assignments, for ``scripts/stack.sh``.
@@ -31,12 +32,15 @@ class ConfigError(Exception):
 # -- value parsers: text -> typed value, ValueError with a reason otherwise ----
 
 
+_KIND_TEXT = {int: "a whole number", float: "a number"}
+
+
 def _number(kind, low=None, high=None):
     def parse(text, base):
         try:
             value = kind(text)
         except ValueError:
-            raise ValueError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise ValueError(f"expected {_KIND_TEXT[kind]}, got {text!r}") from None
         if (low is not None and value < low) or (high is not None and value > high):
             raise ValueError(f"must be between {low} and {high}, got {value}")
         return value
@@ -121,7 +125,7 @@ class ServerSettings:
     """The client-facing side of a server process."""
 
     listen: str = setting(_server_endpoint, "client TCP endpoint")
-    http_listen: str = setting(_server_endpoint, "HTTP endpoint for /health and /metrics")
+    http_listen: str = setting(_server_endpoint, "HTTP endpoint serving /health")
     max_frame_size: int = setting(
         _number(int, 16, 65535), "largest frame accepted, in bytes after the length"
     )
@@ -242,13 +246,13 @@ def _build_section(section, cls, raw, base, overrides):
     values = {}
     for f in dataclasses.fields(cls):
         if (section, f.name) in overrides:
-            text, where = overrides[section, f.name], f"--{option_name(section, f.name)}"
+            text, where, relative_to = overrides[section, f.name], f"--{option_name(section, f.name)}", Path.cwd()
         elif f.name in raw:
-            text, where = raw[f.name], f"[{section}] {f.name}"
+            text, where, relative_to = raw[f.name], f"[{section}] {f.name}", base
         else:
             raise ConfigError(f"setting {section}.{f.name} is missing")
         try:
-            values[f.name] = f.metadata["parse"](text.strip(), base)
+            values[f.name] = f.metadata["parse"](text.strip(), relative_to)
         except ValueError as e:
             raise ConfigError(f"setting {section}.{f.name} ({where}): {e}") from None
     unknown = sorted(set(raw) - set(values))

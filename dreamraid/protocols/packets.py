@@ -47,6 +47,8 @@ from construct import (
     Terminated,
 )
 
+from dreamraid.errors import ERROR_TEXT, ErrorCode
+
 PROTOCOL_VERSION = 1
 
 LENGTH_PREFIX = Int16ul
@@ -62,37 +64,6 @@ MAC_SIZE = 16
 MAX_DATAGRAM_SIZE = 1200
 
 String = PascalString(Int16ul, "utf8")
-
-
-class ErrorCode(enum.IntEnum):
-    """Every error a server reports, with the text of L{ERROR_TEXT}."""
-
-    MALFORMED_FRAME = 1
-    UNKNOWN_MESSAGE = 2
-    MALFORMED_BODY = 3
-    FRAME_TOO_LARGE = 4
-    NOT_ACCEPTED = 5
-    UNSUPPORTED_VERSION = 6
-    NOT_AUTHENTICATED = 7
-    AUTH_TIMEOUT = 8
-    IDLE_TIMEOUT = 9
-    INTERNAL_ERROR = 10
-    SHUTTING_DOWN = 11
-
-
-ERROR_TEXT = {
-    ErrorCode.MALFORMED_FRAME: "the frame is shorter than its header",
-    ErrorCode.UNKNOWN_MESSAGE: "no message has this id",
-    ErrorCode.MALFORMED_BODY: "the body does not decode as the message's schema",
-    ErrorCode.FRAME_TOO_LARGE: "the frame is over the server's maximum size; the connection is closed",
-    ErrorCode.NOT_ACCEPTED: "this server does not accept this message from a client",
-    ErrorCode.UNSUPPORTED_VERSION: "the client speaks another protocol version",
-    ErrorCode.NOT_AUTHENTICATED: "the request needs an authenticated connection",
-    ErrorCode.AUTH_TIMEOUT: "the connection did not authenticate in time; it is closed",
-    ErrorCode.IDLE_TIMEOUT: "nothing was heard from the connection for too long; it is closed",
-    ErrorCode.INTERNAL_ERROR: "the server failed to handle the request; it was logged",
-    ErrorCode.SHUTTING_DOWN: "the server is shutting down",
-}
 
 
 class CodecError(Exception):
@@ -138,9 +109,6 @@ class Datagram(NamedTuple):
 
 
 # -- the fast codec, generated from construct fields ----------------------------
-
-_SIZE_CHAR = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
 
 def _little_endian_char(field):
     """The struct char of a little-endian (or one-byte) FormatField, else None."""

@@ -1,0 +1,45 @@
+# dreamraid: `make run` brings everything up, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test stack-up stack-down stack-status stack-reset venv protocol-doc bench clean
+
+run: $(STAMP)
+	@scripts/run.sh
+
+test: $(STAMP)
+	@scripts/test.sh
+
+venv: $(STAMP)
+
+# The editable install is in "compat" mode so the project root is on sys.path
+# and twistd finds twisted/plugins/dreamraid_plugins.py in the work tree.
+$(STAMP): setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (dreamraid needs Python 3.11+)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: dreamraid needs Python 3.11+"; exit 1; }
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV) || { echo "make: cannot create $(VENV); on Debian: apt-get install -y python3-venv"; exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+	@touch $@
+
+stack-up: $(STAMP)
+	@scripts/stack.sh up
+
+stack-down: $(STAMP)
+	@scripts/stack.sh down
+
+stack-status: $(STAMP)
+	@scripts/stack.sh status
+
+stack-reset: $(STAMP)
+	@scripts/stack.sh reset
+
+protocol-doc: $(STAMP)
+	$(BIN)/dreamraid-protocol-doc
+
+bench: $(STAMP)
+	$(BIN)/python bench/codec.py --quick
+
+clean:
+	rm -rf $(VENV) _trial_temp* *.egg-info twisted/plugins/dropin.cache

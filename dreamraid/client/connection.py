@@ -1,0 +1,142 @@
+"""
+The client side of the dreamraid TCP protocol: send requests, await the reply
+that echoes each request's id (so requests can be pipelined), answer the
+server's pings, and hand pushes to the application.
+
+    client = await connect(reactor, "127.0.0.1", 9090)
+    welcome = await client.hello("my-client")
+    rtt = await client.ping()
+"""
+
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python.failure import Failure
+
+from dreamraid import __version__
+from dreamraid.errors import ErrorCode
+from dreamraid.protocols import packets
+from dreamraid.protocols.framing import FrameReceiver
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class RemoteError(Exception):
+    """The server answered a request with an error frame."""
+
+    def __init__(self, code, detail):
+        code = _code(code)
+        super().__init__(f"{getattr(code, 'name', code)}: {detail}")
+        self.code, self.detail = code, detail
+
+
+class ConnectionClosed(Exception):
+    """The connection closed before the reply came; C{code} is the server's reason, if it gave one."""
+
+    def __init__(self, code=None, detail=None):
+        super().__init__(f"connection closed ({getattr(code, 'name', code) or 'no reason given'})")
+        self.code, self.detail = code, detail
+
+
+class ClientProtocol(FrameReceiver):
+    """One connection to a dreamraid server."""
+
+    def __init__(self, clock, timeout=DEFAULT_TIMEOUT):
+        self._clock = clock
+        self._timeout = timeout
+        self._pending = {}
+        self._next_id = 0
+        self._nonce = 0
+        self.closed = defer.Deferred()
+        self.close_reason = None  # (code, detail) of the server's last error push
+        self.pushes = []  # pushes received while nobody listens: (message name, body)
+        self.on_push = None  # or a callable(message, body)
+
+    def request(self, message, body, timeout=None):
+        """
+        Send a request; the Deferred fires with the reply's C{(message, body)}.
+
+        It fails with L{RemoteError} on an error reply, L{ConnectionClosed}
+        if the connection drops first, and C{defer.TimeoutError} after
+        C{timeout} seconds.
+        """
+        if not self.connected:
+            return defer.fail(ConnectionClosed(*(self.close_reason or ())))
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        request_id = self._next_id
+        d = defer.Deferred(lambda _: self._pending.pop(request_id, None))
+        self._pending[request_id] = d
+        self.transport.write(message.encode(request_id, body))
+        d.addTimeout(self._timeout if timeout is None else timeout, self._clock)
+        return d
+
+    async def hello(self, client_name=f"dreamraid-client/{__version__}"):
+        """Introduce the client; returns the welcome body."""
+        _, body = await self.request(
+            packets.HELLO, {"protocol_version": packets.PROTOCOL_VERSION, "client": client_name}
+        )
+        return body
+
+    async def ping(self):
+        """Round-trip time, in seconds, of one ping."""
+        self._nonce = (self._nonce + 1) & 0xFFFFFFFF
+        started = self._clock.seconds()
+        _, body = await self.request(packets.PING, {"nonce": self._nonce})
+        if body["nonce"] != self._nonce:
+            raise RemoteError(ErrorCode.INTERNAL_ERROR, "pong carried another nonce")
+        return self._clock.seconds() - started
+
+    def close(self):
+        """Close the connection; the Deferred fires once it is closed."""
+        self.transport.loseConnection()
+        return self.closed
+
+    def frameReceived(self, frame):
+        message, request_id, body = frame
+        if request_id == 0:
+            self._push(message, body)
+            return
+        d = self._pending.pop(request_id, None)
+        if d is None:
+            return  # a reply to a request that timed out or was cancelled
+        if message is packets.ERROR:
+            d.errback(RemoteError(body["code"], body["detail"]))
+        else:
+            d.callback((message, body))
+
+    def codecErrorReceived(self, error):
+        self.transport.loseConnection()
+        self._fail_pending(Failure(error))
+
+    def connectionLost(self, reason):
+        self.connected = False
+        self._fail_pending(Failure(ConnectionClosed(*(self.close_reason or ()))))
+        self.closed.callback(None)
+
+    def _push(self, message, body):
+        if message is packets.PING:
+            self.transport.write(packets.PONG.encode(0, body))
+            return
+        if message is packets.ERROR:
+            self.close_reason = (_code(body["code"]), body["detail"])
+        if self.on_push is not None:
+            self.on_push(message, body)
+        else:
+            self.pushes.append((message.name, body))
+
+    def _fail_pending(self, failure):
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(failure)
+
+
+def _code(value):
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return value
+
+
+def connect(reactor, host, port, timeout=DEFAULT_TIMEOUT):
+    """Connect to a dreamraid server; fires with a L{ClientProtocol}."""
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return connectProtocol(endpoint, ClientProtocol(reactor, timeout))

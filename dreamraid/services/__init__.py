@@ -1,0 +1,1 @@
+"""Game and system logic; never sees bytes or sockets."""

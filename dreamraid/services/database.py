@@ -1,0 +1,48 @@
+"""
+MySQL/MariaDB access for the session server: an adbapi connection pool (a
+Service) whose work runs as named thread functions, so PyMySQL never blocks
+the reactor.  Only the session server talks to MySQL.
+"""
+
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+
+
+def _thd_ping(connection):
+    """Reconnect if the server went away, then prove it answers a query."""
+    connection.ping(reconnect=True)
+    cursor = connection.cursor()
+    try:
+        cursor.execute("SELECT 1")
+        cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+class Database(Service):
+    """The pool, opened when the service starts and closed when it stops."""
+
+    pool = None
+
+    def __init__(self, settings):
+        self._settings = settings
+
+    def startService(self):
+        super().startService()
+        s = self._settings
+        self.pool = adbapi.ConnectionPool(
+            "pymysql",
+            host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
+            charset="utf8mb4", connect_timeout=s.connect_timeout,
+            cp_min=s.pool_min, cp_max=s.pool_max, cp_reconnect=True, cp_noisy=False,
+        )
+
+    def stopService(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        return super().stopService()
+
+    def ping(self):
+        """A Deferred that fires when MySQL answers, and fails when it does not."""
+        return self.pool.runWithConnection(_thd_ping)

@@ -1,0 +1,131 @@
+"""
+Connection liveness: ping every connection at a fixed interval, keep its
+round-trip time, drop it when it falls silent or fails to authenticate in time.
+
+One sweep per interval serves every connection (cheaper than a timer each at
+tens of thousands of connections); the authentication deadline is a single
+delayed call per connection, cancelled once it authenticates.
+"""
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface
+
+from dreamraid.errors import ErrorCode
+
+
+class IPeer(Interface):
+    """The far end of a connection, as liveness sees it: no bytes, no sockets."""
+
+    state = Attribute("The L{PeerState} liveness keeps for this peer.")
+
+    def send_ping(nonce):
+        """Send a ping carrying C{nonce}; a pong with it should come back."""
+
+    def drop(code):
+        """Tell the peer why (an L{ErrorCode}) and close the connection."""
+
+
+class PeerState:
+    """What liveness knows of one connection."""
+
+    __slots__ = (
+        "peer", "connected_at", "last_heard", "authenticated",
+        "nonce", "ping_sent_at", "rtt", "_auth_deadline",
+    )
+
+    def __init__(self, peer, now):
+        self.peer = peer
+        self.connected_at = self.last_heard = now
+        self.authenticated = False
+        self.nonce = 0
+        self.ping_sent_at = None
+        self.rtt = None  # seconds, of the last answered server ping
+        self._auth_deadline = None
+
+
+class Liveness(Service):
+    """Pings, round-trip times and the idle and authentication deadlines."""
+
+    _log = Logger()
+
+    def __init__(self, clock, ping_interval, idle_timeout, auth_timeout):
+        self._clock = clock
+        self._ping_interval = ping_interval
+        self._idle_timeout = idle_timeout
+        self._auth_timeout = auth_timeout
+        self._peers = set()
+        self._sweep = LoopingCall(self.sweep)
+        self._sweep.clock = clock
+
+    def startService(self):
+        super().startService()
+        self._sweep.start(self._ping_interval, now=False)
+
+    def stopService(self):
+        if self._sweep.running:
+            self._sweep.stop()
+        return super().stopService()
+
+    def __len__(self):
+        return len(self._peers)
+
+    def connected(self, peer):
+        """Start watching C{peer}; returns its L{PeerState}."""
+        state = PeerState(peer, self._clock.seconds())
+        state._auth_deadline = self._clock.callLater(self._auth_timeout, self._auth_expired, state)
+        self._peers.add(state)
+        return state
+
+    def disconnected(self, state):
+        """Stop watching a connection that is gone."""
+        self._peers.discard(state)
+        self._cancel_auth_deadline(state)
+
+    def heard(self, state):
+        """Something arrived from the peer: it is not idle."""
+        state.last_heard = self._clock.seconds()
+
+    def authenticated(self, state):
+        """
+        The peer proved who it is: the authentication deadline no longer applies.
+
+        This is the hook the login handlers call: the game server once a
+        token checks out, the session server once a login succeeds.  Until
+        then every connection is dropped C{auth_timeout} after it opened.
+        """
+        state.authenticated = True
+        self._cancel_auth_deadline(state)
+
+    def pong(self, state, nonce):
+        """A pong arrived; if it answers the last ping, record the round trip."""
+        if state.ping_sent_at is not None and nonce == state.nonce:
+            state.rtt = self._clock.seconds() - state.ping_sent_at
+            state.ping_sent_at = None
+
+    def sweep(self):
+        """Drop the idle, ping the rest."""
+        now = self._clock.seconds()
+        for state in list(self._peers):
+            if now - state.last_heard >= self._idle_timeout:
+                self._drop(state, ErrorCode.IDLE_TIMEOUT)
+                continue
+            state.nonce = (state.nonce + 1) & 0xFFFFFFFF
+            state.ping_sent_at = now
+            state.peer.send_ping(state.nonce)
+
+    def _auth_expired(self, state):
+        state._auth_deadline = None
+        if state in self._peers and not state.authenticated:
+            self._drop(state, ErrorCode.AUTH_TIMEOUT)
+
+    def _cancel_auth_deadline(self, state):
+        if state._auth_deadline is not None and state._auth_deadline.active():
+            state._auth_deadline.cancel()
+        state._auth_deadline = None
+
+    def _drop(self, state, code):
+        self.disconnected(state)
+        state.peer.drop(code)
+

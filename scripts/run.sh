@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make run`: bring up the stack, then the session server and a game server
+# with their logs on this terminal.  Ctrl-C stops everything this run started.
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+started_stack=0
+if ! scripts/stack.sh status >/dev/null 2>&1; then
+    scripts/stack.sh up || exit 1
+    started_stack=1
+fi
+
+pids=()
+stop() {
+    trap - INT TERM EXIT
+    echo "run: stopping" >&2
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    [ $started_stack = 1 ] && scripts/stack.sh down
+    exit 0
+}
+trap stop INT TERM EXIT
+
+# Process substitution keeps $! the server's own pid, so stop() ends the server.
+.venv/bin/twistd --nodaemon --pidfile= dreamraid-session > >(sed -u 's/^/session | /') 2>&1 &
+pids+=($!)
+.venv/bin/twistd --nodaemon --pidfile= dreamraid-game > >(sed -u 's/^/game    | /') 2>&1 &
+pids+=($!)
+echo "run: session server on 127.0.0.1:9091 (health: http://127.0.0.1:9191/health)" >&2
+echo "run: game server on 127.0.0.1:9090 (health: http://127.0.0.1:9190/health)" >&2
+echo "run: Ctrl-C stops everything" >&2
+wait -n "${pids[@]}"
+echo "run: a server exited" >&2
+stop

@@ -1,0 +1,1 @@
+"""dreamraid's trial test suite."""

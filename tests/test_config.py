@@ -1,0 +1,217 @@
+"""Settings: the shipped file, command-line overrides, and every kind of bad setting."""
+
+import json
+from pathlib import Path
+
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from dreamraid import config, game_tap, session_tap
+from dreamraid.tables import TableError, load_tables, parse_tables
+from tests.support import CONFIG, ROOT
+
+
+def write_config(testcase, *changes, drop=None):
+    """A copy of the shipped file with C{(section, key, value)} changes."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(CONFIG)
+    for section, key, value in changes:
+        if not parser.has_section(section):
+            parser.add_section(section)
+        parser[section][key] = value
+    if drop:
+        parser.remove_option(*drop)
+    path = Path(testcase.mktemp() + ".ini")
+    with open(path, "w") as f:
+        parser.write(f)
+    # Relative paths resolve against the file's directory: keep them pointing at conf/.
+    text = path.read_text().replace("path = tables.json", f"path = {ROOT / 'conf' / 'tables.json'}")
+    path.write_text(text)
+    return path
+
+
+class ShippedConfigTests(TestCase):
+    """conf/dreamraid.ini holds every setting with the documented defaults."""
+
+    def test_defaults(self):
+        """The shipped file parses into the spec's defaults."""
+        s = config.load_settings(CONFIG)
+        self.assertEqual(s.game.listen, "tcp:9090:interface=127.0.0.1")
+        self.assertEqual(s.game.http_listen, "tcp:9190:interface=127.0.0.1")
+        self.assertEqual(s.session.listen, "tcp:9091:interface=127.0.0.1")
+        self.assertEqual(s.session.http_listen, "tcp:9191:interface=127.0.0.1")
+        self.assertEqual((s.game.ping_interval, s.game.idle_timeout, s.game.auth_timeout), (1.0, 15.0, 5.0))
+        self.assertEqual(s.game.udp_port, 50000)
+        self.assertEqual(len(s.redis.startup_nodes), 6)
+        self.assertEqual(s.redis.startup_nodes[0], ("127.0.0.1", 7000))
+        self.assertEqual((s.tokens.algorithm, s.tokens.audience, s.tokens.ttl), ("EdDSA", "dreamraid-game", 600))
+        self.assertEqual(s.tokens.public_key, ROOT / "var" / "keys" / "token_ed25519.pub")
+        self.assertEqual(s.tables.path, ROOT / "conf" / "tables.json")
+
+    def test_every_setting_is_in_the_file(self):
+        """Each section's every field appears in the shipped file, and nothing else does."""
+        import configparser
+
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(CONFIG)
+        for section, cls in config.SECTIONS.items():
+            self.assertEqual(
+                sorted(parser[section]), sorted(f.name for f in config.dataclasses.fields(cls)), section
+            )
+
+    def test_shell_assignments(self):
+        """The stack script's view of the settings is quoted for the shell."""
+        text = config.shell_assignments(config.load_settings(CONFIG))
+        self.assertIn("MYSQL_PORT=3307\n", text)
+        self.assertIn("REDIS_NODES='127.0.0.1:7000 127.0.0.1:7001", text)
+
+    def test_shell_command_names_bad_setting(self):
+        """python -m dreamraid.config shell fails with the setting's name on bad input."""
+        bad = write_config(self, ("mysql", "port", "none"))
+        self.assertEqual(config.main(["shell", str(bad)]), 1)
+        self.assertEqual(config.main(["nonsense"]), 2)
+
+class BadConfigTests(TestCase):
+    """Each kind of bad setting stops start-up with a message naming it."""
+
+    def assertRefused(self, expected, *changes, drop=None):
+        """Loading the shipped file with C{changes} fails naming C{expected}."""
+        path = write_config(self, *changes, drop=drop)
+        with self.assertRaises(config.ConfigError) as caught:
+            config.load_settings(path)
+        self.assertIn(expected, str(caught.exception))
+
+    def test_unknown_setting(self):
+        """An unknown key names itself."""
+        self.assertRefused("unknown setting game.colour", ("game", "colour", "blue"))
+
+    def test_unknown_section(self):
+        """An unknown section names itself."""
+        self.assertRefused("unknown section [gmae]", ("gmae", "listen", "tcp:1"))
+
+    def test_missing_setting(self):
+        """A missing key names itself."""
+        self.assertRefused("setting game.listen is missing", drop=("game", "listen"))
+
+    def test_not_a_number(self):
+        """A number that is not one names the setting and the value."""
+        self.assertRefused("setting game.ping_interval ([game] ping_interval): expected a number, got 'fast'",
+                           ("game", "ping_interval", "fast"))
+
+    def test_out_of_range(self):
+        """A number out of range names the setting and the range."""
+        self.assertRefused("setting mysql.port", ("mysql", "port", "70000"))
+        self.assertRefused("setting game.max_frame_size", ("game", "max_frame_size", "65536"))
+
+    def test_bad_endpoint(self):
+        """An endpoint string Twisted cannot parse names the setting."""
+        self.assertRefused("setting session.listen", ("session", "listen", "tcp:notaport"))
+        self.assertRefused("setting game.http_listen", ("game", "http_listen", "carrier-pigeon:1"))
+
+    def test_bad_nodes(self):
+        """Startup nodes must be host:port pairs."""
+        self.assertRefused("setting redis.startup_nodes", ("redis", "startup_nodes", "localhost"))
+        self.assertRefused("setting redis.startup_nodes", ("redis", "startup_nodes", " , "))
+
+    def test_bad_choice(self):
+        """An algorithm outside the allowed set names the choices."""
+        self.assertRefused("must be one of EdDSA, HS256", ("tokens", "algorithm", "none"))
+
+    def test_cross_field_rules(self):
+        """Rules that join settings name the one to change."""
+        self.assertRefused("setting game.idle_timeout", ("game", "idle_timeout", "0.5"))
+        self.assertRefused("setting mysql.pool_min", ("mysql", "pool_min", "9"))
+        self.assertRefused("setting tokens.secret", ("tokens", "algorithm", "HS256"))
+
+    def test_bad_tables(self):
+        """A tables file that is missing or breaks a rule names tables.path."""
+        self.assertRefused("setting tables.path", ("tables", "path", "/nonexistent/tables.json"))
+
+    def test_unreadable_file(self):
+        """A configuration file that cannot be read says so."""
+        self.assertRaises(config.ConfigError, config.load_settings, "/nonexistent/dreamraid.ini")
+        path = Path(self.mktemp())
+        path.write_text("this is not = an ini file\n")
+        self.assertRaises(config.ConfigError, config.load_settings, path)
+
+
+class OptionsTests(TestCase):
+    """The twistd options of both servers."""
+
+    def test_game_options(self):
+        """Every game setting is an option; parsing yields the whole settings object."""
+        options = game_tap.Options()
+        options.parseOptions(["--config", str(CONFIG), "--game-listen", "tcp:9999", "--redis-command-timeout", "0.5"])
+        expected = {"config": str(CONFIG), "settings": options["settings"]}
+        expected.update({name: None for name in options if name not in expected})
+        expected["game-listen"] = "tcp:9999"
+        expected["redis-command-timeout"] = "0.5"
+        self.assertEqual(dict(options), expected)
+        self.assertEqual(options["settings"].game.listen, "tcp:9999")
+        self.assertEqual(options["settings"].redis.command_timeout, 0.5)
+        self.assertIn("game-udp-port", options)
+        self.assertNotIn("mysql-host", options)
+
+    def test_session_options(self):
+        """The session server has the MySQL options and no game ones."""
+        options = session_tap.Options()
+        options.parseOptions(["--mysql-port", "3399"])
+        self.assertEqual(options["settings"].mysql.port, 3399)
+        self.assertIn("session-listen", options)
+        self.assertNotIn("game-listen", options)
+
+    def test_bad_option(self):
+        """A bad override is a UsageError naming the option."""
+        with self.assertRaises(usage.UsageError) as caught:
+            game_tap.Options().parseOptions(["--game-udp-port", "-1"])
+        self.assertIn("--game-udp-port", str(caught.exception))
+
+    def test_relative_override_paths_use_the_current_directory(self):
+        """A path given on the command line is relative to where the command runs."""
+        options = game_tap.Options()
+        options.parseOptions(["--tables-path", str(ROOT / "conf" / "tables.json"), "--tokens-public-key", "k.pub"])
+        self.assertEqual(options["settings"].tokens.public_key, Path.cwd() / "k.pub")
+
+
+class TablesTests(TestCase):
+    """The game tables file."""
+
+    def tables(self):
+        return json.loads((ROOT / "conf" / "tables.json").read_text())
+
+    def test_shipped(self):
+        """The shipped tables are the spec's."""
+        t = load_tables(ROOT / "conf" / "tables.json")
+        self.assertEqual(t.max_level, 15)
+        self.assertEqual(dict(t.exp_to_advance), {1: 1, 2: 2, 3: 4, 4: 6, 5: 10, 6: 16, 7: 23, 8: 31,
+                                                  9: 40, 10: 51, 11: 60, 12: 71, 13: 80, 14: 91})
+        self.assertEqual(t.enhance_success_percent[0], 100)
+        self.assertEqual(t.enhance_success_percent[9], 10)
+        self.assertEqual(t.max_enhancement, 10)
+        self.assertEqual(sorted(t.monster_exp), [1, 2, 3, 4, 5])
+
+    def test_broken_rules(self):
+        """Each broken rule is a TableError that names the entry."""
+        cases = [
+            (lambda t: t["levels"]["exp_to_advance"].pop("14"), "levels.exp_to_advance"),
+            (lambda t: t["levels"]["exp_to_advance"].update({"3": 1}), "must increase"),
+            (lambda t: t["enhancement"]["success_percent"].update({"2": 101}), "success_percent[2]"),
+            (lambda t: t["enhancement"]["success_percent"].update({"x": 1}), "not a whole number"),
+            (lambda t: t.pop("monsters"), "monsters"),
+            (lambda t: t["monsters"].update({"exp": {}}), "at least one"),
+            (lambda t: t["levels"].update({"max_level": 0}), "levels.max_level"),
+        ]
+        for change, expected in cases:
+            tables = self.tables()
+            change(tables)
+            with self.assertRaises(TableError) as caught:
+                parse_tables(tables)
+            self.assertIn(expected, str(caught.exception))
+
+    def test_not_json(self):
+        """A file that is not JSON is a TableError."""
+        path = Path(self.mktemp())
+        path.write_text("{")
+        self.assertRaises(TableError, load_tables, path)
