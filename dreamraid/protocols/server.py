@@ -62,6 +62,7 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         self.state = self.factory.liveness.connected(self)
 
     def connectionLost(self, reason):
+        self.connected = False
         if self.state is not None:
             self.factory.liveness.disconnected(self.state)
 
@@ -117,12 +118,12 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         self.transport.loseConnection()
 
     def _reply(self, result, request_id):
-        if result is not None and self.transport.connected:
+        if result is not None and self.connected:
             message, body = result
             self.transport.write(message.encode(request_id, body))
 
     def _reply_error(self, request_id, code, detail=None):
-        if self.transport.connected:
+        if self.connected:
             self.transport.write(packets.error_frame(request_id, code, detail))
 
     def _request_failed(self, failure, request_id, message):

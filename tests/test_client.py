@@ -1,0 +1,89 @@
+"""The client library paired with a server protocol in memory."""
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import TestCase
+
+from dreamraid.client import ClientProtocol, ConnectionClosed, RemoteError
+from dreamraid.errors import ErrorCode
+from dreamraid.protocols import packets
+from dreamraid.protocols.server import ServerFactory
+from dreamraid.services.liveness import Liveness
+from tests.support import make_settings
+
+
+class ClientTests(TestCase):
+    """Requests, pipelining, pings and failures between a real client and server protocol."""
+
+    def setUp(self):
+        self.clock = Clock()
+        settings = make_settings().game
+        self.liveness = Liveness(self.clock, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
+        self.liveness.startService()
+        self.addCleanup(self.liveness.stopService)
+        factory = ServerFactory("dreamraid-test", settings, self.liveness)
+        self.server = factory.buildProtocol(None)
+        self.client = ClientProtocol(self.clock, timeout=3.0)
+        self.server_transport = iosim.FakeTransport(self.server, isServer=True)
+        client_transport = iosim.FakeTransport(self.client, isServer=False)
+        self.pump = iosim.connect(self.server, self.server_transport, self.client, client_transport)
+
+    def test_hello(self):
+        """hello returns the welcome body."""
+        d = Deferred.fromCoroutine(self.client.hello("tester"))
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d)["protocol_version"], packets.PROTOCOL_VERSION)
+
+    def test_pipelining(self):
+        """Replies find their requests by id, whatever was sent between them."""
+        ds = [self.client.request(packets.PING, {"nonce": n}) for n in (11, 22, 33)]
+        self.pump.flush()
+        self.assertEqual([self.successResultOf(d)[1]["nonce"] for d in ds], [11, 22, 33])
+
+    def test_ping_measures_round_trip(self):
+        """ping() returns the clock time between sending and the pong."""
+        d = Deferred.fromCoroutine(self.client.ping())
+        self.clock.advance(0.5)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), 0.5)
+
+    def test_answers_server_pings(self):
+        """The client answers the server's pings, so the server records a round trip."""
+        self.clock.advance(1)
+        self.pump.flush()
+        self.assertIsNotNone(self.server.state.rtt)
+
+    def test_remote_error(self):
+        """An error reply raises RemoteError with the code."""
+        d = self.client.request(packets.HELLO, {"protocol_version": 99, "client": "x"})
+        self.pump.flush()
+        error = self.failureResultOf(d, RemoteError).value
+        self.assertEqual(error.code, ErrorCode.UNSUPPORTED_VERSION)
+
+    def test_timeout(self):
+        """A request with no reply fails with TimeoutError after its timeout, and a late reply is ignored."""
+        d = self.client.request(packets.PING, {"nonce": 1})
+        self.clock.advance(3)
+        self.failureResultOf(d, TimeoutError)
+        self.pump.flush()
+        self.assertEqual(self.client._pending, {})
+
+    def test_closed_with_reason(self):
+        """When the server drops the connection it says why; later requests fail with that reason."""
+        self.clock.advance(5)
+        self.pump.flush()
+        self.assertEqual(self.client.close_reason[0], ErrorCode.AUTH_TIMEOUT)
+        self.assertEqual(self.client.pushes[-1][0], "error")
+        self.successResultOf(self.client.closed)
+        d = self.client.request(packets.PING, {"nonce": 2})
+        self.assertEqual(self.failureResultOf(d, ConnectionClosed).value.code, ErrorCode.AUTH_TIMEOUT)
+
+    def test_connection_lost_fails_pending(self):
+        """Requests in flight when the connection drops fail with ConnectionClosed."""
+        d = self.client.request(packets.PING, {"nonce": 1})
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ConnectionClosed)
+        self.successResultOf(self.client.closed)

@@ -1,0 +1,197 @@
+"""The servers' shared client protocol over an in-memory transport."""
+
+import struct
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.protocols import packets
+from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
+from dreamraid.services.liveness import IPeer, Liveness
+from tests.support import make_settings
+
+
+class Replies:
+    """Decodes what a server wrote to its transport."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def take(self):
+        data, frames = self.transport.value(), []
+        self.transport.clear()
+        while data:
+            (length,) = struct.unpack_from("<H", data)
+            frames.append(packets.decode_frame(data[: 2 + length]))
+            data = data[2 + length:]
+        return [(f.message.name, f.request_id, f.body) for f in frames]
+
+
+class TestableProtocol(ServerProtocol):
+    """A server protocol with handlers that exercise the dispatch paths."""
+
+    @handles(packets.WELCOME)  # any message will do: this one needs authentication
+    def needs_auth(self, body):
+        return packets.PONG, {"nonce": 1}
+
+
+class ServerProtocolTests(TestCase):
+    """Dispatch, replies, errors and liveness hooks."""
+
+    def setUp(self):
+        self.clock = Clock()
+        settings = make_settings(game_max_frame_size="64").game
+        self.liveness = Liveness(self.clock, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
+        self.liveness.startService()
+        self.addCleanup(self.liveness.stopService)
+        self.factory = ServerFactory("dreamraid-test", settings, self.liveness)
+        self.factory.protocol = TestableProtocol
+        self.protocol, self.transport = self.connect()
+        self.replies = Replies(self.transport)
+
+    def connect(self):
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def send(self, message, request_id, body):
+        self.protocol.dataReceived(message.encode(request_id, body))
+
+    def test_provides_peer(self):
+        """The protocol is what liveness drives."""
+        verifyObject(IPeer, self.protocol)
+
+    def test_ping_pong(self):
+        """A client ping gets a pong echoing nonce and request id."""
+        self.send(packets.PING, 42, {"nonce": 7})
+        self.assertEqual(self.replies.take(), [("pong", 42, {"nonce": 7})])
+
+    def test_pipelined_requests(self):
+        """Several requests in one segment get their replies in order, each with its id."""
+        self.protocol.dataReceived(b"".join(packets.PING.encode(i, {"nonce": i * 10}) for i in (1, 2, 3)))
+        self.assertEqual([r[1:] for r in self.replies.take()], [(1, {"nonce": 10}), (2, {"nonce": 20}), (3, {"nonce": 30})])
+
+    def test_split_frame(self):
+        """A frame that arrives a byte at a time is decoded once whole."""
+        for byte in packets.PING.encode(5, {"nonce": 1}):
+            self.protocol.dataReceived(bytes([byte]))
+        self.assertEqual(self.replies.take(), [("pong", 5, {"nonce": 1})])
+
+    def test_hello(self):
+        """hello gets welcome with the server's limits."""
+        self.send(packets.HELLO, 1, {"protocol_version": packets.PROTOCOL_VERSION, "client": "t"})
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id), ("welcome", 1))
+        self.assertEqual(body["ping_interval_ms"], 1000)
+        self.assertEqual(body["max_frame_size"], 64)
+        self.assertTrue(body["server"].startswith("dreamraid-test/"))
+
+    def test_wrong_version(self):
+        """hello with another protocol version gets UNSUPPORTED_VERSION."""
+        self.send(packets.HELLO, 2, {"protocol_version": 99, "client": "t"})
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 2, ErrorCode.UNSUPPORTED_VERSION))
+
+    def test_unknown_message(self):
+        """An unknown message id is answered with UNKNOWN_MESSAGE and its request id; the connection stays."""
+        self.protocol.dataReceived(struct.pack("<HHI", 6, 4000, 9))
+        self.send(packets.PING, 10, {"nonce": 1})
+        replies = self.replies.take()
+        self.assertEqual(replies[0][:2], ("error", 9))
+        self.assertEqual(replies[0][2]["code"], ErrorCode.UNKNOWN_MESSAGE)
+        self.assertEqual(replies[1], ("pong", 10, {"nonce": 1}))
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_malformed_body(self):
+        """An undecodable body is answered with MALFORMED_BODY and the request id."""
+        self.protocol.dataReceived(struct.pack("<HHIH", 8, packets.PING.id, 3, 1))
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 3, ErrorCode.MALFORMED_BODY))
+
+    def test_short_frame(self):
+        """A frame shorter than its header is answered with MALFORMED_FRAME, request id 0."""
+        self.protocol.dataReceived(b"\x01\x00\x00")
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 0, ErrorCode.MALFORMED_FRAME))
+
+    def test_oversized_frame(self):
+        """A frame over the maximum gets FRAME_TOO_LARGE and the connection closes."""
+        self.protocol.dataReceived(struct.pack("<H", 65) + b"x" * 65)
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 0, ErrorCode.FRAME_TOO_LARGE))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_not_accepted(self):
+        """A message the server never accepts from a client gets NOT_ACCEPTED."""
+        self.send(packets.ERROR, 4, {"code": 1, "detail": ""})
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 4, ErrorCode.NOT_ACCEPTED))
+
+    def test_needs_auth(self):
+        """A handler that needs authentication refuses an unauthenticated connection, then serves it."""
+        welcome = {"protocol_version": 1, "server": "", "ping_interval_ms": 0, "max_frame_size": 0}
+        self.send(packets.WELCOME, 5, welcome)
+        self.assertEqual(self.replies.take()[0][2]["code"], ErrorCode.NOT_AUTHENTICATED)
+        self.liveness.authenticated(self.protocol.state)
+        self.send(packets.WELCOME, 6, welcome)
+        self.assertEqual(self.replies.take(), [("pong", 6, {"nonce": 1})])
+
+    def test_deferred_and_refused_results(self):
+        """A Deferred result is sent when it fires; RequestRefused becomes its code; a crash is INTERNAL_ERROR."""
+        d = Deferred()
+        self.protocol.ping = lambda body: d
+        self.send(packets.PING, 7, {"nonce": 1})
+        self.assertEqual(self.replies.take(), [])
+        d.callback((packets.PONG, {"nonce": 2}))
+        self.assertEqual(self.replies.take(), [("pong", 7, {"nonce": 2})])
+
+        async def refuse(body):
+            raise RequestRefused(ErrorCode.NOT_AUTHENTICATED, "who are you")
+
+        self.protocol.ping = refuse
+        self.send(packets.PING, 8, {"nonce": 1})
+        self.assertEqual(self.replies.take(), [("error", 8, {"code": ErrorCode.NOT_AUTHENTICATED, "detail": "who are you"})])
+
+        self.protocol.ping = lambda body: 1 / 0
+        self.send(packets.PING, 9, {"nonce": 1})
+        self.assertEqual(self.replies.take()[0][2]["code"], ErrorCode.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_server_ping_and_pong(self):
+        """The sweep pings; the client's pong records a round trip."""
+        self.clock.advance(1)
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id), ("ping", 0))
+        self.clock.advance(0.125)
+        self.send(packets.PONG, 0, body)
+        self.assertEqual(self.protocol.state.rtt, 0.125)
+        self.assertEqual(self.replies.take(), [])
+
+    def test_auth_timeout_drop(self):
+        """A connection that never authenticates is told AUTH_TIMEOUT and closed after 5 s."""
+        self.clock.advance(4.9)
+        self.replies.take()
+        self.clock.advance(0.1)
+        [(name, request_id, body)] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 0, ErrorCode.AUTH_TIMEOUT))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idle_drop(self):
+        """An authenticated connection silent for 15 s is told IDLE_TIMEOUT and closed."""
+        self.liveness.authenticated(self.protocol.state)
+        self.clock.pump([1] * 14)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.replies.take()[-1][2]["code"], ErrorCode.IDLE_TIMEOUT)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connection_lost_forgets(self):
+        """A closed connection leaves liveness."""
+        self.assertEqual(len(self.liveness), 1)
+        self.protocol.connectionLost(None)
+        self.assertEqual(len(self.liveness), 0)
