@@ -91,8 +91,17 @@ EOF
     redis-server "$dir/redis.conf" || die "redis-server on $node did not start; see $dir/redis.log"
 }
 
+all_nodes_up() {
+    local node
+    for node in "${NODES[@]}"; do node_up "$node" || return 1; done
+}
+
 redis_up() {
     local node fresh=0
+    if all_nodes_up && cluster_ok; then
+        say "redis cluster up (already running)"
+        return 0
+    fi
     for node in "${NODES[@]}"; do
         [ -f "$(node_dir "$node")/nodes.conf" ] || fresh=1
         start_redis_node "$node"

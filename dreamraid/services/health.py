@@ -81,6 +81,6 @@ class RedisClusterProbe:
         try:
             info = await connection.execute_command("CLUSTER", "INFO")
         finally:
-            connection.disconnect()
+            await connection.disconnect()
         fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
         return fields.get("cluster_state", "unknown")
