@@ -5,11 +5,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-started_stack=0
-if ! scripts/stack.sh status >/dev/null 2>&1; then
-    scripts/stack.sh up || exit 1
-    started_stack=1
-fi
+stack=$(scripts/stack.sh ensure) || exit 1
 
 pids=()
 stop() {
@@ -17,7 +13,7 @@ stop() {
     echo "run: stopping" >&2
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
-    [ $started_stack = 1 ] && scripts/stack.sh down
+    [ "$stack" = started ] && scripts/stack.sh down
     exit 0
 }
 trap stop INT TERM EXIT

@@ -4,6 +4,7 @@
 # under var/.  Addresses come from conf/dreamraid.ini (or $DREAMRAID_CONFIG).
 #
 #   scripts/stack.sh up            install what is missing, start or reuse everything
+#   scripts/stack.sh ensure        like up, then print "started" or "reused" on stdout
 #   scripts/stack.sh down          stop what is running from var/
 #   scripts/stack.sh status        exit 0 when everything answers
 #   scripts/stack.sh mysql-stop    stop MariaDB only (fault tests)
@@ -208,10 +209,11 @@ status() { redis_status && mysql_up_now && mysql_user_ok; }
 
 case "${1:-}" in
     up) up ;;
+    ensure) if status >/dev/null 2>&1; then echo reused; else up; echo started; fi ;;
     down) redis_down; mysql_stop; say "stopped" ;;
     status) if status; then say "up"; else say "down"; exit 1; fi ;;
     mysql-stop) mysql_stop ;;
     mysql-start) mysql_start ;;
     reset) redis_down; mysql_stop; rm -rf "$VAR/redis" "$MYSQL_DIR"; say "reset" ;;
-    *) sed -n '2,12s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,13s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
 esac
