@@ -22,6 +22,8 @@ from pathlib import Path
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from dreamraid.tables import TableError, load_tables
+
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "conf" / "dreamraid.ini"
 
 
@@ -204,8 +206,6 @@ class TablesSettings:
     path: Path = setting(_path, "JSON file of the game tables")
 
     def check(self):
-        from dreamraid.tables import TableError, load_tables
-
         try:
             load_tables(self.path)
         except TableError as e:

@@ -1,5 +1,7 @@
 """Settings: the shipped file, command-line overrides, and every kind of bad setting."""
 
+import configparser
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,8 +15,6 @@ from tests.support import CONFIG, ROOT
 
 def write_config(testcase, *changes, drop=None):
     """A copy of the shipped file with C{(section, key, value)} changes."""
-    import configparser
-
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(CONFIG)
     for section, key, value in changes:
@@ -52,13 +52,11 @@ class ShippedConfigTests(TestCase):
 
     def test_every_setting_is_in_the_file(self):
         """Each section's every field appears in the shipped file, and nothing else does."""
-        import configparser
-
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(CONFIG)
         for section, cls in config.SECTIONS.items():
             self.assertEqual(
-                sorted(parser[section]), sorted(f.name for f in config.dataclasses.fields(cls)), section
+                sorted(parser[section]), sorted(f.name for f in dataclasses.fields(cls)), section
             )
 
     def test_shell_assignments(self):
