@@ -138,6 +138,16 @@ def _classify(sub):
     return "bytes", char
 
 
+def _header_chars(header):
+    """The struct chars of a construct header of little-endian integers."""
+    return "".join(_little_endian_char(sub.subcon) for sub in header.subcons)
+
+
+_FRAME_HEADER_CHARS = _header_chars(FRAME_HEADER)
+_DATAGRAM_HEADER_CHARS = _header_chars(DATAGRAM_HEADER)
+_LENGTH_CHAR = _little_endian_char(LENGTH_PREFIX)
+
+
 def _fields(body):
     """C{[(name, kind, char)]} of a body Struct, or None if a field is unsupported."""
     fields = []
@@ -218,7 +228,7 @@ def _encoder(name, fields, params, head_chars, head_values, length_prefixed):
         chars, values = segment
         args = [f"body[{fields[i][0]!r}]" if what == "field" else f"len(v{i})" for what, i in values]
         if k == 0:
-            chars = ("H" if length_prefixed else "") + head_chars + chars
+            chars = (_LENGTH_CHAR if length_prefixed else "") + head_chars + chars
             args = (["_n"] if length_prefixed else []) + head_values + args
         structs[f"_s{k}"] = packer = struct.Struct("<" + chars)
         fixed += packer.size
@@ -283,14 +293,14 @@ class Message:
         self.fields = _fields(self.schema)
         self.fast = self.fields is not None
         if datagram:
-            params, chars = ["raid_id", "member", "sequence"], "HIBI"
+            params, chars = ["raid_id", "member", "sequence"], _DATAGRAM_HEADER_CHARS
         else:
-            params, chars = ["request_id"], "HI"
+            params, chars = ["request_id"], _FRAME_HEADER_CHARS
         if self.fast:
             self.encode = _encoder(name, self.fields, params, chars, [str(message_id), *params], not datagram)
             self._decode = _decoder(self.fields)
         else:
-            head = struct.Struct("<" + ("" if datagram else "H") + chars)
+            head = struct.Struct("<" + ("" if datagram else _LENGTH_CHAR) + chars)
 
             def encode(*args):
                 *values, body = args
@@ -344,10 +354,10 @@ def datagram(message_id, name, sender, doc, *fields):
 
 # -- frames -----------------------------------------------------------------------
 
-_unpack_header = struct.Struct("<HI").unpack_from
+_unpack_header = struct.Struct("<" + _FRAME_HEADER_CHARS).unpack_from
 _new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 _MESSAGE_OF = MESSAGES
-_DATAGRAM_HEADER = struct.Struct("<HIBI")
+_DATAGRAM_HEADER = struct.Struct("<" + _DATAGRAM_HEADER_CHARS)
 
 
 def decode_payload(payload):
