@@ -162,6 +162,11 @@ class RedisSettings:
     startup_nodes: tuple = setting(_host_ports, "cluster nodes to discover the topology from")
     connect_timeout: float = setting(_number(float, 0.01, 60.0), "seconds to open a connection")
     command_timeout: float = setting(_number(float, 0.01, 60.0), "deadline of one call, seconds")
+    max_in_flight: int = setting(_number(int, 1, 100000), "calls sent to one master and not yet answered, at most")
+    max_waiting: int = setting(_number(int, 0, 1000000), "calls waiting for room at one master, at most")
+    refresh_interval: float = setting(_number(float, 0.1, 3600.0), "seconds between routine slot-table reads")
+    retry_backoff: float = setting(_number(float, 0.001, 10.0), "first pause before a retry, seconds (doubles)")
+    retry_backoff_max: float = setting(_number(float, 0.001, 10.0), "longest pause before a retry, seconds")
 
 
 @dataclasses.dataclass(frozen=True)
