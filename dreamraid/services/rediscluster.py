@@ -391,6 +391,7 @@ class RedisCluster(Service):
         """
         call = self._call(args, timeout, route)
         call.replicas = replicas
+        self._ticks.expire_at(call)
         self._attempt(call)
         return call.result
 
@@ -408,6 +409,7 @@ class RedisCluster(Service):
         timeout = self.command_timeout if timeout is None else timeout
         call = self._call(args, block + timeout, None, dedicated=True)
         call.write = False
+        self._ticks.expire_at(call)
         self._attempt(call)
         return call.result
 
@@ -422,9 +424,7 @@ class RedisCluster(Service):
             elif key_slot_ != slot:
                 raise CrossSlotError(f"{name}: keys {keys!r} are in more than one slot")
         deadline = self.clock.seconds() + (self.command_timeout if timeout is None else timeout)
-        call = _Call(args, slot, name not in READ_ONLY, deadline, pipelined, dedicated)
-        self._ticks.expire_at(call)
-        return call
+        return _Call(args, slot, name not in READ_ONLY, deadline, pipelined, dedicated)
 
     def _attempt(self, call):
         if call.done:
@@ -688,6 +688,7 @@ class RedisCluster(Service):
         """
         calls = [self._call(tuple(command), timeout, None, pipelined=True) for command in commands]
         for call in calls:
+            self._ticks.expire_at(call)
             self._attempt(call)
         results = defer.DeferredList([call.result for call in calls], consumeErrors=True)
         return results.addCallback(lambda pairs: [value if ok else value.value for ok, value in pairs])
@@ -810,7 +811,7 @@ class RedisCluster(Service):
             self._refresh_queued = True
             self._ticks.at(self.clock.seconds() + wait, self._queued_refresh)
             return
-        self.refresh()
+        self._start_refresh()
 
     def _queued_refresh(self):
         self._refresh_queued = False
@@ -818,12 +819,15 @@ class RedisCluster(Service):
 
     def refresh(self):
         """Read the slot table now (joining a refresh under way); a Deferred."""
+        self._start_refresh()
+        return self._refreshing.wait()
+
+    def _start_refresh(self):
         if self._refreshing is None:
             self.counters["refreshes"] += 1
             reading = defer.ensureDeferred(self._read_topology())
             reading.addBoth(self._refreshed)
             self._refreshing = _Shared(reading)
-        return self._refreshing.wait()
 
     def _refreshed(self, result):
         self._refreshing = None
@@ -961,10 +965,13 @@ class Subscription:
         if self._stopped:
             return
         address = router.subscription_node(self.channels[0])
+        protocol = None
         try:
             protocol = await router.open_subscriber(address, self._on_message)
             await protocol.subscribe(self.channels).addTimeout(router.command_timeout, router.clock)
         except Exception as e:
+            if protocol is not None:
+                router.close_connection(protocol)
             self._failures += 1
             self._log.warn("redis pub/sub: cannot subscribe at {address}: {error}",
                            address=f"{address[0]}:{address[1]}", error=e)
