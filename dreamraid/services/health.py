@@ -6,8 +6,6 @@ each bounded by its own timeout, reported together for C{/health}.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-import txredisapi
-
 
 class Unhealthy(Exception):
     """A dependency does not answer as it should; the message says how."""
@@ -45,42 +43,3 @@ def _reason(failure):
     if failure.check(defer.TimeoutError):
         return "no answer in time"
     return str(failure.value) or failure.type.__name__
-
-
-class RedisClusterProbe:
-    """
-    Healthy when some startup node answers and reports C{cluster_state:ok}.
-
-    Each probe opens short-lived connections, so it also proves that new
-    connections can be made.
-    """
-
-    def __init__(self, settings):
-        self._nodes = settings.startup_nodes
-        self._connect_timeout = settings.connect_timeout
-        self._command_timeout = settings.command_timeout
-
-    async def __call__(self):
-        reasons = []
-        for host, port in self._nodes:
-            try:
-                state = await self._cluster_state(host, port)
-            except Exception as e:
-                reasons.append(f"{host}:{port}: {e}")
-                continue
-            if state == "ok":
-                return
-            reasons.append(f"{host}:{port}: cluster_state:{state}")
-        raise Unhealthy("; ".join(reasons))
-
-    async def _cluster_state(self, host, port):
-        connection = await txredisapi.Connection(
-            host, port, reconnect=False,
-            connectTimeout=self._connect_timeout, replyTimeout=self._command_timeout,
-        )
-        try:
-            info = await connection.execute_command("CLUSTER", "INFO")
-        finally:
-            await connection.disconnect()
-        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        return fields.get("cluster_state", "unknown")

@@ -791,6 +791,24 @@ class RedisCluster(Service):
         """Publish C{message} on C{channel}; a Deferred of how many subscribers got it."""
         return self.execute("PUBLISH", channel, message, timeout=timeout, route=channel)
 
+    async def check(self):
+        """
+        For C{/health}: read the slot table afresh, then fail unless every
+        slot has a master and every master answers C{PING} in time.
+        """
+        await self.refresh()
+        uncovered = self._slots.count(None)
+        if uncovered:
+            raise ClusterUnavailable(f"{uncovered} slots have no master")
+        pings = []
+        for node in self._masters:
+            call = self._call(("PING",), None, None)
+            call.slot = self._slots.index(node)
+            self._ticks.expire_at(call)
+            self._attempt(call)
+            pings.append(call.result)
+        await defer.gatherResults(pings, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
     # -- the slot table --------------------------------------------------------
 
     def node_for(self, key):
