@@ -391,9 +391,7 @@ class RedisCluster(Service):
         """
         call = self._call(args, timeout, route)
         call.replicas = replicas
-        self._ticks.expire_at(call)
-        self._attempt(call)
-        return call.result
+        return self._start(call)
 
     def execute_blocking(self, *args, block, timeout=None):
         """
@@ -409,6 +407,10 @@ class RedisCluster(Service):
         timeout = self.command_timeout if timeout is None else timeout
         call = self._call(args, block + timeout, None, dedicated=True)
         call.write = False
+        return self._start(call)
+
+    def _start(self, call):
+        """Set the call's deadline and make its first attempt; its result Deferred."""
         self._ticks.expire_at(call)
         self._attempt(call)
         return call.result
@@ -687,10 +689,7 @@ class RedisCluster(Service):
         @raise CrossSlotError: at once, when one command's keys span slots.
         """
         calls = [self._call(tuple(command), timeout, None, pipelined=True) for command in commands]
-        for call in calls:
-            self._ticks.expire_at(call)
-            self._attempt(call)
-        results = defer.DeferredList([call.result for call in calls], consumeErrors=True)
+        results = defer.DeferredList([self._start(call) for call in calls], consumeErrors=True)
         return results.addCallback(lambda pairs: [value if ok else value.value for ok, value in pairs])
 
     async def transaction(self, commands, timeout=None):
@@ -804,9 +803,7 @@ class RedisCluster(Service):
         for node in self._masters:
             call = self._call(("PING",), None, None)
             call.slot = self._slots.index(node)
-            self._ticks.expire_at(call)
-            self._attempt(call)
-            pings.append(call.result)
+            pings.append(self._start(call))
         await defer.gatherResults(pings, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
     # -- the slot table --------------------------------------------------------
