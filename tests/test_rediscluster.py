@@ -114,6 +114,19 @@ class RoutingTests(ClusterTestCase):
         self.assertIn("WRONGTYPE", str(raised.exception))
         self.assertEqual(router.counters["retries"], 0)
 
+    async def test_blocking_calls_reuse_a_dedicated_connection(self):
+        """Blocking calls that end normally hand their connection to the next one; none uses the shared one."""
+        router = await self.router()
+        key = "{blocking}:list"
+        await router.execute("DEL", key)
+        await router.execute("RPUSH", key, "a", "b")
+        first = await router.execute_blocking("BLPOP", key, 1, block=1.0)
+        [idle] = router._idle_dedicated[router.node_for(key)]
+        second = await router.execute_blocking("BLPOP", key, 1, block=1.0)
+        self.assertEqual((first, second), ([key.encode(), b"a"], [key.encode(), b"b"]))
+        self.assertEqual(router._idle_dedicated[router.node_for(key)], [idle])
+        self.assertIsNone(await router.execute_blocking("BLPOP", key, 0.05, block=0.05))
+
     async def test_cancelled_call_never_gets_another_calls_reply(self):
         """Cancel every third of 3,000 GETs: the others each get their own key's value."""
         router = await self.router()

@@ -30,6 +30,8 @@ MAX_REDIRECTS = 16
 # Deadlines and retry delays are kept to this many seconds, so one timer
 # serves every call that ends in the same tick.
 TICK = 0.01
+# Idle connections kept per master for blocking commands, to be reused.
+MAX_IDLE_DEDICATED = 4
 # Refreshes of the slot table are at least this far apart.
 MIN_REFRESH_GAP = 0.1
 # Errors after which the same call may be sent again (after a refresh and a
@@ -316,6 +318,7 @@ class RedisCluster(Service):
         self._periodic = None
         self._probes = set()
         self._dedicated = set()
+        self._idle_dedicated = {}
         self._subscriptions = set()
         self.counters = collections.Counter()
 
@@ -352,8 +355,9 @@ class RedisCluster(Service):
         closing = []
         for node in self._nodes.values():
             closing.append(self._close_node(node))
-        for protocol in list(self._dedicated):
+        for protocol in list(self._dedicated) + [p for idle in self._idle_dedicated.values() for p in idle]:
             closing.append(self.close_connection(protocol))
+        self._idle_dedicated.clear()
         if self._refreshing is not None:
             closing.append(self._refreshing.wait())
         await defer.DeferredList(closing, consumeErrors=True)
@@ -643,6 +647,12 @@ class RedisCluster(Service):
     # -- blocking commands on dedicated connections ---------------------------
 
     def _send_dedicated(self, call, node):
+        idle = self._idle_dedicated.get(node.address)
+        while idle:
+            protocol = idle.pop()
+            if protocol.connected:
+                self._send_on_dedicated(call, node, protocol)
+                return
         opening = self._open(node.address)
         opening.addCallbacks(
             lambda protocol: self._send_on_dedicated(call, node, protocol),
@@ -665,7 +675,12 @@ class RedisCluster(Service):
         def replied(result):
             call.connection = None
             self._dedicated.discard(protocol)
-            self.close_connection(protocol)
+            if call.done or isinstance(result, Failure):
+                # A connection whose call ended early may still be blocked in
+                # Redis: it is closed, never reused.
+                self.close_connection(protocol)
+            else:
+                self._keep_idle(node.address, protocol)
             if call.done:
                 return None
             if isinstance(result, Failure):
@@ -676,6 +691,14 @@ class RedisCluster(Service):
             return None
 
         protocol.execute_command(*call.args).addBoth(replied)
+
+    def _keep_idle(self, address, protocol):
+        """Keep a dedicated connection for the next blocking call to C{address} (a few per node)."""
+        idle = self._idle_dedicated.setdefault(address, [])
+        if self.running and len(idle) < MAX_IDLE_DEDICATED:
+            idle.append(protocol)
+        else:
+            self.close_connection(protocol)
 
     # -- many commands ---------------------------------------------------------
 
