@@ -178,10 +178,12 @@ class MigrationTests(ClusterTestCase):
         """
         ASK while the slot migrates (table unchanged), TRYAGAIN for a split
         multi-key read, MOVED once it is done (table repointed), a stale
-        router's pipeline keeps its order, and no write is lost or misplaced.
+        router's pipeline keeps its order, a stale router's transaction is
+        aborted whole and repointed, and no write is lost or misplaced.
         """
         router = await self.router()
         stale = await self.router()
+        stale_transactions = await self.router()
         a, b, c = "{mig}:a", "{mig}:b", "{mig}:c"
         slot = key_slot(a)
         source = router.node_for(a)
@@ -207,6 +209,11 @@ class MigrationTests(ClusterTestCase):
             self.assertEqual(await router.execute("GET", b), b"vb")
             self.assertGreaterEqual(router.counters["moved"], 1)
             self.assertEqual(router.node_for(a), target)
+
+            with self.assertRaises(TransactionAborted):
+                await stale_transactions.transaction([("GET", a), ("SET", c, "changed")])
+            self.assertEqual(stale_transactions.node_for(a), target)
+            self.assertEqual(await stale_transactions.transaction([("GET", c)]), [b"vc"])
 
             others = [f"pipe:{i}" for i in range(6)]
             commands = [("SET", others[0], 0), ("GET", a), ("SET", others[1], 1), ("GET", c),
