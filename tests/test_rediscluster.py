@@ -326,7 +326,7 @@ class FaultTests(ClusterTestCase):
         """
         kill -9 of a master under a steady stream of replicated writes: calls
         in the window fail fast or succeed, traffic resumes by itself after
-        the promotion, a subscription comes back, and every write reported
+        the promotion, and every write reported
         done is readable after the node returns as a replica.
         """
         router = await self.router(command_timeout=1.0)
@@ -335,11 +335,6 @@ class FaultTests(ClusterTestCase):
         other_tags = [k.split("{")[1].rstrip("}") for k in
                       (f"kill:{{o{i}}}" for i in range(100)) if router.node_for(k) != victim][:6]
         tags = victim_tags + other_tags
-        channel = cluster.keys_on(router, victim, 1, "news")[0]
-        heard = []
-        subscription = router.subscribe([channel], lambda _, message: heard.append(message))
-        self.assertEqual(await subscription.when_subscribed(), victim)
-
         acknowledged, failures, slow, stopping = {}, collections.Counter(), [], []
 
         async def writer():
@@ -376,16 +371,6 @@ class FaultTests(ClusterTestCase):
 
         await eventually(resumed, timeout=30)
         self.assertNotEqual(router.node_for(probe), victim)
-
-        async def heard_again():
-            try:
-                await router.publish(channel, "after failover")
-            except ClusterUnavailable:
-                return False
-            return b"after failover" in heard
-
-        await eventually(heard_again, timeout=30)
-        self.assertGreaterEqual(subscription.reconnects, 1)
 
         await stack("ensure")
 
