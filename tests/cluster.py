@@ -161,21 +161,26 @@ async def failover_to(replica, takeover=False):
 async def in_sync(replica, quiet=False):
     """
     True when C{replica}'s link to its master is up, past its initial sync,
-    and online for the master; with C{quiet}, also when it has acknowledged
-    every write the master has.
+    and online for the master; with C{quiet}, only once it has also
+    acknowledged every write the master has.
     """
     try:
-        info = (await node_command(replica, "INFO", "replication")).decode()
+        _, fields = await replication_info(replica)
     except Exception:
         return False
-    fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
     if fields.get("master_link_status") != "up" or fields.get("master_sync_in_progress") != "0":
         return False
-    master = (fields["master_host"], int(fields["master_port"]))
-    master_info = (await node_command(master, "INFO", "replication")).decode()
-    master_offset = dict(line.split(":", 1) for line in master_info.split() if ":" in line)["master_repl_offset"]
-    return (f"port={replica[1]},state=online,offset={master_offset}," in master_info
-            or (f"port={replica[1]},state=online" in master_info and not quiet))
+    master_text, master_fields = await replication_info((fields["master_host"], int(fields["master_port"])))
+    online = f"port={replica[1]},state=online"
+    if quiet:
+        return f"{online},offset={master_fields['master_repl_offset']}," in master_text
+    return online in master_text
+
+
+async def replication_info(address):
+    """C{INFO replication} of the node at C{address}: its text and its C{field: value} lines."""
+    text = (await node_command(address, "INFO", "replication")).decode()
+    return text, dict(line.split(":", 1) for line in text.split() if ":" in line)
 
 
 async def replica_of(master):

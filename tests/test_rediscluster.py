@@ -127,6 +127,15 @@ class RoutingTests(ClusterTestCase):
         self.assertEqual(router._idle_dedicated[router.node_for(key)], [idle])
         self.assertIsNone(await router.execute_blocking("BLPOP", key, 0.05, block=0.05))
 
+    async def test_subscription_hears_publishes(self):
+        """A subscription connects to its channel's master and hears what is published there."""
+        router = await self.router()
+        heard = []
+        subscription = router.subscribe(["{news}:a"], lambda channel, message: heard.append((channel, message)))
+        self.assertEqual(await subscription.when_subscribed(), router.node_for("{news}:a"))
+        self.assertEqual(await router.publish("{news}:a", "hello"), 1)
+        await eventually(lambda: defer.succeed(heard == [(b"{news}:a", b"hello")]))
+
     async def test_cancelled_call_never_gets_another_calls_reply(self):
         """Cancel every third of 3,000 GETs: the others each get their own key's value."""
         router = await self.router()

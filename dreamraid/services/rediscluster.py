@@ -2,9 +2,9 @@
 The Redis Cluster router: the one twisted Service through which every part of
 dreamraid talks to Redis.
 
-It keeps the slot table (from C{CLUSTER SLOTS}, replaced in one step), a small
-txredisapi connection per master, and rides through redirects,
-migrations and failovers inside each call's deadline.  A call either gets its
+It keeps the slot table (from C{CLUSTER SLOTS}, replaced in one step), one
+txredisapi connection per master, and rides through redirects, migrations
+and failovers inside each call's deadline.  A call either gets its
 own reply or fails with one of the errors below by its deadline; it never
 hangs.  docs/architecture.md says why it is built this way.
 """
@@ -150,11 +150,10 @@ class _Call:
 
 
 class _Shared:
-    """The outcome of one piece of work (a refresh, a pool opening) that many calls wait on."""
+    """The outcome of one piece of work (a refresh, a connection opening) that many calls wait on."""
 
     def __init__(self, work):
         self._waiters = []
-        self.done = False
         work.addBoth(self._finished)
 
     def wait(self):
@@ -163,7 +162,6 @@ class _Shared:
         return waiter
 
     def _finished(self, result):
-        self.done = True
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if isinstance(result, Failure):
@@ -421,14 +419,7 @@ class RedisCluster(Service):
 
     def _call(self, args, timeout, route, pipelined=False, dedicated=False):
         name = command_name(args)
-        keys = [route] if route is not None else command_keys(name, args)
-        slot = None
-        for key in keys:
-            key_slot_ = key_slot(key)
-            if slot is None:
-                slot = key_slot_
-            elif key_slot_ != slot:
-                raise CrossSlotError(f"{name}: keys {keys!r} are in more than one slot")
+        slot = _slot_of([route] if route is not None else command_keys(name, args), name)
         deadline = self.clock.seconds() + (self.command_timeout if timeout is None else timeout)
         return _Call(args, slot, name not in READ_ONLY, deadline, pipelined, dedicated)
 
@@ -514,6 +505,10 @@ class RedisCluster(Service):
         call.connection = None
         if node.waiting:
             self._admit_waiting(node)
+        self._settle(call, node, reply)
+
+    def _settle(self, call, node, reply):
+        """Hand a sent call its reply, or decide what its error means (C{reply} is then an exception)."""
         if call.done:
             return
         if isinstance(reply, Exception):
@@ -571,8 +566,7 @@ class RedisCluster(Service):
         """Send C{call} again after a growing, jittered pause, if its deadline allows."""
         call.last_error = error
         call.attempts += 1
-        pause = min(self._retry_backoff_max, self._retry_backoff * 2 ** (call.attempts - 1))
-        pause *= 0.5 + self._random.random() / 2
+        pause = self._backoff(call.attempts - 1) * (0.5 + self._random.random() / 2)
         if self.clock.seconds() + pause >= call.deadline:
             self._fail(call, ClusterUnavailable(f"{_describe(call)}: {error}"))
             return
@@ -640,9 +634,10 @@ class RedisCluster(Service):
         if node.connection is protocol:
             node.connection = None
 
-    def _open(self, address):
+    def _open(self, address, protocol=None):
+        """A Deferred of a new connection to C{address} (a plain one unless C{protocol} is given)."""
         endpoint = TCP4ClientEndpoint(self.clock, address[0], address[1], timeout=self._connect_timeout)
-        return connectProtocol(endpoint, _protocol())
+        return connectProtocol(endpoint, protocol or _protocol())
 
     # -- blocking commands on dedicated connections ---------------------------
 
@@ -681,13 +676,7 @@ class RedisCluster(Service):
                 self.close_connection(protocol)
             else:
                 self._keep_idle(node.address, protocol)
-            if call.done:
-                return None
-            if isinstance(result, Failure):
-                self._failed(call, node, result.value, sent=True)
-            else:
-                call.finish()
-                call.result.callback(result)
+            self._settle(call, node, result.value if isinstance(result, Failure) else result)
             return None
 
         protocol.execute_command(*call.args).addBoth(replied)
@@ -724,11 +713,10 @@ class RedisCluster(Service):
         @raise TransactionAborted: when Redis refused the transaction (a
             redirect while queueing repoints the slot first; nothing ran).
         """
-        slots = {key_slot(key) for command in commands
-                 for key in command_keys(command_name(command), command)}
-        if len(slots) != 1:
-            raise CrossSlotError(f"a transaction must touch exactly one slot, these keys touch {len(slots)}")
-        (slot,) = slots
+        keys = [key for command in commands for key in command_keys(command_name(command), command)]
+        slot = _slot_of(keys, "MULTI/EXEC")
+        if slot is None:
+            raise CrossSlotError("MULTI/EXEC: a transaction must touch a key, to know its slot")
         deadline = self.clock.seconds() + (self.command_timeout if timeout is None else timeout)
         while True:
             node = self._slots[slot]
@@ -798,16 +786,18 @@ class RedisCluster(Service):
 
     def open_subscriber(self, address, on_message):
         """A Deferred of a new subscriber connection to C{address}."""
-        endpoint = TCP4ClientEndpoint(self.clock, address[0], address[1], timeout=self._connect_timeout)
-        return connectProtocol(endpoint, _Subscriber(on_message))
+        return self._open(address, _Subscriber(on_message))
 
     def forget_subscription(self, subscription):
         self._subscriptions.discard(subscription)
 
     def call_after_backoff(self, failures, function, *args):
         """Run C{function(*args)} after the pause due after C{failures} failures in a row."""
-        pause = min(self._retry_backoff_max, self._retry_backoff * 2 ** failures)
-        self._ticks.at(self.clock.seconds() + pause, function, *args)
+        self._ticks.at(self.clock.seconds() + self._backoff(failures), function, *args)
+
+    def _backoff(self, doublings):
+        """The pause before a retry: C{retry_backoff} doubled C{doublings} times, at most C{retry_backoff_max}."""
+        return min(self._retry_backoff_max, self._retry_backoff * 2 ** doublings)
 
     def publish(self, channel, message, timeout=None):
         """Publish C{message} on C{channel}; a Deferred of how many subscribers got it."""
@@ -1051,6 +1041,18 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     def messageReceived(self, pattern, channel, message):
         self._on_message(channel, message)
+
+
+def _slot_of(keys, what):
+    """The one slot all C{keys} share (C{None} for no keys); L{CrossSlotError} if they span more."""
+    slot = None
+    for key in keys:
+        this = key_slot(key)
+        if slot is None:
+            slot = this
+        elif this != slot:
+            raise CrossSlotError(f"{what}: keys {keys!r} are in more than one slot")
+    return slot
 
 
 def _describe(call):
