@@ -127,6 +127,29 @@ class RoutingTests(ClusterTestCase):
         self.assertEqual(router._idle_dedicated[router.node_for(key)], [idle])
         self.assertIsNone(await router.execute_blocking("BLPOP", key, 0.05, block=0.05))
 
+    async def test_unreplicated_write_holds_up_no_other_call(self):
+        """
+        A write that waits for more replicas than exist reports OutcomeUnknown
+        before its deadline, on a dedicated connection: plain calls to the
+        same master meanwhile finish first, and nothing is dropped as hung.
+        """
+        router = await self.router(command_timeout=1.0)
+        key = "{wait}:k"
+        ended = []
+        waiting = router.execute("SET", key, "durable", replicas=3)
+        waiting.addErrback(lambda f: ended.append(f.value))
+        self.assertEqual(await router.execute("SET", key + ":plain", "x"), b"OK")
+        self.assertEqual(await router.execute("GET", key), b"durable")
+        self.assertEqual(ended, [])
+        await eventually(lambda: defer.succeed(ended))
+        [error] = ended
+        self.assertIsInstance(error, OutcomeUnknown)
+        self.assertIn("1 of 3 replicas have it", str(error))
+        self.assertEqual(router.counters["deadlines"], 0)
+        self.assertEqual(len(router._idle_dedicated[router.node_for(key)]), 1)
+        self.assertEqual(await router.execute("SET", key, "again", replicas=1), b"OK")
+        self.assertEqual(len(router._idle_dedicated[router.node_for(key)]), 1)
+
     async def test_subscription_hears_publishes(self):
         """A subscription connects to its channel's master and hears what is published there."""
         router = await self.router()
@@ -335,7 +358,7 @@ class FaultTests(ClusterTestCase):
         """
         kill -9 of a master under a steady stream of replicated writes: calls
         in the window fail fast or succeed, traffic resumes by itself after
-        the promotion, and every write reported
+        the promotion, a subscription comes back, and every write reported
         done is readable after the node returns as a replica.
         """
         router = await self.router(command_timeout=1.0)
@@ -344,6 +367,11 @@ class FaultTests(ClusterTestCase):
         other_tags = [k.split("{")[1].rstrip("}") for k in
                       (f"kill:{{o{i}}}" for i in range(100)) if router.node_for(k) != victim][:6]
         tags = victim_tags + other_tags
+        channel = cluster.keys_on(router, victim, 1, "news")[0]
+        heard = []
+        subscription = router.subscribe([channel], lambda _, message: heard.append(message))
+        self.assertEqual(await subscription.when_subscribed(), victim)
+
         acknowledged, failures, slow, stopping = {}, collections.Counter(), [], []
 
         async def writer():
@@ -380,6 +408,16 @@ class FaultTests(ClusterTestCase):
 
         await eventually(resumed, timeout=30)
         self.assertNotEqual(router.node_for(probe), victim)
+
+        async def heard_again():
+            try:
+                await router.publish(channel, "after failover")
+            except ClusterUnavailable:
+                return False
+            return b"after failover" in heard
+
+        await eventually(heard_again, timeout=30)
+        self.assertGreaterEqual(subscription.reconnects, 1)
 
         await stack("ensure")
 

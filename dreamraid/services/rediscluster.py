@@ -30,10 +30,14 @@ MAX_REDIRECTS = 16
 # Deadlines and retry delays are kept to this many seconds, so one timer
 # serves every call that ends in the same tick.
 TICK = 0.01
-# Idle connections kept per master for blocking commands, to be reused.
+# Idle dedicated connections (blocking commands, replicated writes) kept per
+# master to be reused.
 MAX_IDLE_DEDICATED = 4
 # Refreshes of the slot table are at least this far apart.
 MIN_REFRESH_GAP = 0.1
+# WAIT gives up this long before its call's deadline (Redis checks WAIT
+# timeouts about every 100 ms).
+WAIT_MARGIN = 0.15
 # Errors after which the same call may be sent again (after a refresh and a
 # pause): the command did not run.
 _RETRY_LATER = frozenset({"TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY", "UNBLOCKED"})
@@ -117,7 +121,7 @@ class _Call:
     __slots__ = (
         "args", "slot", "write", "deadline", "result", "done", "attempts", "redirects",
         "ask_node", "pipelined", "dedicated", "connection", "sent_at", "last_error",
-        "payload", "expiry", "replicas", "stashed",
+        "payload", "expiry", "replicas",
     )
 
     def __init__(self, args, slot, write, deadline, pipelined=False, dedicated=False):
@@ -138,7 +142,6 @@ class _Call:
         self.payload = encode_command(args)
         self.expiry = None
         self.replicas = 0
-        self.stashed = None
 
     def finish(self):
         """Mark the call ended: its result is set and its deadline dropped."""
@@ -385,13 +388,13 @@ class RedisCluster(Service):
         @param route: a key whose slot picks the node, for keyless commands
             that must reach a particular master (C{SCRIPT LOAD}).
         @param replicas: for a write that must survive the loss of its
-            master: succeed only once this many replicas have it (C{WAIT}
-            right behind it on the same connection), else L{OutcomeUnknown}.
-            C{WAIT} holds up the master's connection while replicas lag, so
-            keep this for the few writes that need it.
+            master: succeed only once this many replicas have it, else
+            L{OutcomeUnknown}.  The write and a C{WAIT} behind it go on a
+            dedicated connection, so a lagging or missing replica holds up
+            no other call.
         @raise CrossSlotError: at once, when the keys span slots.
         """
-        call = self._call(args, timeout, route)
+        call = self._call(args, timeout, route, dedicated=replicas > 0)
         call.replicas = replicas
         return self._start(call)
 
@@ -469,36 +472,16 @@ class RedisCluster(Service):
             self._failed(call, node, txredisapi.ConnectionError("Not connected"), sent=False)
             return
         replies = protocol.replyQueue
-        payload = call.payload
-        if call.replicas:
-            wait_ms = max(1, int((call.deadline - self.clock.seconds()) * 1000))
-            payload += encode_command(("WAIT", call.replicas, wait_ms))
         if call.ask_node is not None:
             call.ask_node = None
-            protocol.transport.write(_ASKING + payload)
+            protocol.transport.write(_ASKING + call.payload)
             replies.get()
         else:
-            protocol.transport.write(payload)
+            protocol.transport.write(call.payload)
         node.in_flight += 1
         call.connection = protocol
         call.sent_at = self.clock.seconds()
-        if call.replicas:
-            replies.get().addCallback(_stash, call)
-            replies.get().addCallback(self._replicated, call, node)
-        else:
-            replies.get().addCallback(self._replied, call, node)
-
-    def _replicated(self, confirmed, call, node):
-        """The reply to C{WAIT} behind a write: pass the write's reply on only if enough replicas have it."""
-        reply = call.stashed
-        if isinstance(reply, Exception):
-            self._replied(reply, call, node)
-        elif isinstance(confirmed, Exception) or confirmed < call.replicas:
-            self.counters["unreplicated"] += 1
-            how = confirmed if isinstance(confirmed, Exception) else f"{confirmed} of {call.replicas} replicas have it"
-            self._replied(txredisapi.ConnectionError(f"applied by the master, but {how}"), call, node)
-        else:
-            self._replied(reply, call, node)
+        replies.get().addCallback(self._replied, call, node)
 
     def _replied(self, reply, call, node):
         node.in_flight -= 1
@@ -670,16 +653,45 @@ class RedisCluster(Service):
         def replied(result):
             call.connection = None
             self._dedicated.discard(protocol)
-            if call.done or isinstance(result, Failure):
+            if isinstance(result, Failure):
+                result = result.value
+            if call.done or not protocol.connected:
                 # A connection whose call ended early may still be blocked in
                 # Redis: it is closed, never reused.
                 self.close_connection(protocol)
             else:
                 self._keep_idle(node.address, protocol)
-            self._settle(call, node, result.value if isinstance(result, Failure) else result)
+            self._settle(call, node, result)
             return None
 
-        protocol.execute_command(*call.args).addBoth(replied)
+        sent = protocol.execute_command(*call.args)
+        if call.replicas:
+            sent = self._replicated(call, protocol, sent)
+        sent.addBoth(replied)
+
+    def _replicated(self, call, protocol, written):
+        """
+        Send C{WAIT} behind the write C{written}; a Deferred of the write's
+        reply if enough replicas have it, else of the exception to report.
+        C{WAIT} gives up a little before the call's deadline, so its answer
+        arrives while the caller still listens.
+        """
+        remaining = call.deadline - self.clock.seconds()
+        wait = remaining - min(WAIT_MARGIN, remaining / 2)
+        waited = protocol.execute_command("WAIT", call.replicas, max(1, int(wait * 1000)))
+        both = defer.gatherResults([written.addErrback(_value), waited.addErrback(_value)])
+
+        def judge(pair):
+            reply, confirmed = pair
+            if isinstance(reply, Exception):
+                return reply
+            if isinstance(confirmed, Exception) or confirmed < call.replicas:
+                self.counters["unreplicated"] += 1
+                how = confirmed if isinstance(confirmed, Exception) else f"{confirmed} of {call.replicas} replicas have it"
+                return txredisapi.ConnectionError(f"applied by the master, but {how}")
+            return reply
+
+        return both.addCallback(judge)
 
     def _keep_idle(self, address, protocol):
         """Keep a dedicated connection for the next blocking call to C{address} (a few per node)."""
@@ -1012,6 +1024,8 @@ class Subscription:
         self._failures = 0
         self._protocol = protocol
         protocol.whenDisconnected().addCallback(self._lost)
+        self._log.info("redis pub/sub: subscribed at {address} to {count} channels",
+                       address=f"{address[0]}:{address[1]}", count=len(self.channels))
         waiting, self._subscribed = self._subscribed, []
         for waiter in waiting:
             waiter.callback(address)
@@ -1081,8 +1095,8 @@ def _name(node):
     return "nobody" if node is None else _where(node)
 
 
-def _stash(reply, call):
-    call.stashed = reply
+def _value(failure):
+    return failure.value
 
 
 def _pass_after(result, function, *args):
