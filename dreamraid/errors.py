@@ -21,6 +21,21 @@ class ErrorCode(enum.IntEnum):
     IDLE_TIMEOUT = 9
     INTERNAL_ERROR = 10
     SHUTTING_DOWN = 11
+    UNAVAILABLE = 12
+
+    TOKEN_MALFORMED = 20
+    TOKEN_SIGNATURE = 21
+    TOKEN_EXPIRED = 22
+    TOKEN_NOT_YET_VALID = 23
+    TOKEN_AUDIENCE = 24
+    TOKEN_ISSUER = 25
+    SESSION_NOT_LIVE = 26
+
+    INVALID_NAME = 30
+    INVALID_PASSWORD = 31
+    NAME_TAKEN = 32
+    WRONG_CREDENTIALS = 33
+    LOGIN_THROTTLED = 34
 
 
 ERROR_TEXT = {
@@ -35,6 +50,19 @@ ERROR_TEXT = {
     ErrorCode.IDLE_TIMEOUT: "nothing was heard from the connection for too long; it is closed",
     ErrorCode.INTERNAL_ERROR: "the server failed to handle the request; it was logged",
     ErrorCode.SHUTTING_DOWN: "the server is shutting down",
+    ErrorCode.UNAVAILABLE: "a store the request needs (MySQL or Redis) is unavailable; try again later",
+    ErrorCode.TOKEN_MALFORMED: "the token is not a JWT, or lacks a required claim",
+    ErrorCode.TOKEN_SIGNATURE: "the token's signature or algorithm is not the server's",
+    ErrorCode.TOKEN_EXPIRED: "the token has expired; log in again",
+    ErrorCode.TOKEN_NOT_YET_VALID: "the token was issued in the future",
+    ErrorCode.TOKEN_AUDIENCE: "the token is meant for another audience",
+    ErrorCode.TOKEN_ISSUER: "the token comes from another issuer",
+    ErrorCode.SESSION_NOT_LIVE: "the token is not the user's live session (logged out, or replaced by a newer login)",
+    ErrorCode.INVALID_NAME: "a user name is 3 to 20 of A-Z, a-z, 0-9 and _",
+    ErrorCode.INVALID_PASSWORD: "a password is 8 to 128 characters",
+    ErrorCode.NAME_TAKEN: "that user name is taken",
+    ErrorCode.WRONG_CREDENTIALS: "no such user, or the wrong password",
+    ErrorCode.LOGIN_THROTTLED: "too many failed logins for this account or address; wait and try again",
 }
 
 
