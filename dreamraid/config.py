@@ -156,6 +156,47 @@ class GameSettings(ServerSettings):
 
 
 @dataclasses.dataclass(frozen=True)
+class SessionSettings(ServerSettings):
+    """The session server: the client side plus where it sends players."""
+
+    game_servers: tuple = setting(_host_ports, "game servers handed to players who enter the world")
+    live_session_ttl: float = setting(
+        _number(float, 10.0, 86400.0), "seconds a live session lasts unless a game server renews it"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AccountSettings:
+    """Password hashing and login throttling."""
+
+    scrypt_n: int = setting(_number(int, 2, 2**20), "scrypt cost (a power of two)")
+    scrypt_r: int = setting(_number(int, 1, 64), "scrypt block size")
+    scrypt_p: int = setting(_number(int, 1, 16), "scrypt parallelism")
+    failures_per_account: int = setting(_number(int, 1, 1000000), "failed logins of one account per window")
+    account_window: float = setting(_number(float, 1.0, 86400.0), "seconds of the per-account window")
+    failures_per_address: int = setting(_number(int, 1, 1000000), "failed logins from one address per window")
+    address_window: float = setting(_number(float, 1.0, 86400.0), "seconds of the per-address window")
+
+    def check(self):
+        if self.scrypt_n & (self.scrypt_n - 1):
+            raise ConfigError(f"scrypt_n: must be a power of two, got {self.scrypt_n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncSettings:
+    """The sync jobs from Redis back to MySQL."""
+
+    shards: int = setting(_number(int, 1, 1024), "sync streams (spread over the masters)")
+    batch_users: int = setting(_number(int, 1, 100000), "users written in one MySQL transaction, at most")
+    batch_wait: float = setting(_number(float, 0.001, 60.0), "seconds between reads while no jobs arrive")
+    claim_idle: float = setting(_number(float, 0.01, 86400.0), "seconds a job may stay unacknowledged before another worker takes it")
+    claim_interval: float = setting(_number(float, 0.01, 3600.0), "seconds between looks for such jobs")
+    checkpoint_interval: float = setting(_number(float, 0.1, 86400.0), "seconds between checkpoints of live users")
+    retry_backoff: float = setting(_number(float, 0.001, 60.0), "first pause after a failed batch, seconds (doubles)")
+    retry_backoff_max: float = setting(_number(float, 0.001, 600.0), "longest pause after a failed batch, seconds")
+
+
+@dataclasses.dataclass(frozen=True)
 class RedisSettings:
     """How to reach the Redis Cluster."""
 
@@ -181,6 +222,7 @@ class MysqlSettings:
     pool_min: int = setting(_number(int, 1, 100), "connections kept open")
     pool_max: int = setting(_number(int, 1, 100), "connections at most")
     connect_timeout: float = setting(_number(float, 0.1, 60.0), "seconds to connect")
+    read_timeout: float = setting(_number(float, 0.1, 3600.0), "seconds a query may take before it fails")
 
     def check(self):
         if self.pool_min > self.pool_max:
@@ -219,14 +261,16 @@ class TablesSettings:
 
 SECTIONS = {
     "game": GameSettings,
-    "session": ServerSettings,
+    "session": SessionSettings,
+    "accounts": AccountSettings,
+    "sync": SyncSettings,
     "redis": RedisSettings,
     "mysql": MysqlSettings,
     "tokens": TokenSettings,
     "tables": TablesSettings,
 }
-GAME_SECTIONS = ("game", "redis", "tokens", "tables")
-SESSION_SECTIONS = ("session", "redis", "mysql", "tokens")
+GAME_SECTIONS = ("game", "sync", "redis", "tokens", "tables")
+SESSION_SECTIONS = ("session", "accounts", "sync", "redis", "mysql", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +279,9 @@ class Settings:
 
     path: Path
     game: GameSettings
-    session: ServerSettings
+    session: SessionSettings
+    accounts: AccountSettings
+    sync: SyncSettings
     redis: RedisSettings
     mysql: MysqlSettings
     tokens: TokenSettings

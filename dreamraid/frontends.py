@@ -12,16 +12,18 @@ from dreamraid.protocols.server import ServerFactory
 from dreamraid.services.liveness import Liveness
 
 
-def add_frontends(parent, reactor, server_name, settings, health):
+def add_frontends(parent, reactor, server_name, settings, health, factory_class=ServerFactory, *services):
     """
     Add the client and HTTP endpoint services of one server to C{parent}.
 
     @param settings: the server's L{dreamraid.config.ServerSettings}.
-    @return: the client L{ServerFactory}.
+    @param factory_class: the client factory, built with the server's name,
+        settings, liveness and then C{services}.
+    @return: the client factory.
     """
     liveness = Liveness(reactor, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
     liveness.setServiceParent(parent)
-    factory = ServerFactory(server_name, settings, liveness)
+    factory = factory_class(server_name, settings, liveness, *services)
     clients = StreamServerEndpointService(serverFromString(reactor, settings.listen), factory)
     clients.setServiceParent(parent)
     web = Site(http_root(health))

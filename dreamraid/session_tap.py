@@ -3,30 +3,56 @@
 import random
 
 from twisted.application.service import MultiService
+from twisted.internet import threads
 
 from dreamraid.config import SESSION_SECTIONS, settings_options
 from dreamraid.frontends import add_frontends
+from dreamraid.protocols.session import SessionFactory
+from dreamraid.services.accounts import Accounts, LoginThrottle, MysqlAccountStore, PasswordHasher
 from dreamraid.services.database import Database
 from dreamraid.services.health import Health
+from dreamraid.services.livestore import LiveStore
+from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.rediscluster import RedisCluster
+from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
+from dreamraid.services.tokens import TokenIssuer, TokenVerifier
 
 Options = settings_options("session server", SESSION_SECTIONS)
 
 
 def makeService(options, reactor=None):
-    """The session server: MySQL pool, Redis Cluster router, client TCP endpoint, liveness, and HTTP health."""
+    """
+    The session server: MySQL pool, Redis Cluster router, accounts, enter
+    world, the sync worker, the client TCP endpoint with liveness, and HTTP
+    health.
+    """
     if reactor is None:
         from twisted.internet import reactor
     settings = options["settings"]
+    secure_random = random.SystemRandom()
     top = MultiService()
     database = Database(settings.mysql)
     database.setServiceParent(top)
     redis = settings.redis
     router = RedisCluster.from_settings(reactor, random.Random(), redis)
     router.setServiceParent(top)
+
+    def run_in_thread(function, *args):
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+    a = settings.accounts
+    hasher = PasswordHasher(run_in_thread, secure_random, a.scrypt_n, a.scrypt_r, a.scrypt_p)
+    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(router, a),
+                        TokenIssuer(settings.tokens, reactor, secure_random))
+    live = LiveStore(router)
+    queue = SyncQueue(router, reactor, settings.sync.shards)
+    world = World(TokenVerifier(settings.tokens, reactor), live, MysqlProfileStore(database), queue,
+                  settings.session.game_servers, secure_random, settings.session.live_session_ttl)
+    SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync).setServiceParent(top)
+
     health = Health(reactor, {
         "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),
         "mysql": (database.ping, settings.mysql.connect_timeout * 2),
     })
-    add_frontends(top, reactor, "dreamraid-session", settings.session, health)
+    add_frontends(top, reactor, "dreamraid-session", settings.session, health, SessionFactory, accounts, world)
     return top

@@ -6,6 +6,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 stack=$(scripts/stack.sh ensure) || exit 1
+.venv/bin/python -m dreamraid.admin keys >&2 || exit 1
 
 pids=()
 stop() {

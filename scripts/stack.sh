@@ -181,8 +181,12 @@ ALTER USER '$MYSQL_USER'@'localhost' IDENTIFIED BY '$MYSQL_PASSWORD';
 GRANT ALL PRIVILEGES ON \`${MYSQL_DATABASE}%\`.* TO '$MYSQL_USER'@'$MYSQL_HOST';
 GRANT ALL PRIVILEGES ON \`${MYSQL_DATABASE}%\`.* TO '$MYSQL_USER'@'localhost';
 EOF
-    msql "$MYSQL_DATABASE" <"$ROOT/conf/schema.sql" || die "applying conf/schema.sql failed"
+    migrate
     mysql_user_ok || die "cannot log in to MariaDB as $MYSQL_USER at $MYSQL_HOST:$MYSQL_PORT"
+}
+
+migrate() {
+    "$ROOT/.venv/bin/python" -m dreamraid.admin migrate >&2 || die "applying conf/schema.sql failed"
 }
 
 mysql_stop() {
@@ -209,7 +213,7 @@ status() { redis_status && mysql_up_now && mysql_user_ok; }
 
 case "${1:-}" in
     up) up ;;
-    ensure) if status >/dev/null 2>&1; then echo reused; else up; echo started; fi ;;
+    ensure) if status >/dev/null 2>&1; then migrate; echo reused; else up; echo started; fi ;;
     down) redis_down; mysql_stop; say "stopped" ;;
     status) if status; then say "up"; else say "down"; exit 1; fi ;;
     mysql-stop) mysql_stop ;;

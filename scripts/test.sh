@@ -6,6 +6,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 stack=$(scripts/stack.sh ensure) || exit 1
+.venv/bin/python -m dreamraid.admin keys >/dev/null || exit 1
 
 export DREAMRAID_STACK=1
 .venv/bin/trial --temp-directory="$ROOT/_trial_temp" "${@:-tests}"

@@ -40,6 +40,7 @@ from construct import (
     Int8ul,
     Int16ul,
     Int32ul,
+    Int64ul,
     PascalString,
     Prefixed,
     StringEncoded,
@@ -459,6 +460,41 @@ WELCOME = message(
     "The reply to hello: the server's protocol version and connection limits.",
     "protocol_version" / Int16ul, "server" / String,
     "ping_interval_ms" / Int32ul, "max_frame_size" / Int16ul,
+)
+
+# -- the session server ----------------------------------------------------------
+
+REGISTER = message(
+    100, "register", Sender.CLIENT,
+    "Create an account. The name is 3 to 20 of A-Z, a-z, 0-9 and _ (unique regardless of "
+    "letter case); the password 8 to 128 characters. Errors: invalid_name, invalid_password, "
+    "name_taken, unavailable.",
+    "name" / String, "password" / String,
+)
+REGISTERED = message(101, "registered", Sender.SERVER, "The reply to register: the new user's id.",
+                     "user_id" / Int64ul)
+LOGIN = message(
+    102, "login", Sender.CLIENT,
+    "Log in; the reply carries a token (a JWT) for enter_world and the game server. "
+    "Errors: invalid_name, wrong_credentials, login_throttled, unavailable.",
+    "name" / String, "password" / String,
+)
+LOGGED_IN = message(
+    103, "logged_in", Sender.SERVER,
+    "The reply to login: the user's id, the token and when it expires (Unix seconds).",
+    "user_id" / Int64ul, "token" / String, "expires_at" / Int64ul,
+)
+ENTER_WORLD = message(
+    104, "enter_world", Sender.CLIENT,
+    "Load the token's user into the live store and make the token its live session; only "
+    "then does a game server accept the token. Errors: the token_* codes, wrong_credentials "
+    "(the user is gone), unavailable.",
+    "token" / String,
+)
+WORLD_ENTERED = message(
+    105, "world_entered", Sender.SERVER,
+    "The reply to enter_world: the game server to connect to with the same token.",
+    "user_id" / Int64ul, "host" / String, "port" / Int16ul,
 )
 
 UDP_HELLO = datagram(

@@ -34,6 +34,7 @@ class Database(Service):
             "pymysql",
             host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
             charset="utf8mb4", connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout, write_timeout=s.read_timeout,
             cp_min=s.pool_min, cp_max=s.pool_max, cp_reconnect=True, cp_noisy=False,
         )
 

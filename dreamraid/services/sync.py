@@ -1,0 +1,332 @@
+"""
+Sync: users' live data written back from Redis to MySQL, batched, at least
+once, never backwards.
+
+Game servers (and the checkpointer) put a job, "sync user N", on one of
+several Redis Streams (C{sync:{tag}}, the tags chosen so the shards spread
+over the slot space and so over the masters).  Every session server reads all
+shards through one consumer group.  A batch of jobs becomes one MySQL
+transaction; its entries are acknowledged only after the commit, and a user's
+live keys are removed only after the commit and only if nobody is online with
+them and they have not changed since (L{LiveStore.evict}).  Each user's data
+carries a version, so an older snapshot never overwrites a newer one.
+
+A worker that dies leaves its jobs pending; others claim them with
+C{XAUTOCLAIM} once they have been idle C{claim_idle} seconds.  While MySQL is
+down a batch is retried with backoff and nothing is acknowledged, so nothing
+is lost.  Every C{checkpoint_interval} one session server per shard enqueues
+every live user of it (C{live:{tag}}), which writes long sessions back
+without ending them and sweeps up users whose game server died (their
+session expires, and the next sync removes their keys).
+"""
+
+import socket
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+import pymysql
+
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import EVICTED
+from dreamraid.services.rediscluster import SLOTS, RedisClusterError, key_slot
+
+GROUP = "sync"
+
+
+def shard_tags(count):
+    """
+    C{count} hash tags, the i-th in the i-th C{count}-th of the slot space, so
+    the shards spread over the masters as the slots do.
+    """
+    tags = []
+    for shard in range(count):
+        low, high = shard * SLOTS // count, (shard + 1) * SLOTS // count
+        tags.append(next(tag for tag in (f"s{shard}.{k}" for k in range(1_000_000)) if low <= key_slot(tag) < high))
+    return tags
+
+
+class SyncQueue:
+    """Where sync jobs and the live users of each shard are kept; game servers enqueue through this."""
+
+    def __init__(self, router, clock, shards):
+        self._router = router
+        self._clock = clock
+        self.tags = shard_tags(shards)
+        self.streams = [f"sync:{{{tag}}}" for tag in self.tags]
+        self.live_sets = [f"live:{{{tag}}}" for tag in self.tags]
+        self.checkpoint_locks = [f"checkpoint:{{{tag}}}" for tag in self.tags]
+
+    def shard_of(self, user_id):
+        return user_id % len(self.tags)
+
+    def enqueue(self, user_id, reason):
+        """Ask for the user's live data to be written to MySQL (C{reason}: logout, checkpoint, ...); a Deferred."""
+        stream = self.streams[self.shard_of(user_id)]
+        return self._router.execute("XADD", stream, "*", "user", user_id, "reason", reason)
+
+    def mark_live(self, user_id):
+        """Note that the user's data is live, for the checkpointer; a Deferred."""
+        live = self.live_sets[self.shard_of(user_id)]
+        return self._router.execute("ZADD", live, int(self._clock.seconds()), user_id)
+
+    def forget_live(self, shard, user_ids):
+        """The users of C{shard} no longer have live data; a Deferred."""
+        return self._router.execute("ZREM", self.live_sets[shard], *user_ids)
+
+
+def thd_write_snapshots(connection, profiles):
+    """
+    Write the snapshots newer than MySQL's copy, in the caller's transaction:
+    the profile row, every occupied slot (upserted), emptied slots removed,
+    best scores raised.  The ids of the users written.
+    """
+    if not profiles:
+        return []
+    with connection.cursor() as cursor:
+        ids = [p.user_id for p in profiles]
+        marks = ",".join(["%s"] * len(ids))
+        cursor.execute(f"SELECT id, data_version FROM users WHERE id IN ({marks}) FOR UPDATE", ids)
+        stored = dict(cursor.fetchall())
+        newer = [p for p in profiles if p.user_id in stored and p.version > stored[p.user_id]]
+        if not newer:
+            return []
+        ids = [p.user_id for p in newer]
+        marks = ",".join(["%s"] * len(ids))
+        cases, args = [], []
+        for column, value in (("level", lambda p: p.level), ("exp", lambda p: p.exp),
+                              ("data_version", lambda p: p.version)):
+            cases.append(f"{column} = CASE id " + "WHEN %s THEN %s " * len(newer) + "END")
+            for p in newer:
+                args += [p.user_id, value(p)]
+        cursor.execute(f"UPDATE users SET {', '.join(cases)}, synced_at = CURRENT_TIMESTAMP(3) "
+                       f"WHERE id IN ({marks})", args + ids)
+        rows = [(p.user_id, tab, slot, item.code, item.enhancement, item.count)
+                for p in newer for (tab, slot), item in p.items.items()]
+        if rows:
+            cursor.executemany(
+                "INSERT INTO inventory (user_id, tab, slot, item_code, enhancement, count) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
+                "item_code = VALUES(item_code), enhancement = VALUES(enhancement), count = VALUES(count)",
+                rows,
+            )
+            kept = ",".join(["(%s, %s, %s)"] * len(rows))
+            cursor.execute(f"DELETE FROM inventory WHERE user_id IN ({marks}) "
+                           f"AND (user_id, tab, slot) NOT IN ({kept})",
+                           ids + [value for row in rows for value in row[:3]])
+        else:
+            cursor.execute(f"DELETE FROM inventory WHERE user_id IN ({marks})", ids)
+        scores = [(p.user_id, p.best) for p in newer if p.best > 0]
+        if scores:
+            cursor.executemany(
+                "INSERT INTO best_scores (user_id, score) VALUES (%s, %s) ON DUPLICATE KEY UPDATE "
+                "achieved_at = IF(VALUES(score) > score, CURRENT_TIMESTAMP(3), achieved_at), "
+                "score = GREATEST(score, VALUES(score))",
+                scores,
+            )
+        return ids
+
+
+class MysqlSnapshotStore:
+    """Writes snapshots through a L{dreamraid.services.database.Database}'s pool, one transaction per call."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def write(self, profiles):
+        """A Deferred of the ids written (see L{thd_write_snapshots})."""
+        return self._database.pool.runInteraction(thd_write_snapshots, profiles)
+
+
+class SyncWorker(Service):
+    """
+    One session server's sync consumer: reads every shard, writes batches,
+    acknowledges, evicts, claims jobs of dead consumers and checkpoints.
+
+    @ivar counters: batches, users written, jobs acknowledged, users
+        evicted, retries, jobs claimed.
+    """
+
+    _log = Logger()
+
+    def __init__(self, router, queue, live, snapshots, clock, settings, consumer=None):
+        self._router = router
+        self._queue = queue
+        self._live = live
+        self._snapshots = snapshots
+        self._clock = clock
+        self._settings = settings
+        self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
+        self.counters = dict.fromkeys(
+            ("batches", "written", "acked", "evicted", "retries", "claimed", "checkpoints"), 0)
+        self.largest_batch = 0
+        self._loop = None
+        self._sleeping = None
+        self._next_claim = 0.0
+        self._checkpoints = None
+
+    def startService(self):
+        super().startService()
+        self._next_claim = self._clock.seconds() + self._settings.claim_interval
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: self._log.failure("sync worker stopped by an error", f))
+        self._checkpoints = task.LoopingCall(self._checkpoint)
+        self._checkpoints.clock = self._clock
+        self._checkpoints.start(self._settings.checkpoint_interval, now=False).addErrback(
+            lambda f: self._log.failure("checkpointer stopped by an error", f))
+
+    def stopService(self):
+        super().stopService()
+        if self._checkpoints.running:
+            self._checkpoints.stop()
+        if self._sleeping is not None and not self._sleeping.called:
+            self._sleeping.cancel()
+        return self._loop
+
+    # -- the loop ------------------------------------------------------------------
+
+    async def _run(self):
+        await self._until_done("create the consumer group", self._create_groups)
+        while self.running:
+            jobs = await self._until_done("read sync jobs", self._read)
+            if jobs is None:
+                return
+            if jobs:
+                await self._sync(jobs)
+            elif not await self._sleep(self._settings.batch_wait):
+                return
+
+    async def _until_done(self, what, work):
+        """C{await work()} until it succeeds, pausing longer after each failure; C{None} once stopped."""
+        failures = 0
+        while self.running:
+            try:
+                return await work()
+            except (RedisClusterError, pymysql.MySQLError) as e:
+                failures += 1
+                self.counters["retries"] += 1
+                pause = min(self._settings.retry_backoff_max, self._settings.retry_backoff * 2 ** (failures - 1))
+                self._log.warn("sync: cannot {what} ({error}); again in {pause:.2f} s",
+                               what=what, error=e, pause=pause)
+                if not await self._sleep(pause):
+                    return None
+        return None
+
+    async def _sleep(self, seconds):
+        """Wait C{seconds} on the injected clock; C{False} if the service stopped meanwhile."""
+        self._sleeping = task.deferLater(self._clock, seconds, lambda: None)
+        try:
+            await self._sleeping
+        except defer.CancelledError:
+            return False
+        finally:
+            self._sleeping = None
+        return self.running
+
+    async def _create_groups(self):
+        for stream in self._queue.streams:
+            try:
+                await self._router.execute("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
+            except Exception as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    async def _read(self):
+        """C{{(shard, entry id): user id}} of new jobs, and of claimed ones when a claim is due."""
+        per_shard = max(1, self._settings.batch_users // len(self._queue.streams))
+        reads = [self._router.execute("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", per_shard,
+                                      "STREAMS", stream, ">") for stream in self._queue.streams]
+        jobs = {}
+        for shard, reply in enumerate(await gather(reads)):
+            for _, entries in reply or ():
+                jobs.update(_jobs(shard, entries))
+        if self._clock.seconds() >= self._next_claim:
+            self._next_claim = self._clock.seconds() + self._settings.claim_interval
+            claimed = await self._claim(per_shard)
+            self.counters["claimed"] += len(claimed)
+            jobs.update(claimed)
+        return jobs
+
+    async def _claim(self, per_shard):
+        idle_ms = int(self._settings.claim_idle * 1000)
+        claims = [self._router.execute("XAUTOCLAIM", stream, GROUP, self.consumer, idle_ms, "0-0",
+                                       "COUNT", per_shard) for stream in self._queue.streams]
+        jobs = {}
+        for shard, (_, entries, *_) in enumerate(await gather(claims)):
+            jobs.update(_jobs(shard, entries))
+        return jobs
+
+    # -- one batch -----------------------------------------------------------------
+
+    async def _sync(self, jobs):
+        """Write the users of C{jobs} in one transaction, then acknowledge and evict."""
+        users = sorted({user for user in jobs.values() if user is not None})
+        written = await self._until_done("write a batch to MySQL", lambda: self._write(users))
+        if written is None:
+            return
+        profiles, ids = written
+        self.counters["batches"] += 1
+        self.counters["written"] += len(ids)
+        self.largest_batch = max(self.largest_batch, len(users))
+        await self._until_done("acknowledge sync jobs", lambda: self._acknowledge(jobs))
+        await self._evict(users, profiles)
+
+    async def _write(self, users):
+        snapshots = await gather([self._live.snapshot(user) for user in users])
+        profiles = {user: profile for user, profile in zip(users, snapshots) if profile is not None}
+        ids = await self._snapshots.write(list(profiles.values()))
+        return profiles, ids
+
+    async def _acknowledge(self, jobs):
+        by_shard = {}
+        for shard, entry in jobs:
+            by_shard.setdefault(shard, []).append(entry)
+        calls = []
+        for shard, entries in by_shard.items():
+            stream = self._queue.streams[shard]
+            calls.append(self._router.execute("XACK", stream, GROUP, *entries))
+            calls.append(self._router.execute("XDEL", stream, *entries))
+        await gather(calls)
+        self.counters["acked"] += len(jobs)
+
+    async def _evict(self, users, profiles):
+        """Remove the live keys of users now safe in MySQL and offline; a failure is left to the next checkpoint."""
+        try:
+            outcomes = await gather([
+                self._live.evict(user, profiles[user].version) for user in users if user in profiles])
+            gone = [user for user in users if user not in profiles]
+            gone += [user for user, outcome in zip([u for u in users if u in profiles], outcomes)
+                     if outcome == EVICTED]
+            by_shard = {}
+            for user in gone:
+                by_shard.setdefault(self._queue.shard_of(user), []).append(user)
+            await gather([self._queue.forget_live(shard, ids) for shard, ids in by_shard.items()])
+            self.counters["evicted"] += len(gone)
+        except RedisClusterError as e:
+            self._log.warn("sync: cannot evict synced users ({error}); the next checkpoint will", error=e)
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    async def _checkpoint(self):
+        """Enqueue every live user of each shard whose checkpoint lock this worker wins."""
+        hold_ms = max(1, int(self._settings.checkpoint_interval * 1000 * 0.9))
+        try:
+            for shard, lock in enumerate(self._queue.checkpoint_locks):
+                if await self._router.execute("SET", lock, self.consumer, "NX", "PX", hold_ms) is None:
+                    continue
+                users = await self._router.execute("ZRANGE", self._queue.live_sets[shard], 0, -1)
+                await gather([self._queue.enqueue(int(user), "checkpoint") for user in users])
+                self.counters["checkpoints"] += len(users)
+        except RedisClusterError as e:
+            self._log.warn("sync: checkpoint skipped ({error})", error=e)
+
+
+def _jobs(shard, entries):
+    """C{{(shard, entry id): user id}}; a claimed entry that was deleted meanwhile has no fields (C{None})."""
+    jobs = {}
+    for entry, fields in entries:
+        values = dict(zip(fields[::2], fields[1::2])) if fields else {}
+        user = values.get(b"user")
+        jobs[shard, entry] = int(user) if user is not None else None
+    return jobs
