@@ -186,6 +186,7 @@ class AccountSettings:
 class SyncSettings:
     """The sync jobs from Redis back to MySQL."""
 
+    prefix: str = setting(_text, "prefix of the sync keys (servers that share a cluster and a database share it)")
     shards: int = setting(_number(int, 1, 1024), "sync streams (spread over the masters)")
     batch_users: int = setting(_number(int, 1, 100000), "users written in one MySQL transaction, at most")
     batch_wait: float = setting(_number(float, 0.001, 60.0), "seconds between reads while no jobs arrive")

@@ -45,7 +45,7 @@ def makeService(options, reactor=None):
     accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(router, a),
                         TokenIssuer(settings.tokens, reactor, secure_random))
     live = LiveStore(router)
-    queue = SyncQueue(router, reactor, settings.sync.shards)
+    queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     world = World(TokenVerifier(settings.tokens, reactor), live, MysqlProfileStore(database), queue,
                   settings.session.game_servers, secure_random, settings.session.live_session_ttl)
     SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync).setServiceParent(top)

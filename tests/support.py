@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 from hypothesis import settings as hypothesis_settings
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import Agent, readBody
 
+from dreamraid.client import connect
 from dreamraid.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +90,30 @@ def python():
     """The interpreter running the tests (the project's venv)."""
     return sys.executable
 
+
+class RunningServer:
+    """A server service tree built by its tap and started in this process, on free ports."""
+
+    def __init__(self, tap, section, extra=()):
+        self.port, self.http_port = free_port(), free_port()
+        options = tap.Options()
+        options.parseOptions([
+            "--config", str(CONFIG),
+            f"--{section}-listen", f"tcp:{self.port}:interface=127.0.0.1",
+            f"--{section}-http-listen", f"tcp:{self.http_port}:interface=127.0.0.1",
+            *extra,
+        ])
+        self.service = tap.makeService(options, reactor)
+
+    def start(self, testcase):
+        self.service.startService()
+        testcase.addCleanup(self.service.stopService)
+        return self
+
+    def health(self):
+        return defer.Deferred.fromCoroutine(http_get(f"http://127.0.0.1:{self.http_port}/health"))
+
+    async def client(self, testcase):
+        client = await connect(reactor, "127.0.0.1", self.port)
+        testcase.addCleanup(lambda: client.close() if client.connected else None)
+        return client

@@ -17,7 +17,7 @@ from dreamraid.client import ConnectionClosed, connect
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.database import Database
-from tests.support import CONFIG, ROOT, eventually, free_port, http_get, make_settings, require_stack, stack
+from tests.support import ROOT, RunningServer, eventually, free_port, http_get, make_settings, require_stack, stack
 
 
 class StackTests(TestCase):
@@ -58,34 +58,6 @@ class StackTests(TestCase):
         database.startService()
         self.addCleanup(database.stopService)
         yield database.ping()
-
-
-class RunningServer:
-    """A server service tree built by its tap and started in this process, on free ports."""
-
-    def __init__(self, tap, section, extra=()):
-        self.port, self.http_port = free_port(), free_port()
-        options = tap.Options()
-        options.parseOptions([
-            "--config", str(CONFIG),
-            f"--{section}-listen", f"tcp:{self.port}:interface=127.0.0.1",
-            f"--{section}-http-listen", f"tcp:{self.http_port}:interface=127.0.0.1",
-            *extra,
-        ])
-        self.service = tap.makeService(options, reactor)
-
-    def start(self, testcase):
-        self.service.startService()
-        testcase.addCleanup(self.service.stopService)
-        return self
-
-    def health(self):
-        return defer.Deferred.fromCoroutine(http_get(f"http://127.0.0.1:{self.http_port}/health"))
-
-    async def client(self, testcase):
-        client = await connect(reactor, "127.0.0.1", self.port)
-        testcase.addCleanup(lambda: client.close() if client.connected else None)
-        return client
 
 
 class RawFrames(protocol.Protocol):

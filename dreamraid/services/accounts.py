@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.database import MYSQL_UNAVAILABLE
 from dreamraid.services.deferreds import gather
 from dreamraid.services.rediscluster import RedisClusterError, Script
 
@@ -165,13 +166,13 @@ class MysqlAccountStore:
         self._database = database
 
     def create(self, name, password_hash):
-        return self._database.pool.runInteraction(thd_create_user, name, password_hash)
+        return self._database.pool.runWithConnection(thd_create_user, name, password_hash)
 
     def find(self, name):
-        return self._database.pool.runInteraction(thd_find_user, name)
+        return self._database.pool.runWithConnection(thd_find_user, name)
 
     def record_login(self, user_id):
-        return self._database.pool.runInteraction(thd_record_login, user_id)
+        return self._database.pool.runWithConnection(thd_record_login, user_id)
 
 
 class Accounts:
@@ -195,7 +196,7 @@ class Accounts:
             return await self._store.create(name, password_hash)
         except NameTaken:
             raise RequestRefused(ErrorCode.NAME_TAKEN) from None
-        except pymysql.MySQLError as e:
+        except MYSQL_UNAVAILABLE as e:
             raise self._unavailable("register", e) from None
 
     async def login(self, name, password, address):
@@ -215,7 +216,7 @@ class Accounts:
                 raise RequestRefused(ErrorCode.WRONG_CREDENTIALS)
             await self._throttle.succeeded(name)
             await self._store.record_login(user_id)
-        except (pymysql.MySQLError, RedisClusterError) as e:
+        except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
             raise self._unavailable("login", e) from None
         issued = self._issuer.issue(user_id)
         return LoggedIn(user_id, issued.token, issued.expires_at)

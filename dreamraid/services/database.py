@@ -4,8 +4,14 @@ Service) whose work runs as named thread functions, so PyMySQL never blocks
 the reactor.  Only the session server talks to MySQL.
 """
 
+import pymysql
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
+
+# What a call through the pool raises when MySQL is down, the connection
+# broke, or a lock wait or deadlock aborted the transaction: worth a retry
+# later.  Other errors are bugs and are not retried.
+MYSQL_UNAVAILABLE = (pymysql.err.OperationalError, pymysql.err.InterfaceError, adbapi.ConnectionLost)
 
 
 def _thd_ping(connection):

@@ -13,11 +13,11 @@ before it has already committed what MySQL returns.
 
 from typing import NamedTuple
 
-import pymysql
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.database import MYSQL_UNAVAILABLE
 from dreamraid.services.livestore import Item, Profile
 from dreamraid.services.rediscluster import RedisClusterError
 
@@ -59,7 +59,7 @@ class MysqlProfileStore:
         self._database = database
 
     def load(self, user_id):
-        return self._database.pool.runInteraction(thd_load_profile, user_id)
+        return self._database.pool.runWithConnection(thd_load_profile, user_id)
 
 
 class World:
@@ -89,7 +89,7 @@ class World:
             await self._queue.mark_live(user_id)
             if not await self._live.claim_session(user_id, claims.jti, self._session_ttl):
                 await self._load(user_id, claims.jti)
-        except (RedisClusterError, pymysql.MySQLError) as e:
+        except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
             self._log.warn("enter world of user {user_id}: store unavailable: {error}", user_id=user_id, error=e)
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
         host, port = self._random.choice(self._game_servers)

@@ -3,7 +3,7 @@ Sync: users' live data written back from Redis to MySQL, batched, at least
 once, never backwards.
 
 Game servers (and the checkpointer) put a job, "sync user N", on one of
-several Redis Streams (C{sync:{tag}}, the tags chosen so the shards spread
+several Redis Streams (C{sync:jobs:{tag}}, the tags chosen so the shards spread
 over the slot space and so over the masters).  Every session server reads all
 shards through one consumer group.  A batch of jobs becomes one MySQL
 transaction; its entries are acknowledged only after the commit, and a user's
@@ -15,7 +15,7 @@ A worker that dies leaves its jobs pending; others claim them with
 C{XAUTOCLAIM} once they have been idle C{claim_idle} seconds.  While MySQL is
 down a batch is retried with backoff and nothing is acknowledged, so nothing
 is lost.  Every C{checkpoint_interval} one session server per shard enqueues
-every live user of it (C{live:{tag}}), which writes long sessions back
+every live user of it (C{sync:live:{tag}}), which writes long sessions back
 without ending them and sweeps up users whose game server died (their
 session expires, and the next sync removes their keys).
 """
@@ -26,8 +26,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-import pymysql
-
+from dreamraid.services.database import MYSQL_UNAVAILABLE
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import EVICTED
 from dreamraid.services.rediscluster import SLOTS, RedisClusterError, key_slot
@@ -50,13 +49,13 @@ def shard_tags(count):
 class SyncQueue:
     """Where sync jobs and the live users of each shard are kept; game servers enqueue through this."""
 
-    def __init__(self, router, clock, shards):
+    def __init__(self, router, clock, shards, prefix="sync"):
         self._router = router
         self._clock = clock
         self.tags = shard_tags(shards)
-        self.streams = [f"sync:{{{tag}}}" for tag in self.tags]
-        self.live_sets = [f"live:{{{tag}}}" for tag in self.tags]
-        self.checkpoint_locks = [f"checkpoint:{{{tag}}}" for tag in self.tags]
+        self.streams = [f"{prefix}:jobs:{{{tag}}}" for tag in self.tags]
+        self.live_sets = [f"{prefix}:live:{{{tag}}}" for tag in self.tags]
+        self.checkpoint_locks = [f"{prefix}:checkpoint:{{{tag}}}" for tag in self.tags]
 
     def shard_of(self, user_id):
         return user_id % len(self.tags)
@@ -136,7 +135,7 @@ class MysqlSnapshotStore:
 
     def write(self, profiles):
         """A Deferred of the ids written (see L{thd_write_snapshots})."""
-        return self._database.pool.runInteraction(thd_write_snapshots, profiles)
+        return self._database.pool.runWithConnection(thd_write_snapshots, profiles)
 
 
 class SyncWorker(Service):
@@ -203,7 +202,7 @@ class SyncWorker(Service):
         while self.running:
             try:
                 return await work()
-            except (RedisClusterError, pymysql.MySQLError) as e:
+            except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
                 failures += 1
                 self.counters["retries"] += 1
                 pause = min(self._settings.retry_backoff_max, self._settings.retry_backoff * 2 ** (failures - 1))
