@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/codec.py --quick
 	scripts/stack.sh ensure >/dev/null
 	$(BIN)/python bench/redis_router.py --quick
+	$(BIN)/python bench/sync.py --quick
 
 clean:
 	rm -rf $(VENV) _trial_temp* *.egg-info twisted/plugins/dropin.cache

@@ -190,6 +190,7 @@ class SyncSettings:
     shards: int = setting(_number(int, 1, 1024), "sync streams (spread over the masters)")
     batch_users: int = setting(_number(int, 1, 100000), "users written in one MySQL transaction, at most")
     batch_wait: float = setting(_number(float, 0.001, 60.0), "seconds between reads while no jobs arrive")
+    batches_in_flight: int = setting(_number(int, 1, 64), "batches synced at once by one worker")
     claim_idle: float = setting(_number(float, 0.01, 86400.0), "seconds a job may stay unacknowledged before another worker takes it")
     claim_interval: float = setting(_number(float, 0.01, 3600.0), "seconds between looks for such jobs")
     checkpoint_interval: float = setting(_number(float, 0.1, 86400.0), "seconds between checkpoints of live users")

@@ -41,6 +41,9 @@ class Database(Service):
             host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
             charset="utf8mb4", connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout, write_timeout=s.read_timeout,
+            # Row locks only, no gap locks: concurrent syncs of different
+            # users never deadlock on neighbouring inventory rows.
+            init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
             cp_min=s.pool_min, cp_max=s.pool_max, cp_reconnect=True, cp_noisy=False,
         )
 

@@ -52,11 +52,6 @@ def encode_item(item):
     return f"{item.code}:{item.enhancement}:{item.count}"
 
 
-def decode_item(text):
-    code, enhancement, count = (int(part) for part in text.split(b":" if isinstance(text, bytes) else ":"))
-    return Item(code, enhancement, count)
-
-
 class Profile(NamedTuple):
     """A user's durable data: the profile and every occupied slot, C{{(tab, slot): Item}}."""
 
@@ -140,24 +135,16 @@ class LiveStore:
             args += [tab, slot, encode_item(item)]
         return await self._load(data_keys(profile.user_id), args) == 1
 
-    async def snapshot(self, user_id):
-        """The user's live data as a L{Profile}, or C{None} if it is not live."""
-        reply = await self._snapshot(data_keys(user_id))
-        if not reply:
-            return None
-        fields = _pairs(reply[0])
-        items = {}
-        for tab, flat in zip(TABS, reply[1:]):
-            for slot, text in _pairs(flat).items():
-                items[tab, int(slot)] = decode_item(text)
-        return Profile(
-            user_id, fields[b"name"].decode("utf-8"), int(fields[b"level"]), int(fields[b"exp"]),
-            int(fields.get(b"best", 0)), int(fields[b"version"]), items,
-        )
+    def snapshot(self, user_id):
+        """A Deferred of the user's live data as a L{Profile}, or C{None} if it is not live."""
+        return self._snapshot(data_keys(user_id)).addCallback(_profile, user_id)
 
-    async def evict(self, user_id, version):
-        """Remove the user's live data if offline and still at C{version}: L{EVICTED}, L{STILL_ONLINE} or L{CHANGED}."""
-        return await self._evict([session_key(user_id)] + data_keys(user_id), [version])
+    def evict(self, user_id, version):
+        """
+        Remove the user's live data if offline and still at C{version}; a
+        Deferred of L{EVICTED}, L{STILL_ONLINE} or L{CHANGED}.
+        """
+        return self._evict([session_key(user_id)] + data_keys(user_id), [version])
 
     async def end_session(self, user_id, jti):
         """End the live session if it is still C{jti} (a newer login's is kept); whether it ended."""
@@ -166,3 +153,19 @@ class LiveStore:
 
 def _pairs(flat):
     return dict(zip(flat[::2], flat[1::2]))
+
+
+def _profile(reply, user_id):
+    """The L{Profile} of a snapshot script's reply."""
+    if not reply:
+        return None
+    fields = _pairs(reply[0])
+    items = {}
+    for tab, flat in zip(TABS, reply[1:]):
+        for i in range(0, len(flat), 2):
+            code, enhancement, count = flat[i + 1].split(b":")
+            items[tab, int(flat[i])] = Item(int(code), int(enhancement), int(count))
+    return Profile(
+        user_id, fields[b"name"].decode("utf-8"), int(fields[b"level"]), int(fields[b"exp"]),
+        int(fields.get(b"best", 0)), int(fields[b"version"]), items,
+    )

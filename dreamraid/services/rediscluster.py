@@ -960,19 +960,20 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
-    async def __call__(self, keys=(), args=(), timeout=None):
-        """Run the script with C{keys} (all in one slot) and C{args}; its reply."""
-        router = self._router
+    def __call__(self, keys=(), args=(), timeout=None):
+        """Run the script with C{keys} (all in one slot) and C{args}; a Deferred of its reply."""
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)
-        try:
-            return await router.execute(*command, timeout=timeout)
-        except txredisapi.ResponseError as e:
-            if _error_kind(e) != "NOSCRIPT":
-                raise
+        return self._router.execute(*command, timeout=timeout).addErrback(self._load_and_retry, command, timeout)
+
+    def _load_and_retry(self, failure, command, timeout):
+        failure.trap(txredisapi.ResponseError)
+        if _error_kind(failure.value) != "NOSCRIPT":
+            return failure
+        router = self._router
         router.counters["noscript"] += 1
-        route = keys[0] if keys else None
-        await router.execute("SCRIPT", "LOAD", self.source, timeout=timeout, route=route)
-        return await router.execute(*command, timeout=timeout)
+        route = command[3] if command[2] else None
+        loading = router.execute("SCRIPT", "LOAD", self.source, timeout=timeout, route=route)
+        return loading.addCallback(lambda _: router.execute(*command, timeout=timeout))
 
 
 class Subscription:
