@@ -1,9 +1,12 @@
 """
-Users per second written back from Redis to MariaDB by the batching sync
-worker (enqueue, read, snapshot, one transaction per batch, acknowledge,
-unload) against a baseline that snapshots and writes each user in a
-transaction of its own, as many at once as the pool has connections, same
-users, same kind of change, same run.  Needs the local stack (C{scripts/stack.sh up});
+Users per second synced from Redis to MariaDB by the batching sync worker
+(read jobs, snapshot, one transaction per batch of up to C{batch_users},
+acknowledge, unload) against the same worker with batches of one user: one
+transaction per user, with as many at once as the pool has connections.
+Same users, same kind of change, same run, and both sides use every core:
+one worker process per core, sharing the consumer group as several session
+servers would.  Each process connects before the clock starts; the clock
+stops when every job is acknowledged.  Needs the local stack (C{scripts/stack.sh up});
 uses its own database, C{dreamraid_bench}.  The last line printed is the JSON
 result.
 
@@ -17,11 +20,13 @@ arrives: the shape of a session of hunting and enhancing.
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import random
+import sys
 
 import pymysql
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, protocol, task, threads
 
 from dreamraid.admin import connect
 from dreamraid.config import load_settings
@@ -80,70 +85,148 @@ async def load(router, live, users, version):
         await gather([live.load(data_of(u, version)) for u in chunk])
 
 
-async def wait_until(clock, condition):
-    while not condition():
-        await task.deferLater(clock, 0.01, lambda: None)
+class Child(protocol.ProcessProtocol):
+    """One bench process: says "ready", waits for "go", says "done" (and its counters)."""
+
+    def __init__(self):
+        self.ready, self.done, self.exited = defer.Deferred(), defer.Deferred(), defer.Deferred()
+        self.counters = {}
+        self._buffer = b""
+
+    def outReceived(self, data):
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            word, _, rest = line.decode().partition(" ")
+            if word == "ready":
+                self.ready.callback(None)
+            elif word == "done":
+                self.counters = json.loads(rest or "{}")
+                self.done.callback(None)
+
+    def errReceived(self, data):
+        sys.stderr.write(data.decode(errors="replace"))
+
+    def processEnded(self, reason):
+        self.exited.callback(None)
+
+    def say(self, word):
+        self.transport.write(word.encode() + b"\n")
 
 
-async def per_user_baseline(live, snapshots, users, parallel):
-    """Snapshot and write each user in a transaction of its own, C{parallel} at a time."""
-    limit = defer.DeferredSemaphore(parallel)
+def spawn(reactor, count, *args):
+    """C{count} children running this file with C{args}."""
+    children = []
+    for index in range(count):
+        child = Child()
+        reactor.spawnProcess(child, sys.executable, [sys.executable, __file__, *args, "--index", str(index)],
+                             env=None, path=os.getcwd())
+        children.append(child)
+    return children
 
-    async def one(user_id):
-        await snapshots.write([await live.snapshot(user_id)])
 
-    await gather([limit.run(lambda u=u: defer.ensureDeferred(one(u))) for u in users])
+async def timed_run(reactor, children, finished):
+    """Seconds from "go" to C{finished()} firing, once every child is ready."""
+    await gather([c.ready for c in children])
+    started = reactor.seconds()
+    for child in children:
+        child.say("go")
+    await finished()
+    return reactor.seconds() - started
 
 
-async def main(reactor, quick):
+async def run_workers(reactor, router, settings, users, processes, batch_users, in_flight):
+    """Users per second of C{processes} worker processes syncing every user once, and their counters."""
+    queue = SyncQueue(router, reactor, settings.sync.shards, f"bench{random.getrandbits(32):x}")
+    for start in range(0, len(users), 1000):
+        await gather([queue.enqueue(u, "logout") for u in users[start:start + 1000]])
+
+    async def drained():
+        while sum(await gather([router.execute("XLEN", s) for s in queue.streams])):
+            await task.deferLater(reactor, 0.01, lambda: None)
+
+    children = spawn(reactor, processes, "--child", "--prefix", queue.streams[0].split(":")[0],
+                     "--batch-users", str(batch_users), "--in-flight", str(in_flight))
+    seconds = await timed_run(reactor, children, drained)
+    for child in children:
+        child.say("stop")
+    await gather([c.done for c in children])
+    await gather([router.execute("DEL", key) for key in queue.streams + queue.live_sets])
+    counters = [c.counters for c in children]
+    return len(users) / seconds, {
+        "batches": sum(c["batches"] for c in counters),
+        "largest_batch": max(c["largest_batch"] for c in counters),
+        "retries": sum(c["retries"] for c in counters),
+    }
+
+
+async def main(reactor, quick, processes):
     settings = load_settings("conf/dreamraid.ini")
     count = 5000 if quick else 20000
     users = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), thd_prepare, settings.mysql, count)
-    database = Database(dataclasses.replace(settings.mysql, database=DATABASE))
-    database.startService()
     router = RedisCluster.from_settings(reactor, random.Random(1), settings.redis)
     router.startService()
     await router.refresh()
     live = LiveStore(router)
+
     await load(router, live, users, 1)
-    snapshots = MysqlSnapshotStore(database)
-
-    started = reactor.seconds()
-    await per_user_baseline(live, snapshots, users, settings.mysql.pool_max)
-    baseline = count / (reactor.seconds() - started)
-
+    per_user, per_user_counters = await run_workers(reactor, router, settings, users, processes,
+                                                    1, settings.mysql.pool_max)
     await load(router, live, users, 2)
-    queue = SyncQueue(router, reactor, settings.sync.shards, f"bench{random.getrandbits(32):x}")
-    for start in range(0, count, 1000):
-        await gather([queue.enqueue(u, "logout") for u in users[start:start + 1000]])
-    worker = SyncWorker(router, queue, live, snapshots, reactor, settings.sync)
-    started = reactor.seconds()
-    worker.startService()
-    await wait_until(reactor, lambda: worker.counters["acked"] >= count)
-    batched = count / (reactor.seconds() - started)
-    await wait_until(reactor, lambda: worker.counters["evicted"] >= count)
-    await worker.stopService()
-    await gather([router.execute("DEL", key) for key in queue.streams + queue.live_sets])
+    batched, batched_counters = await run_workers(reactor, router, settings, users, processes,
+                                                  settings.sync.batch_users, settings.sync.batches_in_flight)
     await router.stopService()
-    database.stopService()
 
-    print(json.dumps({"users": count, "items_per_user": ITEMS_PER_USER, "batches": worker.counters["batches"],
-                      "largest_batch": worker.largest_batch, "batch_users": settings.sync.batch_users,
-                      "batches_in_flight": settings.sync.batches_in_flight, "retries": worker.counters["retries"],
-                      "baseline_transactions_at_once": settings.mysql.pool_max},
-                     indent=1))
+    print(json.dumps({"users": count, "items_per_user": ITEMS_PER_USER, "processes": processes,
+                      "batched": {"batch_users": settings.sync.batch_users,
+                                  "batches_in_flight": settings.sync.batches_in_flight, **batched_counters},
+                      "one_per_user": {"batch_users": 1, "batches_in_flight": settings.mysql.pool_max,
+                                       **per_user_counters}}, indent=1))
     print(json.dumps({
         "metric": "sync_users_per_second",
         "value": round(batched),
-        "baseline": round(baseline),
-        "unit": "users/s written to MariaDB (batched worker vs one transaction per user)",
-        "ratio": round(batched / baseline, 2),
+        "baseline": round(per_user),
+        "unit": "users/s synced to MariaDB (batched worker vs one transaction per user)",
+        "ratio": round(batched / per_user, 2),
         "machine": platform.machine(),
     }))
+
+
+async def child(reactor, arguments):
+    """One worker process: connects, says "ready", syncs from "go" to "stop", reports its counters."""
+    settings = load_settings("conf/dreamraid.ini")
+    database = Database(dataclasses.replace(settings.mysql, database=DATABASE))
+    database.startService()
+    router = RedisCluster.from_settings(reactor, random.Random(arguments.index), settings.redis)
+    router.startService()
+    await router.refresh()
+    sync = dataclasses.replace(settings.sync, batch_users=arguments.batch_users, batches_in_flight=arguments.in_flight)
+    queue = SyncQueue(router, reactor, sync.shards, arguments.prefix)
+    worker = SyncWorker(router, queue, LiveStore(router), MysqlSnapshotStore(database), reactor, sync,
+                        consumer=f"bench-{arguments.index}")
+    print("ready", flush=True)
+    await threads.deferToThreadPool(reactor, reactor.getThreadPool(), sys.stdin.readline)
+    worker.startService()
+    await threads.deferToThreadPool(reactor, reactor.getThreadPool(), sys.stdin.readline)
+    await worker.stopService()
+    counters = {"batches": worker.counters["batches"], "largest_batch": worker.largest_batch,
+                "retries": worker.counters["retries"]}
+    print("done", json.dumps(counters), flush=True)
+    await router.stopService()
+    database.stopService()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--quick", action="store_true", help="5,000 users instead of 20,000")
+    parser.add_argument("--processes", type=int, default=os.cpu_count(), help="processes per side (one per core)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-users", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    task.react(lambda reactor: defer.ensureDeferred(main(reactor, arguments.quick)))
+    if arguments.child:
+        task.react(lambda reactor: defer.ensureDeferred(child(reactor, arguments)))
+    else:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor, arguments.quick, arguments.processes)))

@@ -24,9 +24,22 @@ class EncodeTests(SynchronousTestCase):
             b"*5\r\n$3\r\nSET\r\n$2\r\nk\xff\r\n$2\r\n12\r\n$3\r\n1.5\r\n$2\r\n\xc3\xa9\r\n",
         )
 
+    def test_subclasses_and_buffers(self):
+        """Subclasses of str and int and other byte buffers encode as their base type."""
+        class Name(str):
+            pass
+
+        class Count(int):
+            pass
+
+        self.assertEqual(encode_command((Name("GET"), Count(7), bytearray(b"ab"), memoryview(b"c"))),
+                         b"*4\r\n$3\r\nGET\r\n$1\r\n7\r\n$2\r\nab\r\n$1\r\nc\r\n")
+
     def test_other_types_refused(self):
-        with self.assertRaises(TypeError):
-            encode_command(("SET", "k", None))
+        """None and bools are refused: Redis has no such values, and True as "1" would be a guess."""
+        for value in (None, True, [1]):
+            with self.assertRaises(TypeError):
+                encode_command(("SET", "k", value))
 
 
 class CommandKeysTests(SynchronousTestCase):

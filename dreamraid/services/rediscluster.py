@@ -225,20 +225,49 @@ def encode_command(args):
     """The RESP bytes of the command C{args} (str, bytes, int or float items)."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, str):
+        kind = type(arg)
+        if kind is str:
             arg = arg.encode("utf-8")
-        elif isinstance(arg, int):
+        elif kind is int:
             arg = b"%d" % arg
-        elif isinstance(arg, float):
-            arg = repr(arg).encode("ascii")
-        elif not isinstance(arg, (bytes, bytearray, memoryview)):
-            raise TypeError(f"a Redis argument must be str, bytes, int or float, not {type(arg).__name__}")
+        elif kind is not bytes:
+            arg = _encode_other(arg)
         parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(parts)
 
 
+def _encode_other(arg):
+    if isinstance(arg, str):
+        return arg.encode("utf-8")
+    if isinstance(arg, bool) or not isinstance(arg, (int, float, bytes, bytearray, memoryview)):
+        raise TypeError(f"a Redis argument must be str, bytes, int or float, not {type(arg).__name__}")
+    if isinstance(arg, int):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(arg).encode("ascii")
+    return bytes(arg)
+
+
+class _Connection(txredisapi.HiredisProtocol):
+    """
+    A txredisapi connection that queues hiredis's replies as they come
+    (bytes, ints, lists, error instances): with C{charset=None} and no number
+    conversion, txredisapi's walk over every element of every reply changes
+    nothing and costs a call per element.
+    """
+
+    def dataReceived(self, data):
+        reader = self._reader
+        reader.feed(data)
+        put = self.replyQueue.put
+        reply = reader.gets()
+        while reply is not False:
+            put(reply)
+            reply = reader.gets()
+
+
 def _protocol():
-    return txredisapi.RedisProtocol(charset=None, convertNumbers=False)
+    return _Connection(charset=None, convertNumbers=False)
 
 
 def _redirect_target(message):

@@ -220,20 +220,29 @@ class SyncWorker(Service):
         in_flight = set()
         try:
             while self.running:
-                if len(in_flight) >= self._settings.batches_in_flight:
-                    await defer.DeferredList(list(in_flight), fireOnOneCallback=True, fireOnOneErrback=True)
-                    continue
                 jobs = await self._until_done("read sync jobs", self._read)
                 if jobs is None:
                     return
-                if jobs:
-                    batch = defer.Deferred.fromCoroutine(self._sync(jobs))
+                if not jobs and not await self._sleep(self._settings.batch_wait):
+                    return
+                for batch_jobs in self._batches(jobs):
+                    while len(in_flight) >= self._settings.batches_in_flight:
+                        await defer.DeferredList(list(in_flight), fireOnOneCallback=True, fireOnOneErrback=True)
+                    batch = defer.Deferred.fromCoroutine(self._sync(batch_jobs))
                     in_flight.add(batch)
                     batch.addBoth(_pass_after, in_flight.discard, batch)
-                elif not await self._sleep(self._settings.batch_wait):
-                    return
         finally:
             await defer.DeferredList(list(in_flight))
+
+    def _batches(self, jobs):
+        """C{jobs} split into batches of at most C{batch_users} users (a user's jobs stay together)."""
+        by_user = {}
+        for job, user in jobs.items():
+            by_user.setdefault(user, {})[job] = user
+        users = list(by_user)
+        size = self._settings.batch_users
+        for start in range(0, len(users), size):
+            yield {job: user for user in users[start:start + size] for job, user in by_user[user].items()}
 
     async def _until_done(self, what, work):
         """C{await work()} until it succeeds, pausing longer after each failure; C{None} once stopped."""
@@ -272,7 +281,7 @@ class SyncWorker(Service):
 
     async def _read(self):
         """C{{(shard, entry id): user id}} of new jobs, and of claimed ones when a claim is due."""
-        per_shard = max(1, self._settings.batch_users // len(self._queue.streams))
+        per_shard = -(-self._settings.batch_users // len(self._queue.streams))
         reads = [self._router.execute("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", per_shard,
                                       "STREAMS", stream, ">") for stream in self._queue.streams]
         jobs = {}
