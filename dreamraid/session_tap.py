@@ -15,7 +15,7 @@ from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
-from dreamraid.services.tokens import TokenIssuer, TokenVerifier
+from dreamraid.services.tokens import TokenIssuer, TokenKeyError, TokenVerifier
 
 Options = settings_options("session server", SESSION_SECTIONS)
 
@@ -40,13 +40,17 @@ def makeService(options, reactor=None):
     def run_in_thread(function, *args):
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
+    try:
+        issuer = TokenIssuer(settings.tokens, reactor, secure_random)
+        verifier = TokenVerifier(settings.tokens, reactor)
+    except TokenKeyError as e:
+        raise SystemExit(f"dreamraid-session: {e} (dreamraid-admin keys creates the key pair)") from None
     a = settings.accounts
     hasher = PasswordHasher(run_in_thread, secure_random, a.scrypt_n, a.scrypt_r, a.scrypt_p)
-    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(router, a),
-                        TokenIssuer(settings.tokens, reactor, secure_random))
+    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(router, a), issuer)
     live = LiveStore(router)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
-    world = World(TokenVerifier(settings.tokens, reactor), live, MysqlProfileStore(database), queue,
+    world = World(verifier, live, MysqlProfileStore(database), queue,
                   settings.session.game_servers, secure_random, settings.session.live_session_ttl)
     SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync).setServiceParent(top)
 

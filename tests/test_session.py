@@ -21,6 +21,17 @@ from tests.storage import TEST_DATABASE, prepare_test_database, sql
 from tests.support import RunningServer, require_stack
 
 
+class StartupTests(TestCase):
+
+    def test_missing_key_stops_startup_naming_the_file(self):
+        """A session server without its token key exits with a message naming the file and the fix."""
+        missing = f"{self.mktemp()}/nothing.pem"
+        with self.assertRaises(SystemExit) as raised:
+            RunningServer(session_tap, "session", ["--tokens-private-key", missing])
+        self.assertIn(missing, str(raised.exception))
+        self.assertIn("dreamraid-admin keys", str(raised.exception))
+
+
 class SessionServerTests(TestCase):
     """One session server per test, on free ports and the test database."""
 
