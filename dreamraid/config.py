@@ -151,6 +151,10 @@ class ServerSettings:
 class GameSettings(ServerSettings):
     """A game server: the client side plus real-time UDP."""
 
+    presence_ttl: float = setting(
+        _number(float, 1.0, 3600.0), "seconds a player's presence lasts unless this server renews it"
+    )
+    dev_grant: str = setting(_choice("on", "off"), "the development-only grant command (on or off)")
     udp_interface: str = setting(_text, "address the raid UDP socket binds")
     udp_port: int = setting(_number(int, 0, 65535), "raid UDP port")
 
@@ -160,9 +164,6 @@ class SessionSettings(ServerSettings):
     """The session server: the client side plus where it sends players."""
 
     game_servers: tuple = setting(_host_ports, "game servers handed to players who enter the world")
-    live_session_ttl: float = setting(
-        _number(float, 10.0, 86400.0), "seconds a live session lasts unless a game server renews it"
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,9 @@ class SyncSettings:
     """The sync jobs from Redis back to MySQL."""
 
     prefix: str = setting(_text, "prefix of the sync keys (servers that share a cluster and a database share it)")
+    session_ttl: float = setting(
+        _number(float, 10.0, 86400.0), "seconds a live session lasts unless a game server renews it"
+    )
     shards: int = setting(_number(int, 1, 1024), "sync streams (spread over the masters)")
     batch_users: int = setting(_number(int, 1, 100000), "users written in one MySQL transaction, at most")
     batch_wait: float = setting(_number(float, 0.001, 60.0), "seconds between reads while no jobs arrive")

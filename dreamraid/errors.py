@@ -30,12 +30,24 @@ class ErrorCode(enum.IntEnum):
     TOKEN_AUDIENCE = 24
     TOKEN_ISSUER = 25
     SESSION_NOT_LIVE = 26
+    LOGGED_IN_ELSEWHERE = 27
+    ALREADY_AUTHENTICATED = 28
 
     INVALID_NAME = 30
     INVALID_PASSWORD = 31
     NAME_TAKEN = 32
     WRONG_CREDENTIALS = 33
     LOGIN_THROTTLED = 34
+
+    UNKNOWN_MONSTER = 40
+    HUNT_COOLDOWN = 41
+    BAD_SLOT = 42
+    EMPTY_SLOT = 43
+    WRONG_ITEM_KIND = 44
+    MAX_ENHANCEMENT = 45
+    INVENTORY_FULL = 46
+    UNKNOWN_ITEM = 47
+    GRANT_DISABLED = 48
 
 
 ERROR_TEXT = {
@@ -63,6 +75,17 @@ ERROR_TEXT = {
     ErrorCode.NAME_TAKEN: "that user name is taken",
     ErrorCode.WRONG_CREDENTIALS: "no such user, or the wrong password",
     ErrorCode.LOGIN_THROTTLED: "too many failed logins for this account or address; wait and try again",
+    ErrorCode.LOGGED_IN_ELSEWHERE: "the same user logged in again elsewhere; this connection is closed",
+    ErrorCode.ALREADY_AUTHENTICATED: "this connection is authenticated already",
+    ErrorCode.UNKNOWN_MONSTER: "no monster of that kind",
+    ErrorCode.HUNT_COOLDOWN: "hunting again too soon",
+    ErrorCode.BAD_SLOT: "no such tab or slot",
+    ErrorCode.EMPTY_SLOT: "that slot is empty",
+    ErrorCode.WRONG_ITEM_KIND: "that item cannot be used this way",
+    ErrorCode.MAX_ENHANCEMENT: "the item is at the highest enhancement",
+    ErrorCode.INVENTORY_FULL: "no room in that tab",
+    ErrorCode.UNKNOWN_ITEM: "no item has that code",
+    ErrorCode.GRANT_DISABLED: "the grant command is off on this server",
 }
 
 

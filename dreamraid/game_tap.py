@@ -1,28 +1,52 @@
 """C{twistd dreamraid-game}: the options and service tree of a game server."""
 
+import os
 import random
+import socket
 
 from twisted.application.service import MultiService
 
 from dreamraid.config import GAME_SECTIONS, settings_options
 from dreamraid.frontends import add_frontends
+from dreamraid.protocols.game import GameFactory
 from dreamraid.services.health import Health
+from dreamraid.services.inventory import Inventory
+from dreamraid.services.players import Players
+from dreamraid.services.presence import Presence
 from dreamraid.services.rediscluster import RedisCluster
+from dreamraid.services.sync import SyncQueue
+from dreamraid.services.tokens import TokenKeyError, TokenVerifier
+from dreamraid.tables import load_tables
 
 Options = settings_options("game server", GAME_SECTIONS)
 
 
 def makeService(options, reactor=None):
-    """A game server: Redis Cluster router, client TCP endpoint, liveness, and HTTP health."""
+    """
+    A game server: Redis Cluster router, players (authentication, presence,
+    kicks), hunting and inventory, the client TCP endpoint with liveness, and
+    HTTP health.
+    """
     if reactor is None:
         from twisted.internet import reactor
     settings = options["settings"]
+    game = settings.game
     top = MultiService()
     redis = settings.redis
     router = RedisCluster.from_settings(reactor, random.Random(), redis)
     router.setServiceParent(top)
+    try:
+        verifier = TokenVerifier(settings.tokens, reactor)
+    except TokenKeyError as e:
+        raise SystemExit(f"dreamraid-game: {e} (dreamraid-admin keys creates the key pair)") from None
+    server_id = f"{socket.gethostname()}-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}"
+    presence = Presence(router, server_id, game.presence_ttl, settings.sync.session_ttl)
+    queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
+    players = Players(verifier, presence, queue, reactor, game.presence_ttl)
+    players.setServiceParent(top)
+    inventory = Inventory(router, load_tables(settings.tables.path), reactor, random.SystemRandom())
     health = Health(
         reactor, {"redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout)}
     )
-    add_frontends(top, reactor, "dreamraid-game", settings.game, health)
+    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory)
     return top

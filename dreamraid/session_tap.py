@@ -51,7 +51,7 @@ def makeService(options, reactor=None):
     live = LiveStore(router)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     world = World(verifier, live, MysqlProfileStore(database), queue,
-                  settings.session.game_servers, secure_random, settings.session.live_session_ttl)
+                  settings.session.game_servers, secure_random, settings.sync.session_ttl)
     SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync).setServiceParent(top)
 
     health = Health(reactor, {

@@ -1,7 +1,7 @@
 """
-The game tables (levels, enhancement, monsters): a JSON file under ``conf/``
-read into a frozen, validated L{GameTables}.  The numbers are the game
-designer's; code only checks their shape.
+The game tables (levels, enhancement, items, monsters): a JSON file under
+``conf/`` read into a frozen, validated L{GameTables}.  The numbers are the
+game designer's; code only checks their shape.
 """
 
 import json
@@ -13,15 +13,40 @@ class TableError(Exception):
     """The tables file is unreadable or breaks a rule; the message says which."""
 
 
+TABS = {"equipment": 0, "consumables": 1, "materials": 2}
+
+
+@dataclass(frozen=True)
+class ItemKind:
+    """What an item code is: its name, its tab, and how many stack in one slot (1 for equipment)."""
+
+    name: str
+    tab: int
+    stack: int
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A chance, in percent, that a hunt yields C{count} of C{item}."""
+
+    item: int
+    percent: int
+    count: int
+
+
 @dataclass(frozen=True)
 class GameTables:
-    """Progression and enhancement rules."""
+    """Progression, enhancement, items and monsters."""
 
     max_level: int
     exp_to_advance: MappingProxyType  # level -> cumulative exp needed to leave it
     max_enhancement: int
     enhance_success_percent: MappingProxyType  # enhancement level -> chance
     monster_exp: MappingProxyType  # monster kind -> exp granted by a hunt
+    hunt_cooldown_ms: int
+    monster_drops: MappingProxyType  # monster kind -> (Drop, ...)
+    slots: int  # per tab
+    items: MappingProxyType  # item code -> ItemKind
 
 
 def _int_keyed(name, mapping, low, high):
@@ -63,13 +88,64 @@ def parse_tables(data):
     _require_keys("enhancement.success_percent", chance, range(0, max_enhancement))
     if not monster_exp:
         raise TableError("monsters.exp: needs at least one monster kind")
+    items = _items(data.get("items", {}))
+    slots = data.get("inventory", {}).get("slots", 50)
+    if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 1000:
+        raise TableError("inventory.slots: must be a whole number from 1 to 1000")
+    cooldown = monsters.get("cooldown_ms", 0)
+    if not isinstance(cooldown, int) or isinstance(cooldown, bool) or not 0 <= cooldown <= 3_600_000:
+        raise TableError("monsters.cooldown_ms: must be a whole number from 0 to 3600000")
     return GameTables(
         max_level=max_level,
         exp_to_advance=MappingProxyType(exp),
         max_enhancement=max_enhancement,
         enhance_success_percent=MappingProxyType(chance),
         monster_exp=MappingProxyType(monster_exp),
+        hunt_cooldown_ms=cooldown,
+        monster_drops=MappingProxyType(_drops(monsters.get("drops", {}), monster_exp, items)),
+        slots=slots,
+        items=MappingProxyType(items),
     )
+
+
+def _items(entries):
+    if not isinstance(entries, dict):
+        raise TableError("items: expected an object")
+    items = {}
+    for key, entry in entries.items():
+        name = f"items[{key}]"
+        if not key.isdigit() or not 1 <= int(key) <= 2**31 - 1:
+            raise TableError(f"{name}: an item code is a whole number from 1 to 2147483647")
+        if not isinstance(entry, dict) or entry.get("tab") not in TABS or not isinstance(entry.get("name"), str):
+            raise TableError(f"{name}: needs a name and a tab ({', '.join(TABS)})")
+        tab = TABS[entry["tab"]]
+        stack = entry.get("stack", 1)
+        if not isinstance(stack, int) or isinstance(stack, bool) or not 1 <= stack <= 1_000_000 or (tab == 0 and stack != 1):
+            raise TableError(f"{name}.stack: a whole number from 1 to 1000000, and 1 for equipment")
+        items[int(key)] = ItemKind(entry["name"], tab, stack)
+    return items
+
+
+def _drops(entries, monster_exp, items):
+    if not isinstance(entries, dict):
+        raise TableError("monsters.drops: expected an object")
+    drops = {}
+    for key, entry in entries.items():
+        name = f"monsters.drops[{key}]"
+        if not key.isdigit() or int(key) not in monster_exp or not isinstance(entry, list):
+            raise TableError(f"{name}: must be a list under a known monster kind")
+        kind = []
+        for drop in entry:
+            try:
+                item, percent, count = drop["item"], drop["percent"], drop["count"]
+            except (KeyError, TypeError):
+                raise TableError(f"{name}: each drop needs item, percent and count") from None
+            if item not in items or not (isinstance(percent, int) and 0 <= percent <= 100) or not (
+                    isinstance(count, int) and 1 <= count <= items[item].stack):
+                raise TableError(f"{name}: item {item!r} must be in items, percent 0-100, count 1 to its stack")
+            kind.append(Drop(item, percent, count))
+        drops[int(key)] = tuple(kind)
+    return drops
 
 
 def load_tables(path):

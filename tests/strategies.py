@@ -9,8 +9,12 @@ _INTS = {
 }
 
 
-def value_strategy(kind, char):
+def value_strategy(kind, char, element=None):
     """Values that fit one field."""
+    if kind == "array":
+        chars, names = element
+        record = st.fixed_dictionaries({n: value_strategy("fixed", c) for n, c in zip(names, chars)})
+        return st.lists(record, max_size=8)
     if kind == "str":
         return st.text(max_size=64)
     if kind == "bytes":
@@ -27,4 +31,5 @@ def value_strategy(kind, char):
 
 def body_strategy(message):
     """Bodies of C{message} that fit its schema."""
-    return st.fixed_dictionaries({name: value_strategy(kind, char) for name, kind, char in message.fields})
+    return st.fixed_dictionaries({name: value_strategy(kind, char, element)
+                                  for name, kind, char, element in message.fields})

@@ -189,6 +189,9 @@ class TablesTests(TestCase):
         self.assertEqual(t.enhance_success_percent[9], 10)
         self.assertEqual(t.max_enhancement, 10)
         self.assertEqual(sorted(t.monster_exp), [1, 2, 3, 4, 5])
+        self.assertEqual(t.slots, 50)
+        self.assertEqual({kind.tab for kind in t.items.values()}, {0, 1, 2})
+        self.assertTrue(all(kind.stack == 1 for kind in t.items.values() if kind.tab == 0))
 
     def test_broken_rules(self):
         """Each broken rule is a TableError that names the entry."""
@@ -200,6 +203,13 @@ class TablesTests(TestCase):
             (lambda t: t.pop("monsters"), "monsters"),
             (lambda t: t["monsters"].update({"exp": {}}), "at least one"),
             (lambda t: t["levels"].update({"max_level": 0}), "levels.max_level"),
+            (lambda t: t["items"].update({"x1": {"name": "n", "tab": "materials"}}), "items[x1]"),
+            (lambda t: t["items"]["101"].update({"tab": "pockets"}), "items[101]"),
+            (lambda t: t["items"]["101"].update({"stack": 5}), "items[101].stack"),
+            (lambda t: t["monsters"]["drops"]["1"][0].update({"item": 999}), "monsters.drops[1]"),
+            (lambda t: t["monsters"]["drops"].update({"9": []}), "monsters.drops[9]"),
+            (lambda t: t["monsters"].update({"cooldown_ms": -1}), "monsters.cooldown_ms"),
+            (lambda t: t["inventory"].update({"slots": 0}), "inventory.slots"),
         ]
         for change, expected in cases:
             tables = self.tables()

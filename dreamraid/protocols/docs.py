@@ -26,9 +26,13 @@ def _field_rows(message):
     if message.fields is None:
         return [f"| (construct) | `{message.schema}` | |"]
     rows = []
-    for name, kind, char in message.fields:
+    for name, kind, char, element in message.fields:
         if kind == "fixed":
             kind_text = _CHAR_TYPE[char]
+        elif kind == "array":
+            chars, names = element
+            record = ", ".join(f"`{n}` {_CHAR_TYPE[c]}" for n, c in zip(names, chars))
+            kind_text = f"array ({_CHAR_TYPE[char]} count, then per entry: {record})"
         elif kind == "str":
             kind_text = f"string ({_CHAR_TYPE[char]} byte count + UTF-8)"
         else:

@@ -43,6 +43,7 @@ from construct import (
     Int64ul,
     PascalString,
     Prefixed,
+    PrefixedArray,
     StringEncoded,
     Struct,
     Terminated,
@@ -121,13 +122,34 @@ def _little_endian_char(field):
     return None
 
 
+# Arrays made by L{records}: construct object id -> (count field, element Struct).
+_RECORDS = {}
+
+
+def records(count_field, element):
+    """
+    A count-prefixed array of fixed-size records (C{PrefixedArray} of a Struct
+    of fixed fields), which the fast codec packs with one C{struct} per record.
+    """
+    array = PrefixedArray(count_field, element)
+    _RECORDS[id(array)] = (count_field, element)
+    return array
+
+
 def _classify(sub):
-    """C{(kind, struct char)} of one construct field, or None if unsupported."""
+    """C{(kind, struct char, element)} of one construct field, or None if unsupported."""
     char = _little_endian_char(sub)
     if char is not None:
-        return "fixed", char
+        return "fixed", char, None
     if isinstance(sub, type(Flag)):
-        return "fixed", "?"
+        return "fixed", "?", None
+    if id(sub) in _RECORDS:
+        count_field, element = _RECORDS[id(sub)]
+        chars = [_classify(field.subcon) for field in element.subcons]
+        if any(c is None or c[0] != "fixed" for c in chars):
+            return None
+        return "array", _little_endian_char(count_field), (
+            "".join(c[1] for c in chars), tuple(field.name for field in element.subcons))
     prefixed = sub.subcon if isinstance(sub, StringEncoded) else sub
     if not (isinstance(prefixed, Prefixed) and prefixed.subcon is GreedyBytes):
         return None
@@ -135,8 +157,8 @@ def _classify(sub):
     if char is None:
         return None
     if isinstance(sub, StringEncoded):
-        return ("str", char) if sub.encoding in ("utf8", "utf-8") else None
-    return "bytes", char
+        return ("str", char, None) if sub.encoding in ("utf8", "utf-8") else None
+    return "bytes", char, None
 
 
 def _header_chars(header):
@@ -150,7 +172,7 @@ _LENGTH_CHAR = _little_endian_char(LENGTH_PREFIX)
 
 
 def _fields(body):
-    """C{[(name, kind, char)]} of a body Struct, or None if a field is unsupported."""
+    """C{[(name, kind, char, element)]} of a body Struct, or None if a field is unsupported."""
     fields = []
     for sub in body.subcons:
         if sub is Terminated:
@@ -168,7 +190,7 @@ def _segments(fields):
     C{(chars, [("field" | "length", index)])}, a variable field its index.
     """
     segments, chars, values = [], "", []
-    for i, (_, kind, char) in enumerate(fields):
+    for i, (_, kind, char, _) in enumerate(fields):
         chars += char
         values.append(("field" if kind == "fixed" else "length", i))
         if kind != "fixed":
@@ -216,18 +238,25 @@ def _encoder(name, fields, params, head_chars, head_values, length_prefixed):
     if not segments or not isinstance(segments[0], tuple):
         segments.insert(0, ("", []))
     lines = [f"def encode({', '.join(params)}, body):", "  try:"]
-    for i, (name, kind, _) in enumerate(fields):
+    structs, parts, fixed = {}, [], 0
+    for i, (name, kind, _, element) in enumerate(fields):
         if kind == "str":
             lines.append(f"    v{i} = body[{name!r}].encode('utf-8')")
         elif kind == "bytes":
             lines.append(f"    v{i} = _as_bytes(body[{name!r}])")
-    structs, parts, fixed = {}, [], 0
+        elif kind == "array":
+            chars, names = element
+            structs[f"_r{i}"] = struct.Struct("<" + chars)
+            packed = ", ".join(f"e[{n!r}]" for n in names)
+            lines.append(f"    r{i} = body[{name!r}]")
+            lines.append(f"    v{i} = b''.join([_r{i}.pack({packed}) for e in r{i}])")
     for k, segment in enumerate(segments):
         if isinstance(segment, int):
             parts.append(f"v{segment}")
             continue
         chars, values = segment
-        args = [f"body[{fields[i][0]!r}]" if what == "field" else f"len(v{i})" for what, i in values]
+        args = [f"body[{fields[i][0]!r}]" if what == "field"
+                else f"len(r{i})" if fields[i][1] == "array" else f"len(v{i})" for what, i in values]
         if k == 0:
             chars = (_LENGTH_CHAR if length_prefixed else "") + head_chars + chars
             args = (["_n"] if length_prefixed else []) + head_values + args
@@ -248,6 +277,17 @@ def _decoder(fields):
     """C{decode(buf, pos) -> dict} of the body that starts at C{pos} and ends with C{buf}."""
     lines, structs = ["def decode(buf, pos):"], {}
     for k, segment in enumerate(_segments(fields)):
+        if isinstance(segment, int) and fields[segment][1] == "array":
+            i = segment
+            chars, names = fields[i][3]
+            structs[f"_r{i}"] = record = struct.Struct("<" + chars)
+            lines += [
+                f"    _e = pos + l{i} * {record.size}",
+                "    if _e > len(buf): raise _Short",
+                f"    x{i} = [dict(zip({names!r}, t)) for t in _r{i}.iter_unpack(buf[pos:_e])]",
+                "    pos = _e",
+            ]
+            continue
         if isinstance(segment, int):
             i = segment
             tail = ".decode('utf-8')" if fields[i][1] == "str" else ""
@@ -495,6 +535,84 @@ WORLD_ENTERED = message(
     105, "world_entered", Sender.SERVER,
     "The reply to enter_world: the game server to connect to with the same token.",
     "user_id" / Int64ul, "host" / String, "port" / Int16ul,
+)
+
+# -- the game server -------------------------------------------------------------
+
+SLOT_ITEM = Struct("tab" / Int8ul, "slot" / Int16ul, "item_code" / Int32ul, "enhancement" / Int8ul,
+                   "count" / Int32ul)
+
+AUTHENTICATE = message(
+    200, "authenticate", Sender.CLIENT,
+    "The first request on a game server: the token from login, after enter_world made it the "
+    "user's live session. Errors: the token_* codes, session_not_live, already_authenticated. "
+    "A connection that has not authenticated within auth_timeout is closed. A second "
+    "authentication of the same user anywhere closes this connection after an error push "
+    "logged_in_elsewhere.",
+    "token" / String,
+)
+AUTHENTICATED = message(
+    201, "authenticated", Sender.SERVER, "The reply to authenticate: who the connection is.",
+    "user_id" / Int64ul, "name" / String, "level" / Int8ul, "exp" / Int32ul,
+)
+LOGOUT = message(
+    202, "logout", Sender.CLIENT,
+    "End the live session; the user's data is written back to MySQL and the connection closed "
+    "after the reply.",
+)
+LOGGED_OUT = message(203, "logged_out", Sender.SERVER, "The reply to logout.")
+HUNT = message(
+    210, "hunt", Sender.CLIENT,
+    "Hunt a monster of a kind from the game tables (1 to 5 by default). Errors: unknown_monster, "
+    "hunt_cooldown.",
+    "monster" / Int8ul,
+)
+HUNTED = message(
+    211, "hunted", Sender.SERVER,
+    "The reply to hunt: exp gained, the new level and exp, levels gained, and the slots the drops "
+    "went to (a drop with no room is lost).",
+    "exp_gained" / Int32ul, "level" / Int8ul, "exp" / Int32ul, "levels_gained" / Int8ul,
+    "changed" / records(Int16ul, SLOT_ITEM),
+)
+LIST_INVENTORY = message(
+    220, "list_inventory", Sender.CLIENT, "List every occupied slot of every tab.",
+)
+INVENTORY = message(
+    221, "inventory", Sender.SERVER,
+    "Occupied slots; also the reply to every inventory change, listing the slots it changed "
+    "(an emptied slot has item_code 0).",
+    "items" / records(Int16ul, SLOT_ITEM),
+)
+DELETE_ITEM = message(
+    222, "delete_item", Sender.CLIENT, "Delete the item in a slot. Errors: bad_slot, empty_slot.",
+    "tab" / Int8ul, "slot" / Int16ul,
+)
+MOVE_ITEM = message(
+    223, "move_item", Sender.CLIENT,
+    "Move an item to another slot of the same tab: swap if the target is taken, merge stacks of "
+    "the same code up to the stack size. Errors: bad_slot, empty_slot.",
+    "tab" / Int8ul, "from_slot" / Int16ul, "to_slot" / Int16ul,
+)
+USE_ITEM = message(
+    224, "use_item", Sender.CLIENT,
+    "Use one of the consumables in a slot. Errors: bad_slot, empty_slot.",
+    "slot" / Int16ul,
+)
+ENHANCE = message(
+    225, "enhance", Sender.CLIENT,
+    "Try to enhance the equipment in a slot; the server rolls against the table's chance for its "
+    "level. Errors: bad_slot, empty_slot, max_enhancement.",
+    "slot" / Int16ul,
+)
+ENHANCED = message(
+    226, "enhanced", Sender.SERVER, "The reply to enhance: whether it worked and the item's level now.",
+    "slot" / Int16ul, "success" / Flag, "enhancement" / Int8ul,
+)
+GRANT = message(
+    227, "grant", Sender.CLIENT,
+    "Development only (off unless [game] dev_grant = on): put count of an item into its tab. "
+    "Errors: grant_disabled, unknown_item, inventory_full.",
+    "item_code" / Int32ul, "count" / Int32ul,
 )
 
 UDP_HELLO = datagram(

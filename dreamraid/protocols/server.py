@@ -56,6 +56,8 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
 
     _log = Logger()
     state = None
+    # A handler sets this to close the connection once its reply is written.
+    close_after_reply = False
 
     def connectionMade(self):
         self.MAX_LENGTH = self.factory.max_frame_size
@@ -121,6 +123,8 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         if result is not None and self.connected:
             message, body = result
             self.transport.write(message.encode(request_id, body))
+            if self.close_after_reply:
+                self.transport.loseConnection()
 
     def _reply_error(self, request_id, code, detail=None):
         if self.connected:

@@ -1,0 +1,98 @@
+"""
+The game server's client protocol: authenticate with the token, then hunt
+and change the inventory.  Each request is decoded here and handed to one
+service call; its result is encoded, its refusal becomes an error frame.
+"""
+
+from zope.interface import implementer
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.protocols import packets
+from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
+from dreamraid.services.players import IPlayerConnection
+
+
+def _slots(items):
+    return {"items": [item._asdict() for item in items]}
+
+
+@implementer(IPlayerConnection)
+class GameProtocol(ServerProtocol):
+    """One player's connection to a game server."""
+
+    user_id = None
+    jti = None
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self.user_id is not None:
+            self.factory.players.leave(self)
+
+    def kick(self, code):
+        self.drop(code)
+
+    @handles(packets.AUTHENTICATE, needs_auth=False)
+    async def authenticate(self, body):
+        if self.user_id is not None:
+            raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
+        entered = await self.factory.players.authenticate(self, body["token"])
+        if not self.connected:
+            self.factory.players.leave(self)
+            return None
+        self.factory.liveness.authenticated(self.state)
+        return packets.AUTHENTICATED, {"user_id": entered.user_id, "name": entered.name,
+                                       "level": entered.level, "exp": entered.exp}
+
+    @handles(packets.LOGOUT)
+    async def logout(self, body):
+        await self.factory.players.leave(self)
+        self.user_id = None
+        self.close_after_reply = True
+        return packets.LOGGED_OUT, {}
+
+    @handles(packets.HUNT)
+    async def hunt(self, body):
+        hunted = await self.factory.inventory.hunt(self.user_id, body["monster"])
+        reply = hunted._asdict()
+        reply["changed"] = [item._asdict() for item in hunted.changed]
+        return packets.HUNTED, reply
+
+    @handles(packets.LIST_INVENTORY)
+    async def list_inventory(self, body):
+        return packets.INVENTORY, _slots(await self.factory.inventory.list(self.user_id))
+
+    @handles(packets.DELETE_ITEM)
+    async def delete_item(self, body):
+        return packets.INVENTORY, _slots(await self.factory.inventory.delete(self.user_id, body["tab"], body["slot"]))
+
+    @handles(packets.MOVE_ITEM)
+    async def move_item(self, body):
+        moved = await self.factory.inventory.move(self.user_id, body["tab"], body["from_slot"], body["to_slot"])
+        return packets.INVENTORY, _slots(moved)
+
+    @handles(packets.USE_ITEM)
+    async def use_item(self, body):
+        return packets.INVENTORY, _slots(await self.factory.inventory.use(self.user_id, body["slot"]))
+
+    @handles(packets.ENHANCE)
+    async def enhance(self, body):
+        return packets.ENHANCED, (await self.factory.inventory.enhance(self.user_id, body["slot"]))._asdict()
+
+    @handles(packets.GRANT)
+    async def grant(self, body):
+        if not self.factory.dev_grant:
+            raise RequestRefused(ErrorCode.GRANT_DISABLED)
+        return packets.INVENTORY, _slots(await self.factory.inventory.grant(self.user_id, body["item_code"],
+                                                                            body["count"]))
+
+
+class GameFactory(ServerFactory):
+    """Builds L{GameProtocol}s over one game server's services."""
+
+    protocol = GameProtocol
+
+    def __init__(self, server_name, settings, liveness, players, inventory):
+        super().__init__(server_name, settings, liveness)
+        self.players = players
+        self.inventory = inventory
+        self.dev_grant = settings.dev_grant == "on"

@@ -1,0 +1,320 @@
+"""
+Progression and inventory: hunting (exp, level-ups, drops) and every
+inventory change, each one Lua script on the user's slot, so two requests
+racing (on one process or two) can never duplicate or lose an item.
+
+The server decides everything: the rolls come from the injected random
+source and go into the scripts as numbers; the client only names slots.
+Every change adds one to the profile's C{version} (see L{livestore}).
+
+Inside the scripts an item is the text C{code:enhancement:count}.
+"""
+
+from typing import NamedTuple
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.livestore import TABS, data_keys
+from dreamraid.services.rediscluster import Script
+
+EQUIPMENT, CONSUMABLES, MATERIALS = TABS
+
+# Shared by the scripts below: parse an item, add items of one code to a tab
+# (first topping up stacks of that code, then the lowest free slots), and
+# report changed slots.  KEYS[1] is always the profile, KEYS[2 + tab] the tabs.
+_LIBRARY = """
+local function parse(text)
+  local code, enhancement, count = string.match(text, '(%d+):(%d+):(%d+)')
+  return tonumber(code), tonumber(enhancement), tonumber(count)
+end
+local changed = {}
+local function touch(tab, slot)
+  changed[#changed + 1] = tab
+  changed[#changed + 1] = slot
+  changed[#changed + 1] = redis.call('HGET', KEYS[2 + tab], slot) or ''
+end
+local function add(tab, code, count, stack, slots)
+  local key = KEYS[2 + tab]
+  if stack > 1 then
+    local all = redis.call('HGETALL', key)
+    for i = 1, #all, 2 do
+      local c, e, n = parse(all[i + 1])
+      if count > 0 and c == code and n < stack then
+        local put = math.min(stack - n, count)
+        redis.call('HSET', key, all[i], code .. ':0:' .. (n + put))
+        count = count - put
+        touch(tab, tonumber(all[i]))
+      end
+    end
+  end
+  for slot = 0, slots - 1 do
+    if count <= 0 then break end
+    if redis.call('HEXISTS', key, slot) == 0 then
+      local put = math.min(stack, count)
+      redis.call('HSET', key, slot, code .. ':' .. 0 .. ':' .. put)
+      count = count - put
+      touch(tab, slot)
+    end
+  end
+  return count
+end
+local function changed_version()
+  redis.call('HINCRBY', KEYS[1], 'version', 1)
+end
+"""
+
+# ARGV: now ms, cooldown ms, exp, max level, slots, #thresholds, thresholds...,
+# then per drop: item code, tab, count, stack.
+# {-1} while cooling down, else {exp, level, levels gained, changed...}.
+_HUNT = _LIBRARY + """
+local now, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ready = tonumber(redis.call('HGET', KEYS[1], 'hunt_ready') or '0')
+if now < ready then return {-1} end
+redis.call('HSET', KEYS[1], 'hunt_ready', now + cooldown)
+local exp = redis.call('HINCRBY', KEYS[1], 'exp', ARGV[3])
+local level = tonumber(redis.call('HGET', KEYS[1], 'level'))
+local max_level, slots, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local gained = 0
+while level < max_level and level <= n and exp >= tonumber(ARGV[6 + level]) do
+  level = level + 1
+  gained = gained + 1
+end
+if gained > 0 then redis.call('HSET', KEYS[1], 'level', level) end
+for i = 7 + n, #ARGV, 4 do
+  add(tonumber(ARGV[i + 1]), tonumber(ARGV[i]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), slots)
+end
+changed_version()
+local reply = {exp, level, gained}
+for i = 1, #changed do reply[#reply + 1] = changed[i] end
+return reply
+"""
+
+# ARGV: tab, slot.  {0} if empty, else {1, changed...}.
+_DELETE = _LIBRARY + """
+local tab, slot = tonumber(ARGV[1]), ARGV[2]
+if redis.call('HDEL', KEYS[2 + tab], slot) == 0 then return {0} end
+touch(tab, tonumber(slot))
+changed_version()
+return {1, unpack(changed)}
+"""
+
+# ARGV: tab, from, to, the from item's code as the caller saw it, that
+# code's stack size.  {0} if from is empty, {-1} if the from item is no
+# longer that code (ask again), else {1, changed...}.
+_MOVE = _LIBRARY + """
+local tab, from, to = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local key = KEYS[2 + tab]
+local moving = redis.call('HGET', key, from)
+if not moving then return {0} end
+local code, enhancement, count = parse(moving)
+if code ~= tonumber(ARGV[4]) then return {-1} end
+local stack = tonumber(ARGV[5])
+local target = redis.call('HGET', key, to)
+if from == to then return {1} end
+if not target then
+  redis.call('HSET', key, to, moving)
+  redis.call('HDEL', key, from)
+else
+  local c, e, n = parse(target)
+  if c == code and stack > 1 and n < stack then
+    local put = math.min(stack - n, count)
+    redis.call('HSET', key, to, c .. ':0:' .. (n + put))
+    if count - put > 0 then
+      redis.call('HSET', key, from, code .. ':0:' .. (count - put))
+    else
+      redis.call('HDEL', key, from)
+    end
+  else
+    redis.call('HSET', key, to, moving)
+    redis.call('HSET', key, from, target)
+  end
+end
+touch(tab, tonumber(from))
+touch(tab, tonumber(to))
+changed_version()
+return {1, unpack(changed)}
+"""
+
+# ARGV: slot of the consumables tab.  {0} if empty, else {1, code, changed...}.
+_USE = _LIBRARY + """
+local key, slot = KEYS[3], ARGV[1]
+local item = redis.call('HGET', key, slot)
+if not item then return {0} end
+local code, enhancement, count = parse(item)
+if count > 1 then
+  redis.call('HSET', key, slot, code .. ':0:' .. (count - 1))
+else
+  redis.call('HDEL', key, slot)
+end
+touch(1, tonumber(slot))
+changed_version()
+return {1, code, unpack(changed)}
+"""
+
+# ARGV: slot of the equipment tab, a roll from 0 to 99, the max level, then
+# the success percent at each level from 0.  {0} empty, {-1, level} at the
+# max, else {1 or 2 (failed), the level now}.
+_ENHANCE = _LIBRARY + """
+local key, slot = KEYS[2], ARGV[1]
+local item = redis.call('HGET', key, slot)
+if not item then return {0} end
+local code, enhancement, count = parse(item)
+local max = tonumber(ARGV[3])
+if enhancement >= max then return {-1, enhancement} end
+if tonumber(ARGV[2]) >= tonumber(ARGV[4 + enhancement]) then return {2, enhancement} end
+redis.call('HSET', key, slot, code .. ':' .. (enhancement + 1) .. ':' .. count)
+changed_version()
+return {1, enhancement + 1}
+"""
+
+# ARGV: tab, code, count, stack, slots.  {count left over, changed...}.
+_GRANT = _LIBRARY + """
+local left = add(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+if #changed > 0 then changed_version() end
+return {left, unpack(changed)}
+"""
+
+# A user's data is live on a game server while its profile exists; scripts on
+# a user whose data is gone (unloaded) would recreate keys out of nothing, so
+# every change first checks it.
+_LIVE_CHECK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-9} end
+"""
+NOT_LIVE = -9
+
+
+class SlotItem(NamedTuple):
+    """One slot's content; C{code} 0 for an emptied slot."""
+
+    tab: int
+    slot: int
+    item_code: int
+    enhancement: int
+    count: int
+
+
+class Hunted(NamedTuple):
+    exp_gained: int
+    level: int
+    exp: int
+    levels_gained: int
+    changed: list
+
+
+class Enhanced(NamedTuple):
+    slot: int
+    success: bool
+    enhancement: int
+
+
+def _changed(flat):
+    """L{SlotItem}s of a script's C{tab, slot, item text} triples."""
+    items = []
+    for i in range(0, len(flat), 3):
+        text = flat[i + 2]
+        code, enhancement, count = (int(x) for x in text.split(b":")) if text else (0, 0, 0)
+        items.append(SlotItem(int(flat[i]), int(flat[i + 1]), code, enhancement, count))
+    return items
+
+
+class Inventory:
+    """Hunting and inventory changes of live users, by the game tables, with server-side rolls."""
+
+    def __init__(self, router, tables, clock, random):
+        self._router = router
+        self._tables = tables
+        self._clock = clock
+        self._random = random
+        self._scripts = {name: Script(router, _LIVE_CHECK + source) for name, source in (
+            ("hunt", _HUNT), ("delete", _DELETE), ("move", _MOVE), ("use", _USE), ("enhance", _ENHANCE),
+            ("grant", _GRANT))}
+        t = tables
+        self._thresholds = [t.exp_to_advance[level] for level in range(1, t.max_level)]
+        self._chances = [t.enhance_success_percent[level] for level in range(t.max_enhancement)]
+
+    async def _run(self, name, user_id, args):
+        reply = await self._scripts[name](data_keys(user_id), args)
+        if reply[0] == NOT_LIVE:
+            raise RequestRefused(ErrorCode.SESSION_NOT_LIVE, "the user's data is no longer live")
+        return reply
+
+    def _check_slot(self, tab, slot):
+        if tab not in TABS or not 0 <= slot < self._tables.slots:
+            raise RequestRefused(ErrorCode.BAD_SLOT)
+
+    async def list(self, user_id):
+        """Every occupied slot, as L{SlotItem}s."""
+        replies = await self._router.transaction([("HGETALL", key) for key in data_keys(user_id)[1:]])
+        items = []
+        for tab, flat in zip(TABS, replies):
+            items += _changed([v for i in range(0, len(flat), 2) for v in (tab, flat[i], flat[i + 1])])
+        return sorted(items)
+
+    async def hunt(self, user_id, monster):
+        """Hunt one monster: exp, level-ups and drops rolled here.  @raise RequestRefused: unknown monster, cooldown."""
+        t = self._tables
+        exp = t.monster_exp.get(monster)
+        if exp is None:
+            raise RequestRefused(ErrorCode.UNKNOWN_MONSTER)
+        args = [int(self._clock.seconds() * 1000), t.hunt_cooldown_ms, exp, t.max_level, t.slots,
+                len(self._thresholds), *self._thresholds]
+        for drop in t.monster_drops.get(monster, ()):
+            if self._random.randrange(100) < drop.percent:
+                kind = t.items[drop.item]
+                args += [drop.item, kind.tab, drop.count, kind.stack]
+        reply = await self._run("hunt", user_id, args)
+        if reply[0] == -1:
+            raise RequestRefused(ErrorCode.HUNT_COOLDOWN)
+        return Hunted(exp, int(reply[1]), int(reply[0]), int(reply[2]), _changed(reply[3:]))
+
+    async def delete(self, user_id, tab, slot):
+        """Empty a slot; the changed slots."""
+        self._check_slot(tab, slot)
+        reply = await self._run("delete", user_id, [tab, slot])
+        if reply[0] == 0:
+            raise RequestRefused(ErrorCode.EMPTY_SLOT)
+        return _changed(reply[1:])
+
+    async def move(self, user_id, tab, from_slot, to_slot):
+        """Move, swap or merge within a tab; the changed slots."""
+        self._check_slot(tab, from_slot)
+        self._check_slot(tab, to_slot)
+        while True:
+            seen = await self._router.execute("HGET", data_keys(user_id)[1 + tab], from_slot)
+            if seen is None:
+                raise RequestRefused(ErrorCode.EMPTY_SLOT)
+            code = int(seen.split(b":")[0])
+            kind = self._tables.items.get(code)
+            reply = await self._run("move", user_id, [tab, from_slot, to_slot, code, kind.stack if kind else 1])
+            if reply[0] == 0:
+                raise RequestRefused(ErrorCode.EMPTY_SLOT)
+            if reply[0] == 1:
+                return _changed(reply[1:])
+
+    async def use(self, user_id, slot):
+        """Use one consumable; the changed slots."""
+        self._check_slot(CONSUMABLES, slot)
+        reply = await self._run("use", user_id, [slot])
+        if reply[0] == 0:
+            raise RequestRefused(ErrorCode.EMPTY_SLOT)
+        return _changed(reply[2:])
+
+    async def enhance(self, user_id, slot):
+        """Roll for one enhancement level of the equipment in C{slot}; an L{Enhanced}."""
+        self._check_slot(EQUIPMENT, slot)
+        roll = self._random.randrange(100)
+        reply = await self._run("enhance", user_id, [slot, roll, self._tables.max_enhancement, *self._chances])
+        if reply[0] == 0:
+            raise RequestRefused(ErrorCode.EMPTY_SLOT)
+        if reply[0] == -1:
+            raise RequestRefused(ErrorCode.MAX_ENHANCEMENT)
+        return Enhanced(slot, reply[0] == 1, int(reply[1]))
+
+    async def grant(self, user_id, item_code, count):
+        """Development only: add C{count} of an item to its tab; the changed slots."""
+        kind = self._tables.items.get(item_code)
+        if kind is None or count < 1:
+            raise RequestRefused(ErrorCode.UNKNOWN_ITEM)
+        reply = await self._run("grant", user_id, [kind.tab, item_code, count, kind.stack, self._tables.slots])
+        if reply[0] > 0:
+            raise RequestRefused(ErrorCode.INVENTORY_FULL, f"{reply[0]} did not fit")
+        return _changed(reply[1:])

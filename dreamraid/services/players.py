@@ -1,0 +1,117 @@
+"""
+The players connected to one game server process: authentication with the
+live-session check, one connection per user across every process, presence
+renewal, and what happens when a player leaves.
+"""
+
+from twisted.application.service import Service
+from twisted.internet import task
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.deferreds import gather
+from dreamraid.services.rediscluster import RedisClusterError
+
+
+class IPlayerConnection(Interface):
+    """What L{Players} needs of a client connection."""
+
+    user_id = Attribute("the authenticated user's id, or None")
+    jti = Attribute("the id of the token it authenticated with, or None")
+
+    def kick(code):
+        """Close the connection after telling the client C{code}."""
+
+
+class Players(Service):
+    """The authenticated connections of this process, by user."""
+
+    _log = Logger()
+
+    def __init__(self, verifier, presence, queue, clock, presence_ttl):
+        self._verifier = verifier
+        self._presence = presence
+        self._queue = queue
+        self._clock = clock
+        self._presence_ttl = presence_ttl
+        self._connections = {}
+        self._renewals = None
+        self._kicks = None
+
+    def __len__(self):
+        return len(self._connections)
+
+    def startService(self):
+        super().startService()
+        self._kicks = self._presence.listen_for_kicks(self.taken_over)
+        self._renewals = task.LoopingCall(self._renew)
+        self._renewals.clock = self._clock
+        self._renewals.start(self._presence_ttl / 3, now=False).addErrback(
+            lambda f: self._log.failure("presence renewal stopped", f))
+
+    def stopService(self):
+        super().stopService()
+        if self._renewals.running:
+            self._renewals.stop()
+        return self._kicks.stop()
+
+    def when_listening(self):
+        """A Deferred that fires once this process hears kicks from the others."""
+        return self._kicks.when_subscribed()
+
+    async def authenticate(self, connection, token):
+        """
+        Verify C{token}, check it is the live session and take the user over
+        (closing any other connection of theirs, here or elsewhere); a
+        L{dreamraid.services.presence.Entered}.
+
+        @raise RequestRefused: a bad token, a token that is not the live session, Redis down.
+        """
+        claims = self._verifier.verify(token)
+        try:
+            entered = await self._presence.enter(claims.user_id, claims.jti)
+        except RedisClusterError as e:
+            self._log.warn("authenticate user {user_id}: {error}", user_id=claims.user_id, error=e)
+            raise RequestRefused(ErrorCode.UNAVAILABLE) from None
+        older = self._connections.get(claims.user_id)
+        if older is not None and older is not connection:
+            older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
+        connection.user_id, connection.jti = claims.user_id, claims.jti
+        self._connections[claims.user_id] = connection
+        return entered
+
+    def taken_over(self, user_id, jti):
+        """Another process took C{user_id} over with session C{jti}: close the connection here."""
+        connection = self._connections.get(user_id)
+        if connection is not None and connection.jti != jti:
+            connection.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
+
+    async def leave(self, connection):
+        """
+        The connection logged out or went away: end its session if it is
+        still the live one, and have the user's data written back.
+        """
+        user_id = connection.user_id
+        if self._connections.get(user_id) is connection:
+            del self._connections[user_id]
+        try:
+            if await self._presence.leave(user_id, connection.jti):
+                await self._queue.enqueue(user_id, "logout")
+        except RedisClusterError as e:
+            # The session expires by itself and the next checkpoint syncs the user.
+            self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
+
+    async def _renew(self):
+        """Renew every connection's session and presence, a thousand at a time; close those no longer live."""
+        connections = list(self._connections.values())
+        for start in range(0, len(connections), 1000):
+            chunk = connections[start:start + 1000]
+            try:
+                live = await gather([self._presence.renew(c.user_id, c.jti) for c in chunk])
+            except RedisClusterError as e:
+                self._log.warn("cannot renew presence: {error}", error=e)
+                return
+            for connection, still in zip(chunk, live):
+                if not still:
+                    connection.kick(ErrorCode.SESSION_NOT_LIVE)

@@ -1,0 +1,112 @@
+"""
+Presence: which game server process holds each user, and the kick that
+crosses processes when the same user logs in twice.
+
+    {u:<id>}:presence   the server id holding the user, with a TTL this
+                        server renews while the user stays connected
+
+A user enters a game server only with the token that is their live session
+(the "double check" after the signature).  Entering renews the session and
+takes over the presence; if another process held the user, that process is
+told through its kick channel (Redis pub/sub) and closes its connection.
+"""
+
+from typing import NamedTuple
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.livestore import profile_key, session_key
+from dreamraid.services.rediscluster import Script
+
+
+def presence_key(user_id):
+    return f"{{u:{user_id}}}:presence"
+
+
+def kick_channel(server_id):
+    return f"kick:{{{server_id}}}"
+
+
+# KEYS: session, presence, profile.  ARGV: jti, server id, presence ttl ms,
+# session ttl ms.  {0} unless jti is the live session and the data is live;
+# else {1, the previous holder or '', name, level, exp}.
+_ENTER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[3]) == 0 then return {0} end
+local previous = redis.call('GET', KEYS[2]) or ''
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local profile = redis.call('HMGET', KEYS[3], 'name', 'level', 'exp')
+return {1, previous, profile[1], profile[2], profile[3]}
+"""
+
+# KEYS: session, presence.  ARGV: jti, server id, presence ttl ms, session
+# ttl ms.  Renews both while jti is still the live session; 1 if it is.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: session, presence.  ARGV: jti, server id.  Ends the session, and the
+# presence if this server's, while jti is still the live session (a newer
+# login keeps both); 1 if it was.
+_LEAVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+
+class Entered(NamedTuple):
+    user_id: int
+    name: str
+    level: int
+    exp: int
+    previous_server: str
+
+
+class Presence:
+    """Presence and sessions of the users connected to one game server process."""
+
+    def __init__(self, router, server_id, presence_ttl, session_ttl):
+        self._router = router
+        self.server_id = server_id
+        self._presence_ms = int(presence_ttl * 1000)
+        self._session_ms = int(session_ttl * 1000)
+        self._enter = Script(router, _ENTER)
+        self._renew = Script(router, _RENEW)
+        self._leave = Script(router, _LEAVE)
+
+    async def enter(self, user_id, jti):
+        """
+        Take the user over for this server; an L{Entered}.  Tells the
+        previous holder, if another process, to let go.
+
+        @raise RequestRefused: C{SESSION_NOT_LIVE} unless C{jti} is the live session.
+        """
+        reply = await self._enter([session_key(user_id), presence_key(user_id), profile_key(user_id)],
+                                  [jti, self.server_id, self._presence_ms, self._session_ms])
+        if reply[0] != 1:
+            raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
+        previous = reply[1].decode()
+        if previous and previous != self.server_id:
+            await self._router.publish(kick_channel(previous), f"{user_id} {jti}")
+        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), previous)
+
+    def renew(self, user_id, jti):
+        """Renew the session and presence; a Deferred of whether the session is still this one."""
+        return self._renew([session_key(user_id), presence_key(user_id)],
+                           [jti, self.server_id, self._presence_ms, self._session_ms]).addCallback(bool)
+
+    def leave(self, user_id, jti):
+        """End the session and presence if still this connection's; a Deferred of whether the session was."""
+        return self._leave([session_key(user_id), presence_key(user_id)], [jti, self.server_id]).addCallback(bool)
+
+    def listen_for_kicks(self, on_kick):
+        """Call C{on_kick(user_id, jti)} when another process takes over a user of this one; a Subscription."""
+        def received(channel, message):
+            user_id, jti = message.decode().split(" ", 1)
+            on_kick(int(user_id), jti)
+
+        return self._router.subscribe([kick_channel(self.server_id)], received)
