@@ -1,0 +1,210 @@
+"""
+Hunting and the inventory scripts against the real Redis Cluster: the rules
+with a seeded random source and a driven clock, the enhancement chances over
+10,000 rolls a level, and atomicity under concurrent requests from two
+routers (as from two game server processes).
+"""
+
+import collections
+import math
+import random
+
+from twisted.internet import task
+from twisted.trial.unittest import TestCase
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.deferreds import gather
+from dreamraid.services.inventory import Inventory, SlotItem
+from dreamraid.services.livestore import Item, LiveStore, Profile, data_keys, tab_key
+from dreamraid.tables import load_tables
+from tests import cluster
+from tests.support import ROOT, require_stack
+
+TABLES = load_tables(ROOT / "conf" / "tables.json")
+
+
+class InventoryCase(TestCase):
+
+    timeout = 120
+
+    async def setUp(self):
+        require_stack()
+        self.router = cluster.router()
+        self.addCleanup(self.router.stopService)
+        await self.router.refresh()
+        self.clock = task.Clock()
+        self.clock.advance(1_000_000)
+        self.random = random.Random(7)
+        self.inventory = Inventory(self.router, TABLES, self.clock, self.random)
+        self.live = LiveStore(self.router)
+
+    async def new_user(self, level=1, exp=0, items=None):
+        """A live user with a random id far from real ones; removed after the test."""
+        user_id = random.randrange(10**15, 10**16)
+        await self.live.load(Profile(user_id, "t", level, exp, 0, 0, items or {}))
+        self.addCleanup(lambda: self.router.execute("DEL", *data_keys(user_id)))
+        return user_id
+
+    async def refused(self, code, call):
+        with self.assertRaises(RequestRefused) as raised:
+            await call
+        self.assertEqual(raised.exception.code, code)
+
+    async def version(self, user_id):
+        return int(await self.router.execute("HGET", data_keys(user_id)[0], "version"))
+
+
+class HuntTests(InventoryCase):
+
+    async def test_levels_follow_the_table_with_several_at_once_and_the_cap(self):
+        """Exp accumulates; the level is the table's for that exp, several levels may come at once, 15 is the cap."""
+        user_id = await self.new_user()
+        exp, level = 0, 1
+        for _ in range(120):
+            hunted = await self.inventory.hunt(user_id, 5)
+            self.clock.advance(TABLES.hunt_cooldown_ms / 1000)
+            exp += 5
+            expected = level
+            while expected < TABLES.max_level and exp >= TABLES.exp_to_advance[expected]:
+                expected += 1
+            self.assertEqual((hunted.exp, hunted.level, hunted.levels_gained), (exp, expected, expected - level))
+            level = expected
+        self.assertEqual(level, 15)
+        jump = await self.new_user(level=1, exp=0)
+        await self.router.execute("HSET", data_keys(jump)[0], "exp", 9)
+        hunted = await self.inventory.hunt(jump, 1)
+        self.assertEqual((hunted.exp, hunted.level, hunted.levels_gained), (10, 6, 5))
+
+    async def test_cooldown_and_unknown_monster(self):
+        """A second hunt within the cooldown is refused; after it, allowed; an unknown kind is refused."""
+        user_id = await self.new_user()
+        await self.inventory.hunt(user_id, 1)
+        await self.refused(ErrorCode.HUNT_COOLDOWN, self.inventory.hunt(user_id, 1))
+        self.clock.advance(TABLES.hunt_cooldown_ms / 1000)
+        await self.inventory.hunt(user_id, 1)
+        await self.refused(ErrorCode.UNKNOWN_MONSTER, self.inventory.hunt(user_id, 9))
+
+    async def test_drops_stack_then_fill_free_slots(self):
+        """Drops top up stacks of their item, then take the lowest free slots; each change raises the version."""
+        user_id = await self.new_user(items={(2, 0): Item(301, 0, 98), (2, 1): Item(302, 0, 5)})
+        changed = []
+        for _ in range(40):
+            changed += (await self.inventory.hunt(user_id, 3)).changed
+            self.clock.advance(1)
+        ore = [i for i in await self.inventory.list(user_id) if i.item_code == 301]
+        self.assertEqual(ore[0], SlotItem(2, 0, 301, 0, 99))
+        self.assertGreater(len(ore), 1)
+        self.assertEqual([i.slot for i in ore[1:]], list(range(2, len(ore) + 1)))
+        self.assertTrue(changed)
+        self.assertEqual(await self.version(user_id), 40)
+
+
+class InventoryTests(InventoryCase):
+
+    async def test_move_swaps_merges_and_moves(self):
+        """Move to an empty slot moves, onto another item swaps, onto the same stackable merges up to the stack."""
+        user_id = await self.new_user(items={(2, 0): Item(301, 0, 60), (2, 1): Item(301, 0, 70),
+                                             (0, 0): Item(101, 3, 1), (0, 1): Item(102, 0, 1)})
+        self.assertEqual(await self.inventory.move(user_id, 2, 0, 1),
+                         [SlotItem(2, 0, 301, 0, 31), SlotItem(2, 1, 301, 0, 99)])
+        self.assertEqual(await self.inventory.move(user_id, 0, 0, 1),
+                         [SlotItem(0, 0, 102, 0, 1), SlotItem(0, 1, 101, 3, 1)])
+        self.assertEqual(await self.inventory.move(user_id, 0, 1, 7),
+                         [SlotItem(0, 1, 0, 0, 0), SlotItem(0, 7, 101, 3, 1)])
+        await self.refused(ErrorCode.EMPTY_SLOT, self.inventory.move(user_id, 0, 1, 2))
+        await self.refused(ErrorCode.BAD_SLOT, self.inventory.move(user_id, 0, 0, TABLES.slots))
+        await self.refused(ErrorCode.BAD_SLOT, self.inventory.move(user_id, 3, 0, 1))
+
+    async def test_use_delete_grant(self):
+        """Use takes one consumable (the last empties the slot); delete empties; grant fills by the tables."""
+        user_id = await self.new_user(items={(1, 4): Item(201, 0, 2)})
+        self.assertEqual(await self.inventory.use(user_id, 4), [SlotItem(1, 4, 201, 0, 1)])
+        self.assertEqual(await self.inventory.use(user_id, 4), [SlotItem(1, 4, 0, 0, 0)])
+        await self.refused(ErrorCode.EMPTY_SLOT, self.inventory.use(user_id, 4))
+        granted = await self.inventory.grant(user_id, 201, 45)
+        self.assertEqual([(i.slot, i.count) for i in granted], [(0, 20), (1, 20), (2, 5)])
+        self.assertEqual(await self.inventory.delete(user_id, 1, 1), [SlotItem(1, 1, 0, 0, 0)])
+        await self.refused(ErrorCode.EMPTY_SLOT, self.inventory.delete(user_id, 1, 1))
+        await self.refused(ErrorCode.UNKNOWN_ITEM, self.inventory.grant(user_id, 999, 1))
+        self.assertEqual(await self.inventory.list(user_id), [SlotItem(1, 0, 201, 0, 20), SlotItem(1, 2, 201, 0, 5)])
+
+    async def test_full_tab_and_unloaded_user(self):
+        """A grant beyond the tab's room is refused after filling it; a user whose data is gone is refused."""
+        user_id = await self.new_user()
+        await self.refused(ErrorCode.INVENTORY_FULL, self.inventory.grant(user_id, 101, TABLES.slots + 1))
+        self.assertEqual(len(await self.inventory.list(user_id)), TABLES.slots)
+        await self.router.execute("DEL", *data_keys(user_id))
+        await self.refused(ErrorCode.SESSION_NOT_LIVE, self.inventory.grant(user_id, 101, 1))
+        self.assertEqual(await self.router.execute("EXISTS", *data_keys(user_id)), 0)
+
+    async def test_enhancement_rate_over_ten_thousand_rolls_a_level(self):
+        """At each level, 10,000 rolls succeed at the table's rate (within 4.5 standard deviations); +10 is refused."""
+        user_id = await self.new_user()
+        slots = 50
+        for level in range(TABLES.max_enhancement):
+            chance = TABLES.enhance_success_percent[level] / 100
+            await self.router.execute("HSET", tab_key(user_id, 0),
+                                      *[v for s in range(slots) for v in (s, f"101:{level}:1")])
+            successes = 0
+            for _ in range(10_000 // slots):
+                results = await gather([self.inventory.enhance(user_id, s) for s in range(slots)])
+                won = [r.slot for r in results if r.success]
+                self.assertTrue(all(r.enhancement == (level + 1 if r.success else level) for r in results))
+                successes += len(won)
+                if won:
+                    await self.router.execute("HSET", tab_key(user_id, 0), *[v for s in won for v in (s, f"101:{level}:1")])
+            sigma = math.sqrt(10_000 * chance * (1 - chance))
+            self.assertLessEqual(abs(successes - 10_000 * chance), 4.5 * sigma + 0.5, f"level {level}")
+        await self.router.execute("HSET", tab_key(user_id, 0), 0, f"101:{TABLES.max_enhancement}:1")
+        await self.refused(ErrorCode.MAX_ENHANCEMENT, self.inventory.enhance(user_id, 0))
+
+
+class AtomicityTests(InventoryCase):
+
+    async def test_two_routers_two_hundred_concurrent_changes(self):
+        """
+        200 concurrent moves, enhances, uses and deletes from two routers (as
+        from two processes): the units left are exactly those before minus
+        what the successful uses and deletes took; no slot holds two items.
+        """
+        items = {(0, s): Item(101, 0, 1) for s in range(10)}
+        items.update({(1, s): Item(201, 0, 10) for s in range(10)})
+        items.update({(2, s): Item(301, 0, 50) for s in range(10)})
+        user_id = await self.new_user(items=items)
+        other_router = cluster.router()
+        self.addCleanup(other_router.stopService)
+        await other_router.refresh()
+        inventories = [self.inventory, Inventory(other_router, TABLES, self.clock, random.Random(8))]
+        rng = random.Random(3)
+        taken = collections.Counter()
+        outcomes = collections.Counter()
+
+        async def one(i):
+            inventory = inventories[i % 2]
+            kind = rng.choice(["move", "move", "enhance", "use", "delete"])
+            try:
+                if kind == "move":
+                    await inventory.move(user_id, rng.randrange(3), rng.randrange(12), rng.randrange(12))
+                elif kind == "enhance":
+                    await inventory.enhance(user_id, rng.randrange(12))
+                elif kind == "use":
+                    await inventory.use(user_id, rng.randrange(12))
+                    taken[201] += 1
+                else:
+                    await inventory.delete(user_id, 0, rng.randrange(12))
+                    taken[101] += 1
+                outcomes[kind] += 1
+            except RequestRefused as e:
+                self.assertIn(e.code, (ErrorCode.EMPTY_SLOT, ErrorCode.MAX_ENHANCEMENT))
+                outcomes["refused"] += 1
+
+        await gather([one(i) for i in range(200)])
+        after = await self.inventory.list(user_id)
+        units = collections.Counter()
+        for item in after:
+            units[item.item_code] += item.count
+        self.assertEqual(units, collections.Counter({101: 10 - taken[101], 201: 100 - taken[201], 301: 500}))
+        self.assertTrue(all(i.tab == {101: 0, 201: 1, 301: 2}[i.item_code] for i in after))
+        self.assertTrue(all(i.count <= TABLES.items[i.item_code].stack for i in after))
+        self.assertGreater(outcomes["move"], 20)
+        self.assertGreater(taken[201] + taken[101], 10)
