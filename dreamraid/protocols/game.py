@@ -4,6 +4,7 @@ and change the inventory.  Each request is decoded here and handed to one
 service call; its result is encoded, its refusal becomes an error frame.
 """
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from dreamraid.errors import ErrorCode, RequestRefused
@@ -26,7 +27,7 @@ class GameProtocol(ServerProtocol):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if self.user_id is not None:
-            self.factory.players.leave(self)
+            defer.ensureDeferred(self.factory.players.leave(self))
 
     def kick(self, code):
         self.drop(code)
@@ -37,7 +38,8 @@ class GameProtocol(ServerProtocol):
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
         entered = await self.factory.players.authenticate(self, body["token"])
         if not self.connected:
-            self.factory.players.leave(self)
+            # The connection went away while Redis answered: it took the user over for nothing.
+            await self.factory.players.leave(self)
             return None
         self.factory.liveness.authenticated(self.state)
         return packets.AUTHENTICATED, {"user_id": entered.user_id, "name": entered.name,

@@ -5,7 +5,7 @@ renewal, and what happens when a player leaves.
 """
 
 from twisted.application.service import Service
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
@@ -54,7 +54,16 @@ class Players(Service):
         super().stopService()
         if self._renewals.running:
             self._renewals.stop()
-        return self._kicks.stop()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self):
+        """Let every player go (their data is synced) and close their connections, before Redis goes."""
+        connections = list(self._connections.values())
+        await gather([self.leave(c) for c in connections])
+        for connection in connections:
+            connection.user_id = None
+            connection.kick(ErrorCode.SHUTTING_DOWN)
+        await self._kicks.stop()
 
     def when_listening(self):
         """A Deferred that fires once this process hears kicks from the others."""

@@ -445,6 +445,8 @@ class RedisCluster(Service):
 
     def _start(self, call):
         """Set the call's deadline and make its first attempt; its result Deferred."""
+        if not self.running:
+            return defer.fail(ClusterUnavailable(f"{_describe(call)}: the router is stopped"))
         self._ticks.expire_at(call)
         self._attempt(call)
         return call.result

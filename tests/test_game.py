@@ -1,0 +1,186 @@
+"""
+Game servers over real TCP, built by their twistd plugin, against the real
+Redis Cluster and MariaDB: authentication and every kind of bad token, the
+kick of a duplicate login across two servers, requests, and logout and
+disconnect leading to the user's data in MySQL.
+"""
+
+import base64
+import json
+import random
+
+import jwt
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from dreamraid import game_tap
+from dreamraid.client import RemoteError
+from dreamraid.errors import ErrorCode
+from dreamraid.protocols import packets
+from dreamraid.services.database import Database
+from dreamraid.services.livestore import LiveStore, data_keys, session_key
+from dreamraid.services.loading import MysqlProfileStore, World, thd_load_profile
+from dreamraid.services.presence import presence_key
+from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
+from dreamraid.services.tokens import TokenIssuer, TokenVerifier, create_key_pair
+from tests import cluster
+from tests.storage import prepare_test_database, sql, test_settings
+from tests.support import RunningServer, eventually, require_stack
+
+
+class GameServerTests(TestCase):
+    """Game servers on free ports, with users entered into the world by the session server's services."""
+
+    timeout = 60
+
+    async def setUp(self):
+        require_stack()
+        await prepare_test_database()
+        keys = self.mktemp()
+        self.private_key, self.public_key = f"{keys}/token.pem", f"{keys}/token.pub"
+        create_key_pair(self.private_key, self.public_key)
+        self.settings = test_settings(tokens_private_key=self.private_key, tokens_public_key=self.public_key)
+        self.database = Database(self.settings.mysql)
+        self.database.startService()
+        self.addCleanup(self.database.stopService)
+        self.router = cluster.router()
+        self.addCleanup(self.router.stopService)
+        await self.router.refresh()
+        self.live = LiveStore(self.router)
+        self.queue = SyncQueue(self.router, reactor, self.settings.sync.shards, self.settings.sync.prefix)
+        self.issuer = TokenIssuer(self.settings.tokens, reactor, random.Random())
+        self.world = World(TokenVerifier(self.settings.tokens, reactor), self.live, MysqlProfileStore(self.database),
+                           self.queue, self.settings.session.game_servers, random.Random(), 900)
+
+    async def game_server(self):
+        server = RunningServer(game_tap, "game", [
+            "--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
+            "--game-dev-grant", "on",
+        ]).start(self)
+        players = next(s for s in server.service if type(s).__name__ == "Players")
+        await players.when_listening()
+        return server
+
+    async def new_user(self, level=1):
+        name = f"g{random.getrandbits(60):x}"[:20]
+        await sql("INSERT INTO users (name, password_hash, level) VALUES (%s, 'x', %s)", (name, level))
+        [(user_id,)] = await sql("SELECT id FROM users WHERE name = %s", (name,))
+        return user_id, name
+
+    async def entered_token(self, user_id):
+        """A token made the live session by entering the world."""
+        issued = self.issuer.issue(user_id)
+        await self.world.enter(issued.token)
+        return issued.token
+
+    async def authenticated(self, server, token):
+        client = await server.client(self)
+        _, body = await client.request(packets.AUTHENTICATE, {"token": token})
+        return client, body
+
+    async def refused(self, server, token):
+        client = await server.client(self)
+        with self.assertRaises(RemoteError) as raised:
+            await client.request(packets.AUTHENTICATE, {"token": token})
+        return raised.exception.code
+
+    async def test_authenticate_with_the_live_session(self):
+        """The live session's token authenticates and says who the user is; presence names this server."""
+        server = await self.game_server()
+        user_id, name = await self.new_user(level=3)
+        client, body = await self.authenticated(server, await self.entered_token(user_id))
+        self.assertEqual(body, {"user_id": user_id, "name": name, "level": 3, "exp": 0})
+        self.assertIsNotNone(await self.router.execute("GET", presence_key(user_id)))
+        _, again = await client.request(packets.PING, {"nonce": 5})
+        self.assertEqual(again, {"nonce": 5})
+        with self.assertRaises(RemoteError) as raised:
+            await client.request(packets.AUTHENTICATE, {"token": "x"})
+        self.assertEqual(raised.exception.code, ErrorCode.ALREADY_AUTHENTICATED)
+
+    async def test_bad_tokens_each_get_their_code(self):
+        """Forged, expired, wrong-audience, alg none, not-entered and logged-out tokens are refused with their codes."""
+        server = await self.game_server()
+        user_id, _ = await self.new_user()
+        token = await self.entered_token(user_id)
+        header, payload, signature = token.split(".")
+        forged = ".".join([header, payload, ("A" if signature[5] != "A" else "B").join([signature[:5], signature[6:]])])
+        self.assertEqual(await self.refused(server, forged), ErrorCode.TOKEN_SIGNATURE)
+
+        with open(self.private_key, "rb") as f:
+            key = f.read()
+        claims = jwt.decode(token, options={"verify_signature": False})
+        expired = jwt.encode({**claims, "iat": claims["iat"] - 3600, "exp": claims["iat"] - 1800}, key, "EdDSA")
+        self.assertEqual(await self.refused(server, expired), ErrorCode.TOKEN_EXPIRED)
+        elsewhere = jwt.encode({**claims, "aud": "another-game"}, key, "EdDSA")
+        self.assertEqual(await self.refused(server, elsewhere), ErrorCode.TOKEN_AUDIENCE)
+
+        def b64(data):
+            return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+        unsigned = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
+        self.assertEqual(await self.refused(server, unsigned), ErrorCode.TOKEN_SIGNATURE)
+
+        not_entered = self.issuer.issue(user_id).token
+        self.assertEqual(await self.refused(server, not_entered), ErrorCode.SESSION_NOT_LIVE)
+        other_user, _ = await self.new_user()
+        self.assertEqual(await self.refused(server, self.issuer.issue(other_user).token), ErrorCode.SESSION_NOT_LIVE)
+
+        client, _ = await self.authenticated(server, token)
+        await client.request(packets.LOGOUT, {})
+        await client.closed
+        self.assertIsNone(await self.router.execute("GET", session_key(user_id)))
+        self.assertEqual(await self.refused(server, token), ErrorCode.SESSION_NOT_LIVE)
+
+    async def test_second_login_on_another_server_kicks_the_first(self):
+        """The same user authenticating on a second server closes the first connection, which is told why."""
+        first_server, second_server = await self.game_server(), await self.game_server()
+        user_id, _ = await self.new_user()
+        first, _ = await self.authenticated(first_server, await self.entered_token(user_id))
+        second, _ = await self.authenticated(second_server, await self.entered_token(user_id))
+        await first.closed
+        self.assertEqual(first.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
+        self.assertTrue(second.connected)
+        _, body = await second.request(packets.PING, {"nonce": 1})
+        self.assertEqual(body, {"nonce": 1})
+        third, _ = await self.authenticated(second_server, await self.entered_token(user_id))
+        await second.closed
+        self.assertEqual(second.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
+        self.assertTrue(third.connected)
+
+    async def test_requests_then_disconnect_lands_in_mysql(self):
+        """Hunts and inventory changes, then a dropped connection: the sync leaves MySQL as the player last saw it."""
+        server = await self.game_server()
+        user_id, _ = await self.new_user()
+        client, _ = await self.authenticated(server, await self.entered_token(user_id))
+        await client.request(packets.GRANT, {"item_code": 101, "count": 2})
+        await client.request(packets.GRANT, {"item_code": 301, "count": 120})
+        await client.request(packets.MOVE_ITEM, {"tab": 0, "from_slot": 1, "to_slot": 9})
+        _, enhanced = await client.request(packets.ENHANCE, {"slot": 0})
+        self.assertEqual(enhanced, {"slot": 0, "success": True, "enhancement": 1})
+        _, hunted = await client.request(packets.HUNT, {"monster": 5})
+        _, listed = await client.request(packets.LIST_INVENTORY, {})
+        with self.assertRaises(RemoteError) as raised:
+            await client.request(packets.DELETE_ITEM, {"tab": 0, "slot": 49})
+        self.assertEqual(raised.exception.code, ErrorCode.EMPTY_SLOT)
+        client.transport.loseConnection()
+
+        worker = SyncWorker(self.router, self.queue, self.live, MysqlSnapshotStore(self.database), reactor,
+                            self.settings.sync)
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        await eventually(lambda: defer.succeed(worker.counters["evicted"] >= 1))
+        stored = await self.database.pool.runWithConnection(thd_load_profile, user_id)
+        self.assertEqual((stored.level, stored.exp), (hunted["level"], hunted["exp"]))
+        self.assertEqual(sorted((tab, slot, i.code, i.enhancement, i.count) for (tab, slot), i in stored.items.items()),
+                         sorted(tuple(item.values()) for item in listed["items"]))
+        self.assertEqual(await self.router.execute("EXISTS", *data_keys(user_id)), 0)
+
+    async def test_grant_is_off_by_default(self):
+        """Without dev_grant on, grant is refused."""
+        server = RunningServer(game_tap, "game", ["--tokens-public-key", self.public_key,
+                                                  "--sync-prefix", self.settings.sync.prefix]).start(self)
+        user_id, _ = await self.new_user()
+        client, _ = await self.authenticated(server, await self.entered_token(user_id))
+        with self.assertRaises(RemoteError) as raised:
+            await client.request(packets.GRANT, {"item_code": 101, "count": 1})
+        self.assertEqual(raised.exception.code, ErrorCode.GRANT_DISABLED)
