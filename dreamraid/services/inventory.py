@@ -97,17 +97,15 @@ changed_version()
 return {1, unpack(changed)}
 """
 
-# ARGV: tab, from, to, the from item's code as the caller saw it, that
-# code's stack size.  {0} if from is empty, {-1} if the from item is no
-# longer that code (ask again), else {1, changed...}.
+# STACKS (prepended by Inventory): item code -> stack size, for the codes
+# that stack.  ARGV: tab, from, to.  {0} if from is empty, else {1, changed...}.
 _MOVE = _LIBRARY + """
 local tab, from, to = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local key = KEYS[2 + tab]
 local moving = redis.call('HGET', key, from)
 if not moving then return {0} end
 local code, enhancement, count = parse(moving)
-if code ~= tonumber(ARGV[4]) then return {-1} end
-local stack = tonumber(ARGV[5])
+local stack = STACKS[code] or 1
 local target = redis.call('HGET', key, to)
 if from == to then return {1} end
 if not target then
@@ -224,8 +222,12 @@ class Inventory:
         self._tables = tables
         self._clock = clock
         self._random = random
+        # A merge needs the stack size of whatever is in the slot, so the
+        # move script carries the stack table: one script call per move.
+        stacks = ", ".join(f"[{code}] = {kind.stack}" for code, kind in sorted(tables.items.items()) if kind.stack > 1)
+        move = f"local STACKS = {{{stacks}}}\n" + _MOVE
         self._scripts = {name: Script(router, _LIVE_CHECK + source) for name, source in (
-            ("hunt", _HUNT), ("delete", _DELETE), ("move", _MOVE), ("use", _USE), ("enhance", _ENHANCE),
+            ("hunt", _HUNT), ("delete", _DELETE), ("move", move), ("use", _USE), ("enhance", _ENHANCE),
             ("grant", _GRANT))}
         t = tables
         self._thresholds = [t.exp_to_advance[level] for level in range(1, t.max_level)]
@@ -278,17 +280,10 @@ class Inventory:
         """Move, swap or merge within a tab; the changed slots."""
         self._check_slot(tab, from_slot)
         self._check_slot(tab, to_slot)
-        while True:
-            seen = await self._router.execute("HGET", data_keys(user_id)[1 + tab], from_slot)
-            if seen is None:
-                raise RequestRefused(ErrorCode.EMPTY_SLOT)
-            code = int(seen.split(b":")[0])
-            kind = self._tables.items.get(code)
-            reply = await self._run("move", user_id, [tab, from_slot, to_slot, code, kind.stack if kind else 1])
-            if reply[0] == 0:
-                raise RequestRefused(ErrorCode.EMPTY_SLOT)
-            if reply[0] == 1:
-                return _changed(reply[1:])
+        reply = await self._run("move", user_id, [tab, from_slot, to_slot])
+        if reply[0] == 0:
+            raise RequestRefused(ErrorCode.EMPTY_SLOT)
+        return _changed(reply[1:])
 
     async def use(self, user_id, slot):
         """Use one consumable; the changed slots."""
