@@ -43,6 +43,7 @@ bench: $(STAMP)
 	scripts/stack.sh ensure >/dev/null
 	$(BIN)/python bench/redis_router.py --quick
 	$(BIN)/python bench/sync.py --quick
+	$(BIN)/python bench/game_ops.py --quick
 
 clean:
 	rm -rf $(VENV) _trial_temp* *.egg-info twisted/plugins/dropin.cache
