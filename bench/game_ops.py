@@ -28,6 +28,7 @@ import tempfile
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
+from bench.children import ROOT, say, start
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
@@ -39,7 +40,6 @@ from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.tokens import TokenIssuer, create_key_pair
 from dreamraid.tables import load_tables
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PING = packets.PING.encode(1, {"nonce": 7})
 PONG = packets.PONG.encode(1, {"nonce": 7})
 MOVES = [packets.MOVE_ITEM.encode(1, {"tab": 2, "from_slot": a, "to_slot": b}) for a, b in ((0, 1), (1, 0))]
@@ -161,42 +161,6 @@ def echo(reactor, port):
         lambda _: defer.Deferred())
 
 
-class Child(protocol.ProcessProtocol):
-    """A process of the run: "ready", then "go", then "done {json}"."""
-
-    def __init__(self, reports):
-        self.ready, self.done, self.exited = defer.Deferred(), defer.Deferred(), defer.Deferred()
-        self.reports = reports
-        self.result = None
-        self._buffer = b""
-
-    def outReceived(self, data):
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            word, _, rest = line.decode().partition(" ")
-            if word == "ready":
-                self.ready.callback(None)
-            elif word == "done":
-                self.result = json.loads(rest)
-                self.done.callback(None)
-
-    def errReceived(self, data):
-        sys.stderr.write(data.decode(errors="replace"))
-
-    def processEnded(self, reason):
-        self.exited.callback(None)
-        for waiting in (self.ready, self.done) if self.reports else ():
-            if not waiting.called:
-                waiting.errback(RuntimeError(f"a bench process ended early: {reason.value}"))
-
-
-def start(reactor, *args, executable=sys.executable, reports=True):
-    child = Child(reports)
-    reactor.spawnProcess(child, executable, [executable, *args], env=None, path=ROOT)
-    return child
-
-
 async def listening(reactor, port, seconds=30):
     """Wait until something accepts connections on C{port}."""
     for _ in range(int(seconds * 10)):
@@ -211,8 +175,7 @@ async def listening(reactor, port, seconds=30):
 async def rate(reactor, generators, seconds):
     """Replies per second of a set of started children, from one "go"."""
     await gather([g.ready for g in generators])
-    for g in generators:
-        g.transport.write(b"go\n")
+    say(generators, "go")
     await gather([g.done for g in generators])
     return sum(g.result["replies"] for g in generators) / seconds
 

@@ -26,8 +26,9 @@ import random
 import sys
 
 import pymysql
-from twisted.internet import defer, protocol, task, threads
+from twisted.internet import defer, task, threads
 
+from bench import children
 from dreamraid.admin import connect
 from dreamraid.config import load_settings
 from dreamraid.services.database import Database
@@ -85,54 +86,19 @@ async def load(router, live, users, version):
         await gather([live.load(data_of(u, version)) for u in chunk])
 
 
-class Child(protocol.ProcessProtocol):
-    """One bench process: says "ready", waits for "go", says "done" (and its counters)."""
-
-    def __init__(self):
-        self.ready, self.done, self.exited = defer.Deferred(), defer.Deferred(), defer.Deferred()
-        self.counters = {}
-        self._buffer = b""
-
-    def outReceived(self, data):
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            word, _, rest = line.decode().partition(" ")
-            if word == "ready":
-                self.ready.callback(None)
-            elif word == "done":
-                self.counters = json.loads(rest or "{}")
-                self.done.callback(None)
-
-    def errReceived(self, data):
-        sys.stderr.write(data.decode(errors="replace"))
-
-    def processEnded(self, reason):
-        self.exited.callback(None)
-
-    def say(self, word):
-        self.transport.write(word.encode() + b"\n")
-
-
 def spawn(reactor, count, *args):
     """C{count} children running this file with C{args}."""
-    children = []
-    for index in range(count):
-        child = Child()
-        reactor.spawnProcess(child, sys.executable, [sys.executable, __file__, *args, "--index", str(index)],
-                             env=None, path=os.getcwd())
-        children.append(child)
-    return children
+    return [children.start(reactor, os.path.abspath(__file__), *args, "--index", str(index))
+            for index in range(count)]
 
 
-async def timed_run(reactor, children, finished):
+async def timed_run(reactor, started, finished):
     """Seconds from "go" to C{finished()} firing, once every child is ready."""
-    await gather([c.ready for c in children])
-    started = reactor.seconds()
-    for child in children:
-        child.say("go")
+    await gather([c.ready for c in started])
+    began = reactor.seconds()
+    children.say(started, "go")
     await finished()
-    return reactor.seconds() - started
+    return reactor.seconds() - began
 
 
 async def run_workers(reactor, router, settings, users, processes, batch_users, in_flight):
@@ -145,14 +111,13 @@ async def run_workers(reactor, router, settings, users, processes, batch_users, 
         while sum(await gather([router.execute("XLEN", s) for s in queue.streams])):
             await task.deferLater(reactor, 0.01, lambda: None)
 
-    children = spawn(reactor, processes, "--child", "--prefix", queue.streams[0].split(":")[0],
+    started = spawn(reactor, processes, "--child", "--prefix", queue.streams[0].split(":")[0],
                      "--batch-users", str(batch_users), "--in-flight", str(in_flight))
-    seconds = await timed_run(reactor, children, drained)
-    for child in children:
-        child.say("stop")
-    await gather([c.done for c in children])
+    seconds = await timed_run(reactor, started, drained)
+    children.say(started, "stop")
+    await gather([c.done for c in started])
     await gather([router.execute("DEL", key) for key in queue.streams + queue.live_sets])
-    counters = [c.counters for c in children]
+    counters = [c.result for c in started]
     return len(users) / seconds, {
         "batches": sum(c["batches"] for c in counters),
         "largest_batch": max(c["largest_batch"] for c in counters),

@@ -9,10 +9,17 @@ import random
 
 import pymysql
 from twisted.internet import reactor, threads
+from twisted.trial.unittest import TestCase
 
 from dreamraid.admin import connect
+from dreamraid.services.database import Database
+from dreamraid.services.livestore import LiveStore
+from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.migrations import load_migrations, thd_migrate
-from tests.support import make_settings
+from dreamraid.services.sync import SyncQueue
+from dreamraid.services.tokens import TokenIssuer, TokenVerifier, create_key_pair
+from tests import cluster
+from tests.support import make_settings, require_stack
 
 TEST_DATABASE = "dreamraid_test"
 _prepared = []
@@ -59,3 +66,43 @@ def sql(query, args=None):
             connection.commit()
             return rows
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), thd)
+
+
+class SessionServicesCase(TestCase):
+    """
+    The session server's services over the real stores, on the test database,
+    with a key pair and a sync prefix of the test's own.
+    """
+
+    timeout = 120
+
+    async def setUp(self):
+        require_stack()
+        await prepare_test_database()
+        keys = self.mktemp()
+        self.private_key, self.public_key = f"{keys}/token.pem", f"{keys}/token.pub"
+        create_key_pair(self.private_key, self.public_key)
+        self.settings = test_settings(tokens_private_key=self.private_key, tokens_public_key=self.public_key)
+        self.database = Database(self.settings.mysql)
+        self.database.startService()
+        self.addCleanup(self.database.stopService)
+        self.router = cluster.router()
+        self.addCleanup(self.router.stopService)
+        await self.router.refresh()
+        self.live = LiveStore(self.router)
+        self.queue = SyncQueue(self.router, reactor, self.settings.sync.shards, self.settings.sync.prefix)
+        self.issuer = TokenIssuer(self.settings.tokens, reactor, random.Random())
+        self.world = World(TokenVerifier(self.settings.tokens, reactor), self.live, MysqlProfileStore(self.database),
+                           self.queue, self.settings.session.game_servers, random.Random(3), 900)
+
+    async def new_user(self, level=1, exp=0, best=0, items=None):
+        """A user written straight into MySQL; its id."""
+        name = f"u{random.getrandbits(60):x}"[:20]
+        await sql("INSERT INTO users (name, password_hash, level, exp) VALUES (%s, 'x', %s, %s)", (name, level, exp))
+        [(user_id,)] = await sql("SELECT id FROM users WHERE name = %s", (name,))
+        for (tab, slot), item in (items or {}).items():
+            await sql("INSERT INTO inventory VALUES (%s, %s, %s, %s, %s, %s)",
+                      (user_id, tab, slot, item.code, item.enhancement, item.count))
+        if best:
+            await sql("INSERT INTO best_scores (user_id, score) VALUES (%s, %s)", (user_id, best))
+        return user_id

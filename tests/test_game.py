@@ -7,50 +7,26 @@ disconnect leading to the user's data in MySQL.
 
 import base64
 import json
-import random
 
 import jwt
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
 
 from dreamraid import game_tap
 from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
-from dreamraid.services.database import Database
-from dreamraid.services.livestore import LiveStore, data_keys, session_key
-from dreamraid.services.loading import MysqlProfileStore, World, thd_load_profile
+from dreamraid.services.livestore import data_keys, session_key
+from dreamraid.services.loading import thd_load_profile
 from dreamraid.services.presence import presence_key
-from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
-from dreamraid.services.tokens import TokenIssuer, TokenVerifier, create_key_pair
-from tests import cluster
-from tests.storage import prepare_test_database, sql, test_settings
-from tests.support import RunningServer, eventually, require_stack
+from dreamraid.services.sync import MysqlSnapshotStore, SyncWorker
+from tests.storage import SessionServicesCase, sql
+from tests.support import RunningServer, eventually
 
 
-class GameServerTests(TestCase):
+class GameServerTests(SessionServicesCase):
     """Game servers on free ports, with users entered into the world by the session server's services."""
 
     timeout = 60
-
-    async def setUp(self):
-        require_stack()
-        await prepare_test_database()
-        keys = self.mktemp()
-        self.private_key, self.public_key = f"{keys}/token.pem", f"{keys}/token.pub"
-        create_key_pair(self.private_key, self.public_key)
-        self.settings = test_settings(tokens_private_key=self.private_key, tokens_public_key=self.public_key)
-        self.database = Database(self.settings.mysql)
-        self.database.startService()
-        self.addCleanup(self.database.stopService)
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
-        self.live = LiveStore(self.router)
-        self.queue = SyncQueue(self.router, reactor, self.settings.sync.shards, self.settings.sync.prefix)
-        self.issuer = TokenIssuer(self.settings.tokens, reactor, random.Random())
-        self.world = World(TokenVerifier(self.settings.tokens, reactor), self.live, MysqlProfileStore(self.database),
-                           self.queue, self.settings.session.game_servers, random.Random(), 900)
 
     async def game_server(self):
         server = RunningServer(game_tap, "game", [
@@ -60,12 +36,6 @@ class GameServerTests(TestCase):
         players = next(s for s in server.service if type(s).__name__ == "Players")
         await players.when_listening()
         return server
-
-    async def new_user(self, level=1):
-        name = f"g{random.getrandbits(60):x}"[:20]
-        await sql("INSERT INTO users (name, password_hash, level) VALUES (%s, 'x', %s)", (name, level))
-        [(user_id,)] = await sql("SELECT id FROM users WHERE name = %s", (name,))
-        return user_id, name
 
     async def entered_token(self, user_id):
         """A token made the live session by entering the world."""
@@ -87,7 +57,8 @@ class GameServerTests(TestCase):
     async def test_authenticate_with_the_live_session(self):
         """The live session's token authenticates and says who the user is; presence names this server."""
         server = await self.game_server()
-        user_id, name = await self.new_user(level=3)
+        user_id = await self.new_user(level=3)
+        [(name,)] = await sql("SELECT name FROM users WHERE id = %s", (user_id,))
         client, body = await self.authenticated(server, await self.entered_token(user_id))
         self.assertEqual(body, {"user_id": user_id, "name": name, "level": 3, "exp": 0})
         self.assertIsNotNone(await self.router.execute("GET", presence_key(user_id)))
@@ -100,7 +71,7 @@ class GameServerTests(TestCase):
     async def test_bad_tokens_each_get_their_code(self):
         """Forged, expired, wrong-audience, alg none, not-entered and logged-out tokens are refused with their codes."""
         server = await self.game_server()
-        user_id, _ = await self.new_user()
+        user_id = await self.new_user()
         token = await self.entered_token(user_id)
         header, payload, signature = token.split(".")
         forged = ".".join([header, payload, ("A" if signature[5] != "A" else "B").join([signature[:5], signature[6:]])])
@@ -122,7 +93,7 @@ class GameServerTests(TestCase):
 
         not_entered = self.issuer.issue(user_id).token
         self.assertEqual(await self.refused(server, not_entered), ErrorCode.SESSION_NOT_LIVE)
-        other_user, _ = await self.new_user()
+        other_user = await self.new_user()
         self.assertEqual(await self.refused(server, self.issuer.issue(other_user).token), ErrorCode.SESSION_NOT_LIVE)
 
         client, _ = await self.authenticated(server, token)
@@ -134,7 +105,7 @@ class GameServerTests(TestCase):
     async def test_second_login_on_another_server_kicks_the_first(self):
         """The same user authenticating on a second server closes the first connection, which is told why."""
         first_server, second_server = await self.game_server(), await self.game_server()
-        user_id, _ = await self.new_user()
+        user_id = await self.new_user()
         first, _ = await self.authenticated(first_server, await self.entered_token(user_id))
         second, _ = await self.authenticated(second_server, await self.entered_token(user_id))
         await first.closed
@@ -150,7 +121,7 @@ class GameServerTests(TestCase):
     async def test_requests_then_disconnect_lands_in_mysql(self):
         """Hunts and inventory changes, then a dropped connection: the sync leaves MySQL as the player last saw it."""
         server = await self.game_server()
-        user_id, _ = await self.new_user()
+        user_id = await self.new_user()
         client, _ = await self.authenticated(server, await self.entered_token(user_id))
         await client.request(packets.GRANT, {"item_code": 101, "count": 2})
         await client.request(packets.GRANT, {"item_code": 301, "count": 120})
@@ -179,7 +150,7 @@ class GameServerTests(TestCase):
         """Without dev_grant on, grant is refused."""
         server = RunningServer(game_tap, "game", ["--tokens-public-key", self.public_key,
                                                   "--sync-prefix", self.settings.sync.prefix]).start(self)
-        user_id, _ = await self.new_user()
+        user_id = await self.new_user()
         client, _ = await self.authenticated(server, await self.entered_token(user_id))
         with self.assertRaises(RemoteError) as raised:
             await client.request(packets.GRANT, {"item_code": 101, "count": 1})

@@ -7,54 +7,21 @@ a MariaDB outage, checkpoints and a thousand logouts at once.
 import random
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
 
-from dreamraid.services.database import MYSQL_UNAVAILABLE, Database
-from dreamraid.services.livestore import LiveStore, Item, Profile, data_keys, session_key
-from dreamraid.services.loading import MysqlProfileStore, World, thd_load_profile
-from dreamraid.services.sync import GROUP, MysqlSnapshotStore, SyncQueue, SyncWorker, thd_write_snapshots
-from dreamraid.services.tokens import TokenIssuer, TokenVerifier, create_key_pair
-from tests import cluster
-from tests.storage import prepare_test_database, sql, test_settings
-from tests.support import eventually, require_stack, stack
+from dreamraid.services.database import MYSQL_UNAVAILABLE
+from dreamraid.services.livestore import Item, Profile, data_keys, session_key
+from dreamraid.services.loading import thd_load_profile
+from dreamraid.services.sync import GROUP, MysqlSnapshotStore, SyncWorker, thd_write_snapshots
+from tests.storage import SessionServicesCase, sql, test_settings
+from tests.support import eventually, stack
 
 
-class SyncCase(TestCase):
-    """The session server's services over the real stores, on the test database."""
-
-    timeout = 120
+class SyncCase(SessionServicesCase):
+    """The session server's services, with helpers for sync."""
 
     async def setUp(self):
-        require_stack()
-        await prepare_test_database()
-        keys = self.mktemp()
-        private, public = f"{keys}/token.pem", f"{keys}/token.pub"
-        create_key_pair(private, public)
-        self.settings = test_settings(tokens_private_key=private, tokens_public_key=public)
-        self.database = Database(self.settings.mysql)
-        self.database.startService()
-        self.addCleanup(self.database.stopService)
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
-        self.live = LiveStore(self.router)
-        self.queue = SyncQueue(self.router, reactor, self.settings.sync.shards, self.settings.sync.prefix)
-        self.issuer = TokenIssuer(self.settings.tokens, reactor, random.Random())
-        self.world = World(TokenVerifier(self.settings.tokens, reactor), self.live, MysqlProfileStore(self.database),
-                           self.queue, self.settings.session.game_servers, random.Random(3), 900)
+        await super().setUp()
         self.snapshots = MysqlSnapshotStore(self.database)
-
-    async def new_user(self, level=1, exp=0, best=0, items=None):
-        """A user written straight into MySQL; its id."""
-        name = f"u{random.getrandbits(60):x}"[:20]
-        await sql("INSERT INTO users (name, password_hash, level, exp) VALUES (%s, 'x', %s, %s)", (name, level, exp))
-        [(user_id,)] = await sql("SELECT id FROM users WHERE name = %s", (name,))
-        for (tab, slot), item in (items or {}).items():
-            await sql("INSERT INTO inventory VALUES (%s, %s, %s, %s, %s, %s)",
-                      (user_id, tab, slot, item.code, item.enhancement, item.count))
-        if best:
-            await sql("INSERT INTO best_scores (user_id, score) VALUES (%s, %s)", (user_id, best))
-        return user_id
 
     async def enter(self, user_id):
         """Enter the world with a fresh token; the token's id."""
