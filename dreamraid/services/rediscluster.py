@@ -17,7 +17,8 @@ from binascii import crc_hqx
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -264,6 +265,18 @@ class _Connection(txredisapi.HiredisProtocol):
         while reply is not False:
             put(reply)
             reply = reader.gets()
+
+
+class _OneConnection(Factory):
+    """C{connectProtocol}'s factory, without its two log lines per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
 
 
 def _protocol():
@@ -651,7 +664,7 @@ class RedisCluster(Service):
     def _open(self, address, protocol=None):
         """A Deferred of a new connection to C{address} (a plain one unless C{protocol} is given)."""
         endpoint = TCP4ClientEndpoint(self.clock, address[0], address[1], timeout=self._connect_timeout)
-        return connectProtocol(endpoint, protocol or _protocol())
+        return endpoint.connect(_OneConnection(protocol or _protocol()))
 
     # -- blocking commands on dedicated connections ---------------------------
 
