@@ -29,9 +29,8 @@ import pymysql
 from twisted.internet import defer, task, threads
 
 from bench import children
-from dreamraid.admin import connect
 from dreamraid.config import load_settings
-from dreamraid.services.database import Database
+from dreamraid.services.database import Database, connect
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import Item, LiveStore, Profile, data_keys
 from dreamraid.services.migrations import load_migrations, thd_migrate

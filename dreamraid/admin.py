@@ -12,20 +12,9 @@ Each takes C{--config PATH} (default: the shipped C{conf/dreamraid.ini}).
 import argparse
 import sys
 
-import pymysql
-
 from dreamraid.config import DEFAULT_PATH, ConfigError, load_settings
+from dreamraid.services.database import MySQLError, connect
 from dreamraid.services.migrations import MigrationError, load_migrations, thd_migrate, thd_schema_version
-
-
-def connect(mysql, database=None):
-    """A PyMySQL connection for the settings' MariaDB (to C{database} if given)."""
-    return pymysql.connect(
-        host=mysql.host, port=mysql.port, user=mysql.user, password=mysql.password,
-        database=database or mysql.database, charset="utf8mb4",
-        connect_timeout=mysql.connect_timeout, read_timeout=mysql.read_timeout,
-        write_timeout=mysql.read_timeout,
-    )
 
 
 def _migrate(settings, arguments):
@@ -68,7 +57,7 @@ def main(argv=None):
     try:
         settings = load_settings(arguments.config)
         arguments.run(settings, arguments)
-    except (ConfigError, MigrationError, pymysql.MySQLError, OSError) as e:
+    except (ConfigError, MigrationError, MySQLError, OSError) as e:
         sys.stderr.write(f"dreamraid-admin: {e}\n")
         return 1
     return 0

@@ -11,8 +11,7 @@ import pymysql
 from twisted.internet import reactor, threads
 from twisted.trial.unittest import TestCase
 
-from dreamraid.admin import connect
-from dreamraid.services.database import Database
+from dreamraid.services.database import Database, connect
 from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.migrations import load_migrations, thd_migrate
@@ -44,6 +43,14 @@ async def prepare_test_database():
     if not _prepared:
         await threads.deferToThreadPool(reactor, reactor.getThreadPool(), _thd_prepare)
         _prepared.append(True)
+
+
+def new_key_pair(testcase):
+    """Paths of a fresh token key pair in the test's temporary directory: C{(private, public)}."""
+    keys = testcase.mktemp()
+    private, public = f"{keys}/token.pem", f"{keys}/token.pub"
+    create_key_pair(private, public)
+    return private, public
 
 
 def test_settings(**overrides):
@@ -79,9 +86,7 @@ class SessionServicesCase(TestCase):
     async def setUp(self):
         require_stack()
         await prepare_test_database()
-        keys = self.mktemp()
-        self.private_key, self.public_key = f"{keys}/token.pem", f"{keys}/token.pub"
-        create_key_pair(self.private_key, self.public_key)
+        self.private_key, self.public_key = new_key_pair(self)
         self.settings = test_settings(tokens_private_key=self.private_key, tokens_public_key=self.public_key)
         self.database = Database(self.settings.mysql)
         self.database.startService()

@@ -15,9 +15,8 @@ from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.accounts import LoginThrottle
 from dreamraid.services.livestore import session_key
-from dreamraid.services.tokens import create_key_pair
 from tests import cluster
-from tests.storage import TEST_DATABASE, prepare_test_database, sql
+from tests.storage import TEST_DATABASE, new_key_pair, prepare_test_database, sql
 from tests.support import RunningServer, require_stack
 
 
@@ -40,9 +39,7 @@ class SessionServerTests(TestCase):
     async def setUp(self):
         require_stack()
         await prepare_test_database()
-        keys = self.mktemp()
-        self.private_key, self.public_key = f"{keys}/token.pem", f"{keys}/token.pub"
-        create_key_pair(self.private_key, self.public_key)
+        self.private_key, self.public_key = new_key_pair(self)
         self.server = RunningServer(session_tap, "session", [
             "--mysql-database", TEST_DATABASE,
             "--accounts-scrypt-n", "1024",

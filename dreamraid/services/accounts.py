@@ -13,12 +13,11 @@ import hmac
 import re
 from typing import NamedTuple
 
-import pymysql
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from dreamraid.errors import ErrorCode, RequestRefused
-from dreamraid.services.database import MYSQL_UNAVAILABLE
+from dreamraid.services.database import MYSQL_UNAVAILABLE, MySQLError, is_duplicate_entry
 from dreamraid.services.deferreds import gather
 from dreamraid.services.rediscluster import RedisClusterError, Script
 
@@ -141,8 +140,8 @@ def thd_create_user(connection, name, password_hash):
         with connection.cursor() as cursor:
             cursor.execute("INSERT INTO users (name, password_hash) VALUES (%s, %s)", (name, password_hash))
             return cursor.lastrowid
-    except pymysql.err.IntegrityError as e:
-        if e.args[0] == 1062:
+    except MySQLError as e:
+        if is_duplicate_entry(e):
             raise NameTaken(name) from None
         raise
 

@@ -8,6 +8,29 @@ import pymysql
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
 
+# Any error the driver raises.
+MySQLError = pymysql.MySQLError
+_DUPLICATE_ENTRY = 1062
+
+
+def is_duplicate_entry(error):
+    """Whether C{error} is MySQL refusing a row that repeats a unique key."""
+    return isinstance(error, pymysql.err.IntegrityError) and error.args[0] == _DUPLICATE_ENTRY
+
+
+def connect(mysql, database=None):
+    """
+    A blocking PyMySQL connection for the settings' MariaDB (to C{database}
+    if given), for commands that run outside a reactor.
+    """
+    return pymysql.connect(
+        host=mysql.host, port=mysql.port, user=mysql.user, password=mysql.password,
+        database=database or mysql.database, charset="utf8mb4",
+        connect_timeout=mysql.connect_timeout, read_timeout=mysql.read_timeout,
+        write_timeout=mysql.read_timeout,
+    )
+
+
 # What a call through the pool raises when MySQL is down, the connection
 # broke, or a lock wait or deadlock aborted the transaction: worth a retry
 # later.  Other errors are bugs and are not retried.

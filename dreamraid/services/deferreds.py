@@ -3,6 +3,12 @@
 from twisted.internet import defer
 
 
+def pass_after(result, function, *args):
+    """A callback that calls C{function(*args)} and passes the result on unchanged."""
+    function(*args)
+    return result
+
+
 def gather(waitables):
     """
     A Deferred of the results of C{waitables} (Deferreds or coroutines) in

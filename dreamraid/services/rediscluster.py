@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dreamraid.services.deferreds import gather, pass_after
 from dreamraid.services.rediscommands import READ_ONLY, command_keys, command_name
 
 SLOTS = 16384
@@ -873,7 +874,7 @@ class RedisCluster(Service):
             call = self._call(("PING",), None, None)
             call.slot = self._slots.index(node)
             pings.append(self._start(call))
-        await defer.gatherResults(pings, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        await gather(pings)
 
     # -- the slot table --------------------------------------------------------
 
@@ -964,7 +965,7 @@ class RedisCluster(Service):
         asked = defer.ensureDeferred(ask())
         self._probes.add(asked)
         asked.addTimeout(self._connect_timeout + self.command_timeout, self.clock)
-        asked.addBoth(_pass_after, self._probes.discard, asked)
+        asked.addBoth(pass_after, self._probes.discard, asked)
         return asked
 
     def _install(self, ranges, replicas, source):
@@ -1142,11 +1143,6 @@ def _name(node):
 
 def _value(failure):
     return failure.value
-
-
-def _pass_after(result, function, *args):
-    function(*args)
-    return result
 
 
 def _cancel_all(deferreds):

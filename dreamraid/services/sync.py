@@ -27,7 +27,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from dreamraid.services.database import MYSQL_UNAVAILABLE
-from dreamraid.services.deferreds import gather
+from dreamraid.services.deferreds import gather, pass_after
 from dreamraid.services.livestore import EVICTED
 from dreamraid.services.rediscluster import SLOTS, RedisClusterError, key_slot
 
@@ -230,7 +230,7 @@ class SyncWorker(Service):
                         await defer.DeferredList(list(in_flight), fireOnOneCallback=True, fireOnOneErrback=True)
                     batch = defer.Deferred.fromCoroutine(self._sync(batch_jobs))
                     in_flight.add(batch)
-                    batch.addBoth(_pass_after, in_flight.discard, batch)
+                    batch.addBoth(pass_after, in_flight.discard, batch)
         finally:
             await defer.DeferredList(list(in_flight))
 
@@ -367,11 +367,6 @@ class SyncWorker(Service):
                 self.counters["checkpoints"] += len(users)
         except RedisClusterError as e:
             self._log.warn("sync: checkpoint skipped ({error})", error=e)
-
-
-def _pass_after(result, function, *args):
-    function(*args)
-    return result
 
 
 def _jobs(shard, entries):

@@ -30,7 +30,7 @@ from dreamraid.errors import ErrorCode, RequestRefused
 _USER_ID = re.compile(r"[0-9]{1,20}")
 
 # PyJWT checks the signature, the required claims, the issuer and the
-# audience; the times are checked against the injected clock, not time.time().
+# audience; the times are checked against the injected clock, not the wall clock.
 _DECODE_OPTIONS = {
     "require": ["sub", "iss", "aud", "iat", "exp", "jti"],
     "verify_exp": False,
