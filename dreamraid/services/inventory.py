@@ -13,10 +13,8 @@ Inside the scripts an item is the text C{code:enhancement:count}.
 from typing import NamedTuple
 
 from dreamraid.errors import ErrorCode, RequestRefused
-from dreamraid.services.livestore import TABS, data_keys
+from dreamraid.services.livestore import CONSUMABLES, EQUIPMENT, TABS, data_keys
 from dreamraid.services.rediscluster import Script
-
-EQUIPMENT, CONSUMABLES, MATERIALS = TABS
 
 # Shared by the scripts below: parse an item, add items of one code to a tab
 # (first topping up stacks of that code, then the lowest free slots), and
