@@ -258,6 +258,12 @@ class _Connection(txredisapi.HiredisProtocol):
     nothing and costs a call per element.
     """
 
+    def connectionMade(self):
+        # Commands go out as they are made: with Nagle's algorithm a small
+        # write waits for the previous one's ACK, which Redis may delay 40 ms.
+        self.transport.setTcpNoDelay(True)
+        return super().connectionMade()
+
     def dataReceived(self, data):
         reader = self._reader
         reader.feed(data)
