@@ -45,8 +45,9 @@ def makeService(options, reactor=None):
     players = Players(verifier, presence, queue, reactor, game.presence_ttl)
     players.setServiceParent(top)
     inventory = Inventory(router, load_tables(settings.tables.path), reactor, random.SystemRandom())
-    health = Health(
-        reactor, {"redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout)}
-    )
+    health = Health(reactor, {
+        "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),
+        "kicks": (players.check_kicks, 1.0),
+    })
     add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory)
     return top

@@ -5,6 +5,7 @@ keys never meet a development server's.  Each test gets its own sync key
 prefix, so leftover jobs of one test never reach another.
 """
 
+import os
 import random
 
 import pymysql
@@ -47,7 +48,7 @@ async def prepare_test_database():
 
 def new_key_pair(testcase):
     """Paths of a fresh token key pair in the test's temporary directory: C{(private, public)}."""
-    keys = testcase.mktemp()
+    keys = os.path.abspath(testcase.mktemp())
     private, public = f"{keys}/token.pem", f"{keys}/token.pub"
     create_key_pair(private, public)
     return private, public

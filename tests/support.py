@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from hypothesis import settings as hypothesis_settings
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import Agent, readBody
@@ -86,12 +86,17 @@ async def eventually(probe, timeout=30.0, interval=0.1):
         await task.deferLater(reactor, interval, lambda: None)
 
 
-def python():
-    """The interpreter running the tests (the project's venv)."""
-    return sys.executable
+class _Listening:
+    """A server a test connects to on C{self.port}."""
+
+    async def client(self, testcase):
+        """A connected L{dreamraid.client} client, closed after the test."""
+        client = await connect(reactor, "127.0.0.1", self.port)
+        testcase.addCleanup(lambda: client.close() if client.connected else None)
+        return client
 
 
-class RunningServer:
+class RunningServer(_Listening):
     """A server service tree built by its tap and started in this process, on free ports."""
 
     def __init__(self, tap, section, extra=()):
@@ -113,7 +118,91 @@ class RunningServer:
     def health(self):
         return defer.Deferred.fromCoroutine(http_get(f"http://127.0.0.1:{self.http_port}/health"))
 
-    async def client(self, testcase):
-        client = await connect(reactor, "127.0.0.1", self.port)
-        testcase.addCleanup(lambda: client.close() if client.connected else None)
-        return client
+
+
+class ChildProcess(protocol.ProcessProtocol):
+    """
+    Keeps what a child process prints; C{ready} fires when it prints a
+    "ready" line, C{ended} when it exits.
+    """
+
+    def __init__(self):
+        self.output = []
+        self.ready = defer.Deferred()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output.append(data)
+        if not self.ready.called and b"ready\n" in b"".join(self.output):
+            self.ready.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)
+
+    def lines(self):
+        return b"".join(self.output).decode(errors="replace").splitlines()
+
+
+def spawn(testcase, *args):
+    """Run C{python args} in the project root; its L{ChildProcess}, ended after the test."""
+    child = ChildProcess()
+    reactor.spawnProcess(child, sys.executable, [sys.executable, *args], env=dict(os.environ), path=str(ROOT))
+
+    def end():
+        if not child.ended.called:
+            child.transport.signalProcess("KILL")
+        return child.ended
+
+    testcase.addCleanup(end)
+    return child
+
+
+class ServerProcess(_Listening):
+    """
+    A server run as C{twistd -n <plugin>} in a process of its own, on free
+    ports, as production runs it.  What it printed is shown when a test
+    using it fails to get it going.
+    """
+
+    def __init__(self, plugin, section, extra=()):
+        self.port, self.http_port = free_port(), free_port()
+        self._args = [
+            os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", plugin,
+            "--config", str(CONFIG),
+            f"--{section}-listen", f"tcp:{self.port}:interface=127.0.0.1",
+            f"--{section}-http-listen", f"tcp:{self.http_port}:interface=127.0.0.1",
+            *extra,
+        ]
+        self._child = ChildProcess()
+
+    async def start(self, testcase, timeout=30.0):
+        """Start it and wait until its C{/health} says every dependency answers; stopped after the test."""
+        reactor.spawnProcess(self._child, self._args[0], self._args, env=dict(os.environ), path=str(ROOT))
+        testcase.addCleanup(self.stop)
+
+        async def healthy():
+            if self._child.ended.called:
+                raise AssertionError(f"the server exited at start:\n{self.output()}")
+            try:
+                status, _ = await http_get(f"http://127.0.0.1:{self.http_port}/health")
+            except Exception:
+                return False
+            return status == 200
+
+        try:
+            await eventually(healthy, timeout)
+        except AssertionError:
+            raise AssertionError(f"the server did not become healthy:\n{self.output()}") from None
+        return self
+
+    def output(self):
+        return "\n".join(self._child.lines())
+
+    def stop(self):
+        """End it as an operator would (SIGTERM); a Deferred that fires when it is gone."""
+        if not self._child.ended.called:
+            self._child.transport.signalProcess("TERM")
+        return self._child.ended
+

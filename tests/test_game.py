@@ -1,7 +1,7 @@
 """
 Game servers over real TCP, built by their twistd plugin, against the real
 Redis Cluster and MariaDB: authentication and every kind of bad token, the
-kick of a duplicate login across two servers, requests, and logout and
+kick of a duplicate login across two game server processes, requests, and logout and
 disconnect leading to the user's data in MySQL.
 """
 
@@ -15,12 +15,13 @@ from dreamraid import game_tap
 from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
+from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import data_keys, session_key
 from dreamraid.services.loading import thd_load_profile
 from dreamraid.services.presence import presence_key
 from dreamraid.services.sync import MysqlSnapshotStore, SyncWorker
 from tests.storage import SessionServicesCase, sql
-from tests.support import RunningServer, eventually
+from tests.support import RunningServer, ServerProcess, eventually
 
 
 class GameServerTests(SessionServicesCase):
@@ -62,6 +63,7 @@ class GameServerTests(SessionServicesCase):
         client, body = await self.authenticated(server, await self.entered_token(user_id))
         self.assertEqual(body, {"user_id": user_id, "name": name, "level": 3, "exp": 0})
         self.assertIsNotNone(await self.router.execute("GET", presence_key(user_id)))
+        self.assertEqual(await server.health(), (200, {"status": "ok", "checks": {"redis": "ok", "kicks": "ok"}}))
         _, again = await client.request(packets.PING, {"nonce": 5})
         self.assertEqual(again, {"nonce": 5})
         with self.assertRaises(RemoteError) as raised:
@@ -102,9 +104,19 @@ class GameServerTests(SessionServicesCase):
         self.assertIsNone(await self.router.execute("GET", session_key(user_id)))
         self.assertEqual(await self.refused(server, token), ErrorCode.SESSION_NOT_LIVE)
 
-    async def test_second_login_on_another_server_kicks_the_first(self):
-        """The same user authenticating on a second server closes the first connection, which is told why."""
-        first_server, second_server = await self.game_server(), await self.game_server()
+    def game_process(self):
+        """A game server in a process of its own, as production runs it."""
+        return ServerProcess("dreamraid-game", "game", [
+            "--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
+        ]).start(self)
+
+    async def test_second_login_on_another_process_kicks_the_first(self):
+        """
+        The same user authenticating on a second game server process closes
+        the first connection, which is told why; a third login on the second
+        process closes the second.
+        """
+        first_server, second_server = await gather([self.game_process(), self.game_process()])
         user_id = await self.new_user()
         first, _ = await self.authenticated(first_server, await self.entered_token(user_id))
         second, _ = await self.authenticated(second_server, await self.entered_token(user_id))

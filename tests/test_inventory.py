@@ -2,10 +2,11 @@
 Hunting and the inventory scripts against the real Redis Cluster: the rules
 with a seeded random source and a driven clock, the enhancement chances over
 10,000 rolls a level, and atomicity under concurrent requests from two
-routers (as from two game server processes).
+processes.
 """
 
 import collections
+import json
 import math
 import random
 
@@ -18,7 +19,7 @@ from dreamraid.services.inventory import Inventory, SlotItem
 from dreamraid.services.livestore import Item, LiveStore, Profile, data_keys, tab_key
 from dreamraid.tables import load_tables
 from tests import cluster
-from tests.support import ROOT, require_stack
+from tests.support import ROOT, require_stack, spawn
 
 TABLES = load_tables(ROOT / "conf" / "tables.json")
 
@@ -161,44 +162,29 @@ class InventoryTests(InventoryCase):
 
 class AtomicityTests(InventoryCase):
 
-    async def test_two_routers_two_hundred_concurrent_changes(self):
+    async def test_two_processes_two_hundred_concurrent_changes(self):
         """
-        200 concurrent moves, enhances, uses and deletes from two routers (as
-        from two processes): the units left are exactly those before minus
+        200 moves, enhances, uses and deletes on one user from two processes,
+        each the game server's inventory on a router of its own (one
+        connection per user means two game servers meet on a user only
+        through their scripts), all sent at once on one "go": the units left are exactly those before minus
         what the successful uses and deletes took; no slot holds two items.
         """
         items = {(0, s): Item(101, 0, 1) for s in range(10)}
         items.update({(1, s): Item(201, 0, 10) for s in range(10)})
         items.update({(2, s): Item(301, 0, 50) for s in range(10)})
         user_id = await self.new_user(items=items)
-        other_router = cluster.router()
-        self.addCleanup(other_router.stopService)
-        await other_router.refresh()
-        inventories = [self.inventory, Inventory(other_router, TABLES, self.clock, random.Random(8))]
-        rng = random.Random(3)
-        taken = collections.Counter()
-        outcomes = collections.Counter()
+        children = [spawn(self, "-m", "tests.inventory_changes", str(user_id), str(seed), "100") for seed in (3, 4)]
+        await gather([child.ready for child in children])
+        for child in children:
+            child.transport.write(b"go\n")
+        await gather([child.ended for child in children])
+        results = [json.loads(child.lines()[-1]) for child in children]
+        taken, outcomes = collections.Counter(), collections.Counter()
+        for result in results:
+            taken.update({int(code): n for code, n in result["taken"].items()})
+            outcomes.update(result["outcomes"])
 
-        async def one(i):
-            inventory = inventories[i % 2]
-            kind = rng.choice(["move", "move", "enhance", "use", "delete"])
-            try:
-                if kind == "move":
-                    await inventory.move(user_id, rng.randrange(3), rng.randrange(12), rng.randrange(12))
-                elif kind == "enhance":
-                    await inventory.enhance(user_id, rng.randrange(12))
-                elif kind == "use":
-                    await inventory.use(user_id, rng.randrange(12))
-                    taken[201] += 1
-                else:
-                    await inventory.delete(user_id, 0, rng.randrange(12))
-                    taken[101] += 1
-                outcomes[kind] += 1
-            except RequestRefused as e:
-                self.assertIn(e.code, (ErrorCode.EMPTY_SLOT, ErrorCode.MAX_ENHANCEMENT))
-                outcomes["refused"] += 1
-
-        await gather([one(i) for i in range(200)])
         after = await self.inventory.list(user_id)
         units = collections.Counter()
         for item in after:

@@ -11,6 +11,7 @@ from zope.interface import Attribute, Interface
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
+from dreamraid.services.health import Unhealthy
 from dreamraid.services.rediscluster import RedisClusterError
 
 
@@ -64,6 +65,11 @@ class Players(Service):
             connection.user_id = None
             connection.kick(ErrorCode.SHUTTING_DOWN)
         await self._kicks.stop()
+
+    async def check_kicks(self):
+        """For health: fail unless this process hears kicks from the others right now."""
+        if self._kicks is None or not self._kicks.subscribed:
+            raise Unhealthy("not subscribed to kicks from other game servers")
 
     def when_listening(self):
         """A Deferred that fires once this process hears kicks from the others."""

@@ -1046,6 +1046,11 @@ class Subscription:
         """Connect and subscribe; again after every lost connection, until L{stop}."""
         defer.ensureDeferred(self._connect())
 
+    @property
+    def subscribed(self):
+        """Whether the subscription is in place right now."""
+        return self._protocol is not None
+
     def when_subscribed(self):
         """A Deferred that fires with the node's address the next time the subscription is in place."""
         waiter = defer.Deferred()
