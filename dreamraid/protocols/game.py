@@ -13,8 +13,18 @@ from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
 from dreamraid.services.players import IPlayerConnection
 
 
-def _slots(items):
-    return {"items": [item._asdict() for item in items]}
+def _inventory(items):
+    return packets.INVENTORY, {"items": [item._asdict() for item in items]}
+
+
+def _hunted(hunted):
+    reply = hunted._asdict()
+    reply["changed"] = [item._asdict() for item in hunted.changed]
+    return packets.HUNTED, reply
+
+
+def _enhanced(enhanced):
+    return packets.ENHANCED, enhanced._asdict()
 
 
 @implementer(IPlayerConnection)
@@ -52,40 +62,39 @@ class GameProtocol(ServerProtocol):
         self.close_after_reply = True
         return packets.LOGGED_OUT, {}
 
+    # The requests below are the hot path: each handler returns the
+    # service's Deferred with the reply's encoding chained on, no coroutine.
+
     @handles(packets.HUNT)
-    async def hunt(self, body):
-        hunted = await self.factory.inventory.hunt(self.user_id, body["monster"])
-        reply = hunted._asdict()
-        reply["changed"] = [item._asdict() for item in hunted.changed]
-        return packets.HUNTED, reply
+    def hunt(self, body):
+        return self.factory.inventory.hunt(self.user_id, body["monster"]).addCallback(_hunted)
 
     @handles(packets.LIST_INVENTORY)
-    async def list_inventory(self, body):
-        return packets.INVENTORY, _slots(await self.factory.inventory.list(self.user_id))
+    def list_inventory(self, body):
+        return self.factory.inventory.list(self.user_id).addCallback(_inventory)
 
     @handles(packets.DELETE_ITEM)
-    async def delete_item(self, body):
-        return packets.INVENTORY, _slots(await self.factory.inventory.delete(self.user_id, body["tab"], body["slot"]))
+    def delete_item(self, body):
+        return self.factory.inventory.delete(self.user_id, body["tab"], body["slot"]).addCallback(_inventory)
 
     @handles(packets.MOVE_ITEM)
-    async def move_item(self, body):
-        moved = await self.factory.inventory.move(self.user_id, body["tab"], body["from_slot"], body["to_slot"])
-        return packets.INVENTORY, _slots(moved)
+    def move_item(self, body):
+        moved = self.factory.inventory.move(self.user_id, body["tab"], body["from_slot"], body["to_slot"])
+        return moved.addCallback(_inventory)
 
     @handles(packets.USE_ITEM)
-    async def use_item(self, body):
-        return packets.INVENTORY, _slots(await self.factory.inventory.use(self.user_id, body["slot"]))
+    def use_item(self, body):
+        return self.factory.inventory.use(self.user_id, body["slot"]).addCallback(_inventory)
 
     @handles(packets.ENHANCE)
-    async def enhance(self, body):
-        return packets.ENHANCED, (await self.factory.inventory.enhance(self.user_id, body["slot"]))._asdict()
+    def enhance(self, body):
+        return self.factory.inventory.enhance(self.user_id, body["slot"]).addCallback(_enhanced)
 
     @handles(packets.GRANT)
-    async def grant(self, body):
+    def grant(self, body):
         if not self.factory.dev_grant:
             raise RequestRefused(ErrorCode.GRANT_DISABLED)
-        return packets.INVENTORY, _slots(await self.factory.inventory.grant(self.user_id, body["item_code"],
-                                                                            body["count"]))
+        return self.factory.inventory.grant(self.user_id, body["item_code"], body["count"]).addCallback(_inventory)
 
 
 class GameFactory(ServerFactory):

@@ -12,6 +12,8 @@ Inside the scripts an item is the text C{code:enhancement:count}.
 
 from typing import NamedTuple
 
+from twisted.internet import defer
+
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.livestore import CONSUMABLES, EQUIPMENT, TABS, data_keys
 from dreamraid.services.rediscluster import Script
@@ -212,8 +214,53 @@ def _changed(flat):
     return items
 
 
+def _live(reply):
+    if reply[0] == NOT_LIVE:
+        raise RequestRefused(ErrorCode.SESSION_NOT_LIVE, "the user's data is no longer live")
+    return reply
+
+
+def _slots_changed(reply, skip=1):
+    """The changed slots after the reply's first C{skip} values; EMPTY_SLOT when the script found nothing."""
+    if reply[0] == 0:
+        raise RequestRefused(ErrorCode.EMPTY_SLOT)
+    return _changed(reply[skip:])
+
+
+def _hunted(reply, exp):
+    if reply[0] == -1:
+        raise RequestRefused(ErrorCode.HUNT_COOLDOWN)
+    return Hunted(exp, int(reply[1]), int(reply[0]), int(reply[2]), _changed(reply[3:]))
+
+
+def _enhanced(reply, slot):
+    if reply[0] == 0:
+        raise RequestRefused(ErrorCode.EMPTY_SLOT)
+    if reply[0] == -1:
+        raise RequestRefused(ErrorCode.MAX_ENHANCEMENT)
+    return Enhanced(slot, reply[0] == 1, int(reply[1]))
+
+
+def _granted(reply):
+    if reply[0] > 0:
+        raise RequestRefused(ErrorCode.INVENTORY_FULL, f"{reply[0]} did not fit")
+    return _changed(reply[1:])
+
+
+def _listed(replies):
+    items = []
+    for tab, flat in zip(TABS, replies):
+        items += _changed([v for i in range(0, len(flat), 2) for v in (tab, flat[i], flat[i + 1])])
+    return sorted(items)
+
+
 class Inventory:
-    """Hunting and inventory changes of live users, by the game tables, with server-side rolls."""
+    """
+    Hunting and inventory changes of live users, by the game tables, with
+    server-side rolls.  Each method returns a Deferred, failed with
+    L{RequestRefused} when the request breaks a rule: these are the game
+    server's hot path, so they are plain callback chains, not coroutines.
+    """
 
     def __init__(self, router, tables, clock, random):
         self._router = router
@@ -232,83 +279,60 @@ class Inventory:
         self._thresholds = [t.exp_to_advance[level] for level in range(1, t.max_level)]
         self._chances = [t.enhance_success_percent[level] for level in range(t.max_enhancement)]
 
-    async def _run(self, name, user_id, args):
-        reply = await self.scripts[name](data_keys(user_id), args)
-        if reply[0] == NOT_LIVE:
-            raise RequestRefused(ErrorCode.SESSION_NOT_LIVE, "the user's data is no longer live")
-        return reply
+    def _run(self, name, user_id, args):
+        return self.scripts[name](data_keys(user_id), args).addCallback(_live)
 
-    def _check_slot(self, tab, slot):
-        if tab not in TABS or not 0 <= slot < self._tables.slots:
-            raise RequestRefused(ErrorCode.BAD_SLOT)
+    def _bad_slot(self, tab, *slots):
+        """A failed Deferred for a slot outside the tab (or a tab that does not exist), else None."""
+        if tab not in TABS or not all(0 <= slot < self._tables.slots for slot in slots):
+            return defer.fail(RequestRefused(ErrorCode.BAD_SLOT))
+        return None
 
-    async def list(self, user_id):
+    def list(self, user_id):
         """Every occupied slot, as L{SlotItem}s."""
-        replies = await self._router.transaction([("HGETALL", key) for key in data_keys(user_id)[1:]])
-        items = []
-        for tab, flat in zip(TABS, replies):
-            items += _changed([v for i in range(0, len(flat), 2) for v in (tab, flat[i], flat[i + 1])])
-        return sorted(items)
+        keys = data_keys(user_id)[1:]
+        return defer.ensureDeferred(self._router.transaction([("HGETALL", key) for key in keys])).addCallback(_listed)
 
-    async def hunt(self, user_id, monster):
-        """Hunt one monster: exp, level-ups and drops rolled here.  @raise RequestRefused: unknown monster, cooldown."""
+    def hunt(self, user_id, monster):
+        """Hunt one monster: exp, level-ups and drops rolled here; a L{Hunted}.  Refused: unknown monster, cooldown."""
         t = self._tables
         exp = t.monster_exp.get(monster)
         if exp is None:
-            raise RequestRefused(ErrorCode.UNKNOWN_MONSTER)
+            return defer.fail(RequestRefused(ErrorCode.UNKNOWN_MONSTER))
         args = [int(self._clock.seconds() * 1000), t.hunt_cooldown_ms, exp, t.max_level, t.slots,
                 len(self._thresholds), *self._thresholds]
         for drop in t.monster_drops.get(monster, ()):
             if self._random.randrange(100) < drop.percent:
                 kind = t.items[drop.item]
                 args += [drop.item, kind.tab, drop.count, kind.stack]
-        reply = await self._run("hunt", user_id, args)
-        if reply[0] == -1:
-            raise RequestRefused(ErrorCode.HUNT_COOLDOWN)
-        return Hunted(exp, int(reply[1]), int(reply[0]), int(reply[2]), _changed(reply[3:]))
+        return self._run("hunt", user_id, args).addCallback(_hunted, exp)
 
-    async def delete(self, user_id, tab, slot):
+    def delete(self, user_id, tab, slot):
         """Empty a slot; the changed slots."""
-        self._check_slot(tab, slot)
-        reply = await self._run("delete", user_id, [tab, slot])
-        if reply[0] == 0:
-            raise RequestRefused(ErrorCode.EMPTY_SLOT)
-        return _changed(reply[1:])
+        return self._bad_slot(tab, slot) or self._run("delete", user_id, [tab, slot]).addCallback(_slots_changed)
 
-    async def move(self, user_id, tab, from_slot, to_slot):
+    def move(self, user_id, tab, from_slot, to_slot):
         """Move, swap or merge within a tab; the changed slots."""
-        self._check_slot(tab, from_slot)
-        self._check_slot(tab, to_slot)
-        reply = await self._run("move", user_id, [tab, from_slot, to_slot])
-        if reply[0] == 0:
-            raise RequestRefused(ErrorCode.EMPTY_SLOT)
-        return _changed(reply[1:])
+        return self._bad_slot(tab, from_slot, to_slot) or self._run(
+            "move", user_id, [tab, from_slot, to_slot]).addCallback(_slots_changed)
 
-    async def use(self, user_id, slot):
+    def use(self, user_id, slot):
         """Use one consumable; the changed slots."""
-        self._check_slot(CONSUMABLES, slot)
-        reply = await self._run("use", user_id, [slot])
-        if reply[0] == 0:
-            raise RequestRefused(ErrorCode.EMPTY_SLOT)
-        return _changed(reply[2:])
+        return self._bad_slot(CONSUMABLES, slot) or self._run("use", user_id, [slot]).addCallback(_slots_changed, 2)
 
-    async def enhance(self, user_id, slot):
+    def enhance(self, user_id, slot):
         """Roll for one enhancement level of the equipment in C{slot}; an L{Enhanced}."""
-        self._check_slot(EQUIPMENT, slot)
+        refused = self._bad_slot(EQUIPMENT, slot)
+        if refused is not None:
+            return refused
         roll = self._random.randrange(100)
-        reply = await self._run("enhance", user_id, [slot, roll, self._tables.max_enhancement, *self._chances])
-        if reply[0] == 0:
-            raise RequestRefused(ErrorCode.EMPTY_SLOT)
-        if reply[0] == -1:
-            raise RequestRefused(ErrorCode.MAX_ENHANCEMENT)
-        return Enhanced(slot, reply[0] == 1, int(reply[1]))
+        args = [slot, roll, self._tables.max_enhancement, *self._chances]
+        return self._run("enhance", user_id, args).addCallback(_enhanced, slot)
 
-    async def grant(self, user_id, item_code, count):
+    def grant(self, user_id, item_code, count):
         """Development only: add C{count} of an item to its tab; the changed slots."""
         kind = self._tables.items.get(item_code)
         if kind is None or count < 1:
-            raise RequestRefused(ErrorCode.UNKNOWN_ITEM)
-        reply = await self._run("grant", user_id, [kind.tab, item_code, count, kind.stack, self._tables.slots])
-        if reply[0] > 0:
-            raise RequestRefused(ErrorCode.INVENTORY_FULL, f"{reply[0]} did not fit")
-        return _changed(reply[1:])
+            return defer.fail(RequestRefused(ErrorCode.UNKNOWN_ITEM))
+        args = [kind.tab, item_code, count, kind.stack, self._tables.slots]
+        return self._run("grant", user_id, args).addCallback(_granted)
