@@ -115,6 +115,10 @@ class RunningServer(_Listening):
         testcase.addCleanup(self.service.stopService)
         return self
 
+    def part(self, class_name):
+        """The service of the tree whose class is named C{class_name}."""
+        return next(s for s in self.service if type(s).__name__ == class_name)
+
     def health(self):
         return defer.Deferred.fromCoroutine(http_get(f"http://127.0.0.1:{self.http_port}/health"))
 

@@ -34,8 +34,7 @@ class GameServerTests(SessionServicesCase):
             "--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
             "--game-dev-grant", "on",
         ]).start(self)
-        players = next(s for s in server.service if type(s).__name__ == "Players")
-        await players.when_listening()
+        await server.part("Players").when_listening()
         return server
 
     async def entered_token(self, user_id):

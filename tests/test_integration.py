@@ -149,11 +149,12 @@ class ServersTests(TestCase):
 
     @defer.inlineCallbacks
     def test_health_ok(self):
-        """/health is 200 on both servers when Redis (and MySQL) answer."""
+        """/health is 200 on both servers when Redis (and MySQL) answer, and the game server hears kicks."""
         game = RunningServer(game_tap, "game").start(self)
         session = RunningServer(session_tap, "session").start(self)
+        yield game.part("Players").when_listening()
         code, body = yield game.health()
-        self.assertEqual((code, body), (200, {"status": "ok", "checks": {"redis": "ok"}}))
+        self.assertEqual((code, body), (200, {"status": "ok", "checks": {"redis": "ok", "kicks": "ok"}}))
         code, body = yield session.health()
         self.assertEqual((code, body), (200, {"status": "ok", "checks": {"redis": "ok", "mysql": "ok"}}))
 
