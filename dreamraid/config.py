@@ -164,6 +164,9 @@ class SessionSettings(ServerSettings):
     """The session server: the client side plus where it sends players."""
 
     game_servers: tuple = setting(_host_ports, "game servers handed to players who enter the world")
+    board_check_interval: float = setting(
+        _number(float, 0.1, 86400.0), "seconds between checks that Redis still has the ranking board"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +191,7 @@ class SyncSettings:
     """The sync jobs from Redis back to MySQL."""
 
     prefix: str = setting(_text, "prefix of the sync keys (servers that share a cluster and a database share it)")
+    ranking_prefix: str = setting(_text, "prefix of the ranking board's keys (shared like the sync prefix)")
     session_ttl: float = setting(
         _number(float, 10.0, 86400.0), "seconds a live session lasts unless a game server renews it"
     )

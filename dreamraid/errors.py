@@ -49,6 +49,8 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_ITEM = 47
     GRANT_DISABLED = 48
 
+    BAD_RANGE = 60
+
 
 ERROR_TEXT = {
     ErrorCode.MALFORMED_FRAME: "the frame is shorter than its header, or a datagram does not verify",
@@ -86,6 +88,7 @@ ERROR_TEXT = {
     ErrorCode.INVENTORY_FULL: "no room in that tab",
     ErrorCode.UNKNOWN_ITEM: "no item has that code",
     ErrorCode.GRANT_DISABLED: "the grant command is off on this server",
+    ErrorCode.BAD_RANGE: "a ranking page starts at position 1 or later and holds 1 to 100 entries",
 }
 
 

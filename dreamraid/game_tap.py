@@ -13,6 +13,7 @@ from dreamraid.services.health import Health
 from dreamraid.services.inventory import Inventory
 from dreamraid.services.players import Players
 from dreamraid.services.presence import Presence
+from dreamraid.services.ranking import Ranking
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import SyncQueue
 from dreamraid.services.tokens import TokenKeyError, TokenVerifier
@@ -24,7 +25,7 @@ Options = settings_options("game server", GAME_SECTIONS)
 def makeService(options, reactor=None):
     """
     A game server: Redis Cluster router, players (authentication, presence,
-    kicks), hunting and inventory, the client TCP endpoint with liveness, and
+    kicks), hunting and inventory, the ranking board, the client TCP endpoint with liveness, and
     HTTP health.
     """
     if reactor is None:
@@ -49,5 +50,5 @@ def makeService(options, reactor=None):
         "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),
         "kicks": (players.check_kicks, 1.0),
     })
-    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory)
+    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, Ranking(router, settings.sync.ranking_prefix))
     return top

@@ -13,6 +13,7 @@ from dreamraid.services.database import Database
 from dreamraid.services.health import Health
 from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
+from dreamraid.services.ranking import BoardLoader, Ranking
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
 from dreamraid.services.tokens import TokenIssuer, TokenKeyError, TokenVerifier
@@ -23,8 +24,8 @@ Options = settings_options("session server", SESSION_SECTIONS)
 def makeService(options, reactor=None):
     """
     The session server: MySQL pool, Redis Cluster router, accounts, enter
-    world, the sync worker, the client TCP endpoint with liveness, and HTTP
-    health.
+    world, the sync worker, the ranking board's loader, the client TCP
+    endpoint with liveness, and HTTP health.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -53,6 +54,7 @@ def makeService(options, reactor=None):
     world = World(verifier, live, MysqlProfileStore(database), queue,
                   settings.session.game_servers, secure_random, settings.sync.session_ttl)
     SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync).setServiceParent(top)
+    BoardLoader(Ranking(router, settings.sync.ranking_prefix), database, reactor, settings.session.board_check_interval).setServiceParent(top)
 
     health = Health(reactor, {
         "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),

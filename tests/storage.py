@@ -1,8 +1,9 @@
 """
 The test database: C{dreamraid_test} on the stack's MariaDB, migrated once
 per run, with user ids starting at a random high offset so the tests' live
-keys never meet a development server's.  Each test gets its own sync key
-prefix, so leftover jobs of one test never reach another.
+keys never meet a development server's.  Each test gets its own sync and
+ranking key prefixes, so leftover jobs or scores of one test never reach
+another.
 """
 
 import os
@@ -55,11 +56,12 @@ def new_key_pair(testcase):
 
 
 def test_settings(**overrides):
-    """The shipped settings on the test database, with fast password hashing and a unique sync prefix."""
+    """The shipped settings on the test database, with fast password hashing and unique sync and ranking prefixes."""
     defaults = {
         "mysql_database": TEST_DATABASE,
         "accounts_scrypt_n": "1024",
         "sync_prefix": f"test{random.getrandbits(48):x}",
+        "sync_ranking_prefix": f"testranking{random.getrandbits(48):x}",
     }
     return make_settings(**{**defaults, **overrides})
 

@@ -62,7 +62,7 @@ class GameProtocol(ServerProtocol):
         self.close_after_reply = True
         return packets.LOGGED_OUT, {}
 
-    # The requests below are the hot path: each handler returns the
+    # Hunting and the inventory are the hot path: each handler returns the
     # service's Deferred with the reply's encoding chained on, no coroutine.
 
     @handles(packets.HUNT)
@@ -97,13 +97,26 @@ class GameProtocol(ServerProtocol):
         return self.factory.inventory.grant(self.user_id, body["item_code"], body["count"]).addCallback(_inventory)
 
 
+    @handles(packets.RANKING_PAGE)
+    async def ranking_page(self, body):
+        entries = await self.factory.ranking.page(body["first"], body["count"])
+        return packets.RANKING, {"entries": [{"rank": e.rank, "user_id": e.user_id, "score": e.score}
+                                             for e in entries],
+                                 "names": " ".join(e.name for e in entries)}
+
+    @handles(packets.MY_RANK)
+    async def my_rank(self, body):
+        return packets.RANK, (await self.factory.ranking.own(self.user_id))._asdict()
+
+
 class GameFactory(ServerFactory):
     """Builds L{GameProtocol}s over one game server's services."""
 
     protocol = GameProtocol
 
-    def __init__(self, server_name, settings, liveness, players, inventory):
+    def __init__(self, server_name, settings, liveness, players, inventory, ranking):
         super().__init__(server_name, settings, liveness)
         self.players = players
         self.inventory = inventory
+        self.ranking = ranking
         self.dev_grant = settings.dev_grant == "on"

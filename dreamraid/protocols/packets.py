@@ -615,6 +615,27 @@ GRANT = message(
     "item_code" / Int32ul, "count" / Int32ul,
 )
 
+RANK_ENTRY = Struct("rank" / Int32ul, "user_id" / Int64ul, "score" / Int32ul)
+
+RANKING_PAGE = message(
+    240, "ranking_page", Sender.CLIENT,
+    "A page of the ranking board: count entries (1 to 100) from position first (from 1), best "
+    "first. Equal scores share a rank. Errors: bad_range.",
+    "first" / Int32ul, "count" / Int8ul,
+)
+RANKING = message(
+    241, "ranking", Sender.SERVER,
+    "The reply to ranking_page: the entries, and their names in the same order, separated by "
+    "single spaces (names never hold one). Empty past the end of the board.",
+    "entries" / records(Int8ul, RANK_ENTRY), "names" / String,
+)
+MY_RANK = message(242, "my_rank", Sender.CLIENT, "The user's own place on the ranking board.")
+RANK = message(
+    243, "rank", Sender.SERVER,
+    "The reply to my_rank: the user's rank and best score; rank 0 before their first scored raid.",
+    "rank" / Int32ul, "score" / Int32ul,
+)
+
 UDP_HELLO = datagram(
     1, "udp_hello", Sender.CLIENT,
     "Binds the sender's address to its raid membership; sent until acknowledged.",
