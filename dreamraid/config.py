@@ -269,6 +269,13 @@ class TablesSettings:
             raise ConfigError(f"path: {e}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class RaidSettings:
+    """Parties, matchmaking and the raid."""
+
+    raid_size: int = setting(_number(int, 1, 8), "players in a raid, and the most in a party")
+
+
 SECTIONS = {
     "game": GameSettings,
     "session": SessionSettings,
@@ -278,8 +285,9 @@ SECTIONS = {
     "mysql": MysqlSettings,
     "tokens": TokenSettings,
     "tables": TablesSettings,
+    "raids": RaidSettings,
 }
-GAME_SECTIONS = ("game", "sync", "redis", "tokens", "tables")
+GAME_SECTIONS = ("game", "sync", "redis", "tokens", "tables", "raids")
 SESSION_SECTIONS = ("session", "accounts", "sync", "redis", "mysql", "tokens")
 
 
@@ -296,6 +304,7 @@ class Settings:
     mysql: MysqlSettings
     tokens: TokenSettings
     tables: TablesSettings
+    raids: RaidSettings
 
 
 def option_name(section, key):

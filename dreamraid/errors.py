@@ -50,6 +50,12 @@ class ErrorCode(enum.IntEnum):
     GRANT_DISABLED = 48
 
     BAD_RANGE = 60
+    ALREADY_IN_PARTY = 61
+    NO_SUCH_PARTY = 62
+    PARTY_FULL = 63
+    NOT_IN_PARTY = 64
+    NOT_PARTY_LEADER = 65
+    NOT_A_MEMBER = 66
 
 
 ERROR_TEXT = {
@@ -89,6 +95,12 @@ ERROR_TEXT = {
     ErrorCode.UNKNOWN_ITEM: "no item has that code",
     ErrorCode.GRANT_DISABLED: "the grant command is off on this server",
     ErrorCode.BAD_RANGE: "a ranking page starts at position 1 or later and holds 1 to 100 entries",
+    ErrorCode.ALREADY_IN_PARTY: "the user is in a party already; leave it first",
+    ErrorCode.NO_SUCH_PARTY: "no party has that invite code",
+    ErrorCode.PARTY_FULL: "the party has as many members as a raid",
+    ErrorCode.NOT_IN_PARTY: "the user is in no party",
+    ErrorCode.NOT_PARTY_LEADER: "only the party's leader may do that",
+    ErrorCode.NOT_A_MEMBER: "that user is not another member of the party",
 }
 
 

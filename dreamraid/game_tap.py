@@ -11,6 +11,7 @@ from dreamraid.frontends import add_frontends
 from dreamraid.protocols.game import GameFactory
 from dreamraid.services.health import Health
 from dreamraid.services.inventory import Inventory
+from dreamraid.services.parties import Parties
 from dreamraid.services.players import Players
 from dreamraid.services.presence import Presence
 from dreamraid.services.ranking import Ranking
@@ -25,8 +26,8 @@ Options = settings_options("game server", GAME_SECTIONS)
 def makeService(options, reactor=None):
     """
     A game server: Redis Cluster router, players (authentication, presence,
-    kicks), hunting and inventory, the ranking board, the client TCP endpoint with liveness, and
-    HTTP health.
+    kicks), hunting and inventory, the ranking board, parties, the client
+    TCP endpoint with liveness, and HTTP health.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -50,5 +51,7 @@ def makeService(options, reactor=None):
         "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),
         "kicks": (players.check_kicks, 1.0),
     })
-    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, Ranking(router, settings.sync.ranking_prefix))
+    ranking = Ranking(router, settings.sync.ranking_prefix)
+    parties = Parties(router, presence, random.SystemRandom(), settings.raids.raid_size)
+    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking, parties)
     return top

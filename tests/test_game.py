@@ -24,18 +24,24 @@ from tests.storage import SessionServicesCase, sql
 from tests.support import RunningServer, ServerProcess, eventually
 
 
-class GameServerTests(SessionServicesCase):
+class GameServerCase(SessionServicesCase):
     """Game servers on free ports, with users entered into the world by the session server's services."""
 
     timeout = 60
 
-    async def game_server(self):
-        server = RunningServer(game_tap, "game", [
-            "--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
-            "--game-dev-grant", "on",
-        ]).start(self)
+    def server_options(self):
+        return ["--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
+                "--sync-ranking-prefix", self.settings.sync.ranking_prefix]
+
+    async def game_server(self, *extra):
+        """A game server in this process (its services can be looked at)."""
+        server = RunningServer(game_tap, "game", [*self.server_options(), "--game-dev-grant", "on", *extra]).start(self)
         await server.part("Players").when_listening()
         return server
+
+    def game_process(self, *extra):
+        """A game server in a process of its own, as production runs it."""
+        return ServerProcess("dreamraid-game", "game", [*self.server_options(), *extra]).start(self)
 
     async def entered_token(self, user_id):
         """A token made the live session by entering the world."""
@@ -53,6 +59,9 @@ class GameServerTests(SessionServicesCase):
         with self.assertRaises(RemoteError) as raised:
             await client.request(packets.AUTHENTICATE, {"token": token})
         return raised.exception.code
+
+
+class GameServerTests(GameServerCase):
 
     async def test_authenticate_with_the_live_session(self):
         """The live session's token authenticates and says who the user is; presence names this server."""
@@ -102,12 +111,6 @@ class GameServerTests(SessionServicesCase):
         await client.closed
         self.assertIsNone(await self.router.execute("GET", session_key(user_id)))
         self.assertEqual(await self.refused(server, token), ErrorCode.SESSION_NOT_LIVE)
-
-    def game_process(self):
-        """A game server in a process of its own, as production runs it."""
-        return ServerProcess("dreamraid-game", "game", [
-            "--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
-        ]).start(self)
 
     async def test_second_login_on_another_process_kicks_the_first(self):
         """
@@ -159,8 +162,7 @@ class GameServerTests(SessionServicesCase):
 
     async def test_grant_is_off_by_default(self):
         """Without dev_grant on, grant is refused."""
-        server = RunningServer(game_tap, "game", ["--tokens-public-key", self.public_key,
-                                                  "--sync-prefix", self.settings.sync.prefix]).start(self)
+        server = RunningServer(game_tap, "game", self.server_options()).start(self)
         user_id = await self.new_user()
         client, _ = await self.authenticated(server, await self.entered_token(user_id))
         with self.assertRaises(RemoteError) as raised:

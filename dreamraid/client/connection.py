@@ -50,6 +50,7 @@ class ClientProtocol(FrameReceiver):
         self.close_reason = None  # (code, detail) of the server's last error push
         self.pushes = []  # pushes received while nobody listens: (message name, body)
         self.on_push = None  # or a callable(message, body)
+        self._push_waiters = {}  # message name -> Deferreds from next_push
 
     def request(self, message, body, timeout=None):
         """
@@ -118,10 +119,23 @@ class ClientProtocol(FrameReceiver):
             return
         if message is packets.ERROR:
             self.close_reason = (_code(body["code"]), body["detail"])
-        if self.on_push is not None:
+        waiters = self._push_waiters.get(message.name)
+        if waiters:
+            waiters.pop(0).callback(body)
+        elif self.on_push is not None:
             self.on_push(message, body)
         else:
             self.pushes.append((message.name, body))
+
+    def next_push(self, name):
+        """A Deferred of the body of the next push named C{name}; one received and not yet read comes first."""
+        for i, (pushed, body) in enumerate(self.pushes):
+            if pushed == name:
+                del self.pushes[i]
+                return defer.succeed(body)
+        waiter = defer.Deferred()
+        self._push_waiters.setdefault(name, []).append(waiter)
+        return waiter
 
     def _fail_pending(self, failure):
         pending, self._pending = self._pending, {}

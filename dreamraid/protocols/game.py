@@ -27,20 +27,45 @@ def _enhanced(enhanced):
     return packets.ENHANCED, enhanced._asdict()
 
 
+def _party(party):
+    """A L{dreamraid.services.parties.Party} (or None) as a party body."""
+    if party is None:
+        return {"code": "", "leader": 0, "members": [], "names": ""}
+    return {"code": party.code, "leader": party.leader, "members": [{"user_id": u} for u, _ in party.members],
+            "names": " ".join(name for _, name in party.members)}
+
+
+def _party_changed(body):
+    return {"reason": body["reason"], "user_id": body["user_id"], "code": body["code"], "leader": body["leader"],
+            "members": [{"user_id": m["user_id"]} for m in body["members"]],
+            "names": " ".join(m["name"] for m in body["members"])}
+
+
+# Events services push to players (IPlayerConnection.push): message and body.
+_PUSHES = {"party_changed": (packets.PARTY_CHANGED, _party_changed)}
+
+
 @implementer(IPlayerConnection)
 class GameProtocol(ServerProtocol):
     """One player's connection to a game server."""
 
     user_id = None
     jti = None
+    name = None
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if self.user_id is not None:
+            defer.ensureDeferred(self.factory.parties.leave_if_any(self.user_id))
             defer.ensureDeferred(self.factory.players.leave(self))
 
     def kick(self, code):
         self.drop(code)
+
+    def push(self, event, body):
+        message, encode = _PUSHES[event]
+        if self.connected:
+            self.transport.write(message.encode(0, encode(body)))
 
     @handles(packets.AUTHENTICATE, needs_auth=False)
     async def authenticate(self, body):
@@ -51,12 +76,14 @@ class GameProtocol(ServerProtocol):
             # The connection went away while Redis answered: it took the user over for nothing.
             await self.factory.players.leave(self)
             return None
+        self.name = entered.name
         self.factory.liveness.authenticated(self.state)
         return packets.AUTHENTICATED, {"user_id": entered.user_id, "name": entered.name,
                                        "level": entered.level, "exp": entered.exp}
 
     @handles(packets.LOGOUT)
     async def logout(self, body):
+        await self.factory.parties.leave_if_any(self.user_id)
         await self.factory.players.leave(self)
         self.user_id = None
         self.close_after_reply = True
@@ -109,14 +136,37 @@ class GameProtocol(ServerProtocol):
         return packets.RANK, (await self.factory.ranking.own(self.user_id))._asdict()
 
 
+    @handles(packets.CREATE_PARTY)
+    async def create_party(self, body):
+        return packets.PARTY, _party(await self.factory.parties.create(self.user_id, self.name))
+
+    @handles(packets.JOIN_PARTY)
+    async def join_party(self, body):
+        return packets.PARTY, _party(await self.factory.parties.join(self.user_id, self.name, body["code"]))
+
+    @handles(packets.LEAVE_PARTY)
+    async def leave_party(self, body):
+        await self.factory.parties.leave(self.user_id)
+        return packets.PARTY_LEFT, {}
+
+    @handles(packets.KICK_MEMBER)
+    async def kick_member(self, body):
+        return packets.PARTY, _party(await self.factory.parties.kick(self.user_id, body["user_id"]))
+
+    @handles(packets.MY_PARTY)
+    async def my_party(self, body):
+        return packets.PARTY, _party(await self.factory.parties.party_of(self.user_id))
+
+
 class GameFactory(ServerFactory):
     """Builds L{GameProtocol}s over one game server's services."""
 
     protocol = GameProtocol
 
-    def __init__(self, server_name, settings, liveness, players, inventory, ranking):
+    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties):
         super().__init__(server_name, settings, liveness)
         self.players = players
         self.inventory = inventory
         self.ranking = ranking
+        self.parties = parties
         self.dev_grant = settings.dev_grant == "on"

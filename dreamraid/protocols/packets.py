@@ -636,6 +636,48 @@ RANK = message(
     "rank" / Int32ul, "score" / Int32ul,
 )
 
+PARTY_MEMBER = Struct("user_id" / Int64ul)
+
+CREATE_PARTY = message(
+    250, "create_party", Sender.CLIENT,
+    "Create a party led by this user; the reply is party, with the invite code. Errors: "
+    "already_in_party.",
+)
+PARTY = message(
+    251, "party", Sender.SERVER,
+    "A party: its invite code, leader, members in join order and their names in the same order, "
+    "separated by single spaces. The reply to create_party, join_party, kick_member and "
+    "my_party (code empty when in no party).",
+    "code" / String, "leader" / Int64ul, "members" / records(Int8ul, PARTY_MEMBER), "names" / String,
+)
+JOIN_PARTY = message(
+    252, "join_party", Sender.CLIENT,
+    "Join the party with this invite code (letters are taken in either case). Errors: "
+    "already_in_party, no_such_party, party_full.",
+    "code" / String,
+)
+LEAVE_PARTY = message(
+    253, "leave_party", Sender.CLIENT,
+    "Leave the party; if the leader leaves, the member who joined next leads. Logging out or "
+    "dropping the connection leaves too. Errors: not_in_party.",
+)
+PARTY_LEFT = message(254, "party_left", Sender.SERVER, "The reply to leave_party.")
+KICK_MEMBER = message(
+    255, "kick_member", Sender.CLIENT,
+    "The leader removes a member; the reply is party. Errors: not_in_party, not_party_leader, "
+    "not_a_member.",
+    "user_id" / Int64ul,
+)
+PARTY_CHANGED = message(
+    256, "party_changed", Sender.SERVER,
+    "Push (request id 0) to the members of a party when someone joined, left or was kicked "
+    "(reason), naming who (user_id), with the party as it is now; the kicked member gets it "
+    "with an empty code.",
+    "reason" / String, "user_id" / Int64ul,
+    "code" / String, "leader" / Int64ul, "members" / records(Int8ul, PARTY_MEMBER), "names" / String,
+)
+MY_PARTY = message(257, "my_party", Sender.CLIENT, "The user's party; the reply is party.")
+
 UDP_HELLO = datagram(
     1, "udp_hello", Sender.CLIENT,
     "Binds the sender's address to its raid membership; sent until acknowledged.",

@@ -24,6 +24,9 @@ class IPlayerConnection(Interface):
     def kick(code):
         """Close the connection after telling the client C{code}."""
 
+    def push(event, body):
+        """Send the client C{event} (a name the protocol knows, such as C{"party_changed"}) with C{body}."""
+
 
 class Players(Service):
     """The authenticated connections of this process, by user."""
@@ -45,7 +48,7 @@ class Players(Service):
 
     def startService(self):
         super().startService()
-        self._kicks = self._presence.listen_for_kicks(self.taken_over)
+        self._kicks = self._presence.listen(self.taken_over, self.notified)
         self._renewals = task.LoopingCall(self._renew)
         self._renewals.clock = self._clock
         self._renewals.start(self._presence_ttl / 3, now=False).addErrback(
@@ -101,6 +104,13 @@ class Players(Service):
         connection = self._connections.get(user_id)
         if connection is not None and connection.jti != jti:
             connection.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
+
+    def notified(self, user_ids, event, body):
+        """Another process (or this one) told users of this one C{event}: push it to those still here."""
+        for user_id in user_ids:
+            connection = self._connections.get(user_id)
+            if connection is not None:
+                connection.push(event, body)
 
     async def leave(self, connection):
         """

@@ -9,11 +9,15 @@ A user enters a game server only with the token that is their live session
 (the "double check" after the signature).  Entering renews the session and
 takes over the presence; if another process held the user, that process is
 told through its kick channel (Redis pub/sub) and closes its connection.
+Pushes to users on any process (a party's changes) go the same way, on each
+process's notice channel.
 """
 
+import json
 from typing import NamedTuple
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import profile_key, session_key
 from dreamraid.services.rediscluster import Script
 
@@ -24,6 +28,10 @@ def presence_key(user_id):
 
 def kick_channel(server_id):
     return f"kick:{{{server_id}}}"
+
+
+def notice_channel(server_id):
+    return f"notice:{{{server_id}}}"
 
 
 # KEYS: session, presence, profile.  ARGV: jti, server id, presence ttl ms,
@@ -103,10 +111,35 @@ class Presence:
         """End the session and presence if still this connection's; a Deferred of whether the session was."""
         return self._leave([session_key(user_id), presence_key(user_id)], [jti, self.server_id]).addCallback(bool)
 
-    def listen_for_kicks(self, on_kick):
-        """Call C{on_kick(user_id, jti)} when another process takes over a user of this one; a Subscription."""
-        def received(channel, message):
-            user_id, jti = message.decode().split(" ", 1)
-            on_kick(int(user_id), jti)
+    async def tell(self, user_ids, event, body):
+        """
+        Have whichever processes hold C{user_ids} push C{event} (a name the
+        client protocol knows) with C{body} (JSON-able) to them; users with
+        no presence are skipped.
+        """
+        holders = await gather([self._router.execute("GET", presence_key(u)) for u in user_ids])
+        by_server = {}
+        for user_id, server in zip(user_ids, holders):
+            if server is not None:
+                by_server.setdefault(server.decode(), []).append(user_id)
+        await gather([
+            self._router.publish(notice_channel(server), json.dumps({"users": users, "event": event, "body": body}))
+            for server, users in by_server.items()])
 
-        return self._router.subscribe([kick_channel(self.server_id)], received)
+    def listen(self, on_kick, on_notice):
+        """
+        Call C{on_kick(user_id, jti)} when another process takes over a user
+        of this one, and C{on_notice(user_ids, event, body)} for what
+        L{tell} sends users of this one; a Subscription.
+        """
+        kicks = kick_channel(self.server_id).encode()
+
+        def received(channel, message):
+            if channel == kicks:
+                user_id, jti = message.decode().split(" ", 1)
+                on_kick(int(user_id), jti)
+            else:
+                notice = json.loads(message)
+                on_notice(notice["users"], notice["event"], notice["body"])
+
+        return self._router.subscribe([kick_channel(self.server_id), notice_channel(self.server_id)], received)

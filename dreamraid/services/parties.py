@@ -1,0 +1,239 @@
+"""
+Parties: a player creates one and gets a 6-character invite code; others
+join with it, up to the raid size.  When the leader leaves, the member who
+joined next leads; the leader may kick.  Every member, on whichever game
+server process, is told of every change (L{Presence.tell}).
+
+    {p:<code>}:party   hash: leader, ids and names (space-separated, in
+                       join order), size
+    {u:<id>}:party     the code of the user's party
+
+The two keys live in different slots, so no one script changes both: a
+user first claims their own key (at most one party each), then the party
+changes; a failure gives the claim back.  A claim that names a party which
+does not list the user (its process died between the two steps) is stale
+and taken over.  A player who logs out or drops leaves their party.
+"""
+
+import string
+from typing import NamedTuple
+
+from twisted.logger import Logger
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.rediscluster import Script
+
+CODE_ALPHABET = string.ascii_uppercase + string.digits
+CODE_LENGTH = 6
+
+PARTY_CHANGED = "party_changed"
+
+
+def party_key(code):
+    return f"{{p:{code}}}:party"
+
+
+def membership_key(user_id):
+    return f"{{u:{user_id}}}:party"
+
+
+# Shared: split a space-separated field; the party's state as a reply.
+_LIBRARY = """
+local function split(text)
+  local out = {}
+  for word in string.gmatch(text, '%S+') do out[#out + 1] = word end
+  return out
+end
+local function state(status)
+  local p = redis.call('HMGET', KEYS[1], 'leader', 'ids', 'names')
+  return {status, p[1], p[2], p[3]}
+end
+"""
+
+# ARGV: leader id, name, size.  {0} if the code is taken, else the state.
+_CREATE = _LIBRARY + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+redis.call('HSET', KEYS[1], 'leader', ARGV[1], 'ids', ARGV[1], 'names', ARGV[2], 'size', ARGV[3])
+return state(1)
+"""
+
+# ARGV: id, name.  {-1} no party, {-2} full, else the state (joining twice changes nothing).
+_JOIN = _LIBRARY + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local p = redis.call('HMGET', KEYS[1], 'ids', 'names', 'size')
+local ids = split(p[1])
+for _, id in ipairs(ids) do
+  if id == ARGV[1] then return state(1) end
+end
+if #ids >= tonumber(p[3]) then return {-2} end
+redis.call('HSET', KEYS[1], 'ids', p[1] .. ' ' .. ARGV[1], 'names', p[2] .. ' ' .. ARGV[2])
+return state(1)
+"""
+
+# ARGV: id of the one leaving, id of who removes them (the same, or the
+# leader kicking).  {-1} no party, {-3} not the leader, {-4} not a member,
+# {0} the party is gone (it was the last member), else the state.
+_REMOVE = _LIBRARY + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local p = redis.call('HMGET', KEYS[1], 'leader', 'ids', 'names')
+if ARGV[2] ~= ARGV[1] and ARGV[2] ~= p[1] then return {-3} end
+local ids, names = split(p[2]), split(p[3])
+local kept_ids, kept_names, found = {}, {}, false
+for i, id in ipairs(ids) do
+  if id == ARGV[1] then found = true else
+    kept_ids[#kept_ids + 1] = id
+    kept_names[#kept_names + 1] = names[i]
+  end
+end
+if not found then return {-4} end
+if #kept_ids == 0 then
+  redis.call('DEL', KEYS[1])
+  return {0}
+end
+local leader = p[1]
+if leader == ARGV[1] then leader = kept_ids[1] end
+redis.call('HSET', KEYS[1], 'leader', leader, 'ids', table.concat(kept_ids, ' '),
+           'names', table.concat(kept_names, ' '))
+return state(1)
+"""
+
+# KEYS: membership.  ARGV: code, the stale code to take over or ''.
+# '' when claimed, else the code already there.
+_CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[2] then return current end
+redis.call('SET', KEYS[1], ARGV[1])
+return ''
+"""
+
+# KEYS: membership.  ARGV: code.  Gives the claim back if it is still that code.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+class Party(NamedTuple):
+    code: str
+    leader: int
+    members: list  # [(user_id, name)] in join order
+
+
+def _party(code, reply):
+    ids, names = reply[2].decode().split(), reply[3].decode().split()
+    return Party(code, int(reply[1]), [(int(i), n) for i, n in zip(ids, names)])
+
+
+def _body(party, reason, subject):
+    return {"code": party.code if party else "", "leader": party.leader if party else 0,
+            "members": [{"user_id": u, "name": n} for u, n in party.members] if party else [],
+            "reason": reason, "user_id": subject}
+
+
+class Parties:
+    """Parties of live players; every method's refusals are L{RequestRefused}."""
+
+    _log = Logger()
+
+    def __init__(self, router, presence, random, size):
+        self._router = router
+        self._presence = presence
+        self._random = random
+        self._size = size
+        self._create = Script(router, _CREATE)
+        self._join = Script(router, _JOIN)
+        self._remove = Script(router, _REMOVE)
+        self._claim = Script(router, _CLAIM)
+        self._release = Script(router, _RELEASE)
+
+    def _new_code(self):
+        return "".join(self._random.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+
+    async def _take_membership(self, user_id, code):
+        """Claim the user's membership for C{code}.  @raise RequestRefused: ALREADY_IN_PARTY."""
+        key = membership_key(user_id)
+        current = (await self._claim([key], [code, ""])).decode()
+        if not current:
+            return
+        if user_id in [u for u, _ in (await self.party_of_code(current) or Party("", 0, [])).members]:
+            raise RequestRefused(ErrorCode.ALREADY_IN_PARTY)
+        # The claim names a party that does not list the user: stale.
+        if (await self._claim([key], [code, current])).decode():
+            raise RequestRefused(ErrorCode.ALREADY_IN_PARTY)
+
+    async def party_of_code(self, code):
+        reply = await self._router.execute("HMGET", party_key(code), "leader", "ids", "names")
+        return None if reply[0] is None else _party(code, [1, *reply])
+
+    async def party_of(self, user_id):
+        """The user's L{Party}, or None."""
+        code = await self._router.execute("GET", membership_key(user_id))
+        party = code and await self.party_of_code(code.decode())
+        return party if party and user_id in [u for u, _ in party.members] else None
+
+    async def create(self, user_id, name):
+        """A new party led by the user; its L{Party}."""
+        for _ in range(8):
+            code = self._new_code()
+            await self._take_membership(user_id, code)
+            reply = await self._create([party_key(code)], [user_id, name, self._size])
+            if reply[0] == 1:
+                return _party(code, reply)
+            await self._release([membership_key(user_id)], [code])
+        raise RequestRefused(ErrorCode.UNAVAILABLE, "no free party code found")
+
+    async def join(self, user_id, name, code):
+        """Join the party C{code}; its L{Party}.  Members already in it are told."""
+        code = code.upper()
+        if len(code) != CODE_LENGTH or any(c not in CODE_ALPHABET for c in code):
+            raise RequestRefused(ErrorCode.NO_SUCH_PARTY)
+        await self._take_membership(user_id, code)
+        reply = await self._join([party_key(code)], [user_id, name])
+        if reply[0] != 1:
+            await self._release([membership_key(user_id)], [code])
+            raise RequestRefused(ErrorCode.NO_SUCH_PARTY if reply[0] == -1 else ErrorCode.PARTY_FULL)
+        party = _party(code, reply)
+        await self._tell(party, [u for u, _ in party.members if u != user_id], "joined", user_id)
+        return party
+
+    async def leave(self, user_id):
+        """Leave the user's party; the others are told (and one leads, if the leader left)."""
+        party = await self.party_of(user_id)
+        if party is None:
+            raise RequestRefused(ErrorCode.NOT_IN_PARTY)
+        await self._remove_member(party.code, user_id, user_id, "left")
+
+    async def kick(self, leader_id, user_id):
+        """The leader removes a member; the party after.  The kicked member and the rest are told."""
+        party = await self.party_of(leader_id)
+        if party is None:
+            raise RequestRefused(ErrorCode.NOT_IN_PARTY)
+        if user_id == leader_id:
+            raise RequestRefused(ErrorCode.NOT_A_MEMBER, "the leader leaves with leave_party")
+        after = await self._remove_member(party.code, user_id, leader_id, "kicked")
+        await self._presence.tell([user_id], PARTY_CHANGED, _body(None, "kicked", user_id))
+        return after
+
+    async def leave_if_any(self, user_id):
+        """For a player who logs out or drops: leave their party, if they are in one; never raises."""
+        try:
+            if await self.party_of(user_id) is not None:
+                await self.leave(user_id)
+        except Exception as e:
+            self._log.warn("user {user_id} left the game but not their party: {error}", user_id=user_id, error=e)
+
+    async def _remove_member(self, code, user_id, by, reason):
+        reply = await self._remove([party_key(code)], [user_id, by])
+        if reply[0] == -3:
+            raise RequestRefused(ErrorCode.NOT_PARTY_LEADER)
+        if reply[0] == -4:
+            raise RequestRefused(ErrorCode.NOT_A_MEMBER)
+        await self._release([membership_key(user_id)], [code])
+        if reply[0] != 1:
+            return None
+        party = _party(code, reply)
+        await self._tell(party, [u for u, _ in party.members], reason, user_id)
+        return party
+
+    def _tell(self, party, user_ids, reason, subject):
+        return self._presence.tell(user_ids, PARTY_CHANGED, _body(party, reason, subject))
