@@ -274,6 +274,15 @@ class RaidSettings:
     """Parties, matchmaking and the raid."""
 
     raid_size: int = setting(_number(int, 1, 8), "players in a raid, and the most in a party")
+    time_limit: float = setting(_number(float, 1.0, 3600.0), "seconds a raid's fight lasts at most")
+    ready_grace: float = setting(_number(float, 0.0, 600.0), "seconds a formed raid waits for its players to be ready")
+    widen_after: float = setting(
+        _number(float, 0.0, 3600.0), "seconds a ticket waits before it may match the neighbouring level group"
+    )
+    match_interval: float = setting(
+        _number(float, 0.05, 60.0), "seconds between each game server's matchmaking passes (besides one per ticket)"
+    )
+    matchmaking_prefix: str = setting(_text, "hash tag of the matchmaking keys (servers that share a cluster share it)")
 
 
 SECTIONS = {

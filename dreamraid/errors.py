@@ -56,6 +56,8 @@ class ErrorCode(enum.IntEnum):
     NOT_IN_PARTY = 64
     NOT_PARTY_LEADER = 65
     NOT_A_MEMBER = 66
+    ALREADY_QUEUED = 67
+    NOT_QUEUED = 68
 
 
 ERROR_TEXT = {
@@ -101,6 +103,8 @@ ERROR_TEXT = {
     ErrorCode.NOT_IN_PARTY: "the user is in no party",
     ErrorCode.NOT_PARTY_LEADER: "only the party's leader may do that",
     ErrorCode.NOT_A_MEMBER: "that user is not another member of the party",
+    ErrorCode.ALREADY_QUEUED: "a member is already waiting for a raid or in one",
+    ErrorCode.NOT_QUEUED: "no ticket of the user is waiting (it was matched or cancelled)",
 }
 
 

@@ -5,12 +5,14 @@ import random
 import socket
 
 from twisted.application.service import MultiService
+from twisted.logger import Logger
 
 from dreamraid.config import GAME_SECTIONS, settings_options
 from dreamraid.frontends import add_frontends
 from dreamraid.protocols.game import GameFactory
 from dreamraid.services.health import Health
 from dreamraid.services.inventory import Inventory
+from dreamraid.services.matchmaking import Matchmaker
 from dreamraid.services.parties import Parties
 from dreamraid.services.players import Players
 from dreamraid.services.presence import Presence
@@ -21,13 +23,14 @@ from dreamraid.services.tokens import TokenKeyError, TokenVerifier
 from dreamraid.tables import load_tables
 
 Options = settings_options("game server", GAME_SECTIONS)
+log = Logger()
 
 
 def makeService(options, reactor=None):
     """
     A game server: Redis Cluster router, players (authentication, presence,
-    kicks), hunting and inventory, the ranking board, parties, the client
-    TCP endpoint with liveness, and HTTP health.
+    kicks), hunting and inventory, the ranking board, parties, matchmaking,
+    the client TCP endpoint with liveness, and HTTP health.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -53,5 +56,14 @@ def makeService(options, reactor=None):
     })
     ranking = Ranking(router, settings.sync.ranking_prefix)
     parties = Parties(router, presence, random.SystemRandom(), settings.raids.raid_size)
-    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking, parties)
+    raids = settings.raids
+    # Until a raid says it ended, its players are free again after its
+    # longest possible life and a margin.
+    raid_lasts = raids.ready_grace + raids.time_limit + 30
+    matchmaker = Matchmaker(router, presence, parties, reactor, random.SystemRandom(), raids, raid_lasts,
+                            lambda raid: log.info("raid {raid_id} formed here: {members}", raid_id=raid.raid_id,
+                                                  members=raid.members))
+    matchmaker.setServiceParent(top)
+    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking, parties,
+                  matchmaker)
     return top

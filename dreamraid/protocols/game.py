@@ -42,7 +42,12 @@ def _party_changed(body):
 
 
 # Events services push to players (IPlayerConnection.push): message and body.
-_PUSHES = {"party_changed": (packets.PARTY_CHANGED, _party_changed)}
+_PUSHES = {
+    "party_changed": (packets.PARTY_CHANGED, _party_changed),
+    "matchmaking": (packets.MATCHMAKING, dict),
+    "raid_found": (packets.RAID_FOUND, lambda body: {
+        "raid_id": body["raid_id"], "host": body["host"], "members": [{"user_id": u} for u in body["members"]]}),
+}
 
 
 @implementer(IPlayerConnection)
@@ -56,8 +61,13 @@ class GameProtocol(ServerProtocol):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if self.user_id is not None:
-            defer.ensureDeferred(self.factory.parties.leave_if_any(self.user_id))
+            defer.ensureDeferred(self._leave_game(self.user_id))
             defer.ensureDeferred(self.factory.players.leave(self))
+
+    async def _leave_game(self, user_id):
+        """A player gone: their waiting ticket and their party go too (a formed raid keeps them)."""
+        await self.factory.matchmaker.cancel_if_queued(user_id)
+        await self.factory.parties.leave_if_any(user_id)
 
     def kick(self, code):
         self.drop(code)
@@ -83,7 +93,7 @@ class GameProtocol(ServerProtocol):
 
     @handles(packets.LOGOUT)
     async def logout(self, body):
-        await self.factory.parties.leave_if_any(self.user_id)
+        await self._leave_game(self.user_id)
         await self.factory.players.leave(self)
         self.user_id = None
         self.close_after_reply = True
@@ -136,22 +146,38 @@ class GameProtocol(ServerProtocol):
         return packets.RANK, (await self.factory.ranking.own(self.user_id))._asdict()
 
 
+    @handles(packets.QUEUE_RAID)
+    async def queue_raid(self, body):
+        return packets.QUEUED, {"group": await self.factory.matchmaker.enqueue(self.user_id)}
+
+    @handles(packets.CANCEL_QUEUE)
+    async def cancel_queue(self, body):
+        await self.factory.matchmaker.cancel(self.user_id)
+        return packets.QUEUE_CANCELLED, {}
+
+    # A party that changes while its ticket waits is taken out of the queue.
+
     @handles(packets.CREATE_PARTY)
     async def create_party(self, body):
         return packets.PARTY, _party(await self.factory.parties.create(self.user_id, self.name))
 
     @handles(packets.JOIN_PARTY)
     async def join_party(self, body):
-        return packets.PARTY, _party(await self.factory.parties.join(self.user_id, self.name, body["code"]))
+        party = await self.factory.parties.join(self.user_id, self.name, body["code"])
+        await self.factory.matchmaker.cancel_if_queued(party.leader)
+        return packets.PARTY, _party(party)
 
     @handles(packets.LEAVE_PARTY)
     async def leave_party(self, body):
+        await self.factory.matchmaker.cancel_if_queued(self.user_id)
         await self.factory.parties.leave(self.user_id)
         return packets.PARTY_LEFT, {}
 
     @handles(packets.KICK_MEMBER)
     async def kick_member(self, body):
-        return packets.PARTY, _party(await self.factory.parties.kick(self.user_id, body["user_id"]))
+        party = await self.factory.parties.kick(self.user_id, body["user_id"])
+        await self.factory.matchmaker.cancel_if_queued(self.user_id)
+        return packets.PARTY, _party(party)
 
     @handles(packets.MY_PARTY)
     async def my_party(self, body):
@@ -163,8 +189,9 @@ class GameFactory(ServerFactory):
 
     protocol = GameProtocol
 
-    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties):
+    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties, matchmaker):
         super().__init__(server_name, settings, liveness)
+        self.matchmaker = matchmaker
         self.players = players
         self.inventory = inventory
         self.ranking = ranking

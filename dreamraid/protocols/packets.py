@@ -678,6 +678,33 @@ PARTY_CHANGED = message(
 )
 MY_PARTY = message(257, "my_party", Sender.CLIENT, "The user's party; the reply is party.")
 
+QUEUE_RAID = message(
+    260, "queue_raid", Sender.CLIENT,
+    "Wait for a raid: the user's party (only its leader may queue it) or the user alone. The "
+    "reply is queued; the other members get a matchmaking push. A party that changes while "
+    "queued is taken out of the queue. Errors: not_party_leader, already_queued.",
+)
+QUEUED = message(261, "queued", Sender.SERVER, "The reply to queue_raid: the ticket's level group.",
+                 "group" / Int8ul)
+CANCEL_QUEUE = message(
+    262, "cancel_queue", Sender.CLIENT,
+    "Take the user's waiting ticket (their party's) out of the queue; the other members get a "
+    "matchmaking push. Errors: not_queued (also when it was matched already).",
+)
+QUEUE_CANCELLED = message(263, "queue_cancelled", Sender.SERVER, "The reply to cancel_queue.")
+MATCHMAKING = message(
+    264, "matchmaking", Sender.SERVER,
+    "Push to the members of a party whose leader queued it (state queued, with the group) or whose "
+    "ticket was taken out of the queue (state cancelled, group 0).",
+    "state" / String, "group" / Int8ul,
+)
+RAID_FOUND = message(
+    265, "raid_found", Sender.SERVER,
+    "Push to every player of a raid just formed: its id, the game server process hosting it, and "
+    "its players.",
+    "raid_id" / String, "host" / String, "members" / records(Int8ul, PARTY_MEMBER),
+)
+
 UDP_HELLO = datagram(
     1, "udp_hello", Sender.CLIENT,
     "Binds the sender's address to its raid membership; sent until acknowledged.",

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode, RequestRefused
-from dreamraid.services.rediscluster import Script
+from dreamraid.services.rediscluster import LUA_SPLIT, Script
 
 CODE_ALPHABET = string.ascii_uppercase + string.digits
 CODE_LENGTH = 6
@@ -37,13 +37,8 @@ def membership_key(user_id):
     return f"{{u:{user_id}}}:party"
 
 
-# Shared: split a space-separated field; the party's state as a reply.
-_LIBRARY = """
-local function split(text)
-  local out = {}
-  for word in string.gmatch(text, '%S+') do out[#out + 1] = word end
-  return out
-end
+# Shared: the party's state as a reply.
+_LIBRARY = LUA_SPLIT + """
 local function state(status)
   local p = redis.call('HMGET', KEYS[1], 'leader', 'ids', 'names')
   return {status, p[1], p[2], p[3]}

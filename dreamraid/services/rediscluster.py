@@ -999,6 +999,16 @@ class RedisCluster(Service):
                 self._close_node(node)
 
 
+# Lua for scripts that keep lists as space-separated text: split(text) -> words.
+LUA_SPLIT = """
+local function split(text)
+  local out = {}
+  for word in string.gmatch(text, '%S+') do out[#out + 1] = word end
+  return out
+end
+"""
+
+
 class Script:
     """
     A Lua script called by SHA.  The first call (and any call that meets

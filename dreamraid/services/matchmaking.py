@@ -1,0 +1,265 @@
+"""
+Matchmaking: tickets (a party, or a solo player as a party of one) wait per
+level group and are formed into raids of C{raid_size} players, first come
+first served, across every game server process.
+
+Every key carries one hash tag (C{[raids] matchmaking_prefix}), so the
+queues of all groups share a slot and one script forms a raid atomically:
+a player is never in two tickets or two raids.  That slot is by nature one
+hot spot; a pass costs one script call, and passes are cheap.
+
+    {mm}:queue:<group>   sorted set: ticket id -> enqueued at (ms)
+    {mm}:tickets         hash: ticket id -> "group at order size members..."
+    {mm}:order           counter: the order of tickets queued in the same ms
+    {mm}:players         hash: user id -> ticket id, or "r:<raid id>"
+    {mm}:raid_until      sorted set: raid id -> when its players are free again
+    {mm}:raid_members    hash: raid id -> its players
+
+A pass takes the oldest ticket and fills a raid with the next compatible
+ones in order; then the next oldest, and so on.  Tickets are compatible in
+the same group, or in neighbouring groups once either has waited
+C{widen_after}.  The process whose pass formed a raid hosts it.
+"""
+
+import string
+from typing import NamedTuple
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import profile_key
+from dreamraid.services.rediscluster import LUA_SPLIT, RedisClusterError, Script
+
+GROUPS = 6
+# Tickets of each group a pass looks at, oldest first.
+SCAN = 100
+MATCHMAKING = "matchmaking"
+RAID_FOUND = "raid_found"
+
+
+def level_group(level):
+    """Levels 1-2 group 1, 3-5 group 2, ... 15 group 6."""
+    return level // 3 + 1
+
+
+def matchmaking_keys(prefix):
+    """Every key of the matchmaking under C{prefix}, as the scripts take them."""
+    tag = f"{{{prefix}}}"
+    return ([f"{tag}:queue:{g}" for g in range(1, GROUPS + 1)]
+            + [f"{tag}:tickets", f"{tag}:players", f"{tag}:raid_until", f"{tag}:raid_members", f"{tag}:order"])
+
+
+# KEYS: the queues of groups 1..6, tickets, players, raid_until, raid_members, order.
+_LIBRARY = LUA_SPLIT + """
+local G = %d
+local TICKETS, PLAYERS, UNTIL, MEMBERS, ORDER = KEYS[G + 1], KEYS[G + 2], KEYS[G + 3], KEYS[G + 4], KEYS[G + 5]
+local function drop_ticket(id)
+  local t = split(redis.call('HGET', TICKETS, id))
+  redis.call('ZREM', KEYS[tonumber(t[1])], id)
+  redis.call('HDEL', TICKETS, id)
+  local members = {}
+  for i = 5, #t do members[#members + 1] = t[i] end
+  return members
+end
+""" % GROUPS
+
+# ARGV: ticket id, group, now ms, members...  {1}, or {-1, member} when a
+# member already waits or raids.
+_ENQUEUE = _LIBRARY + """
+for i = 4, #ARGV do
+  if redis.call('HEXISTS', PLAYERS, ARGV[i]) == 1 then return {-1, ARGV[i]} end
+end
+local members = {}
+for i = 4, #ARGV do
+  redis.call('HSET', PLAYERS, ARGV[i], ARGV[1])
+  members[#members + 1] = ARGV[i]
+end
+local order = redis.call('INCR', ORDER)
+redis.call('HSET', TICKETS, ARGV[1], table.concat({ARGV[2], ARGV[3], order, #members, unpack(members)}, ' '))
+redis.call('ZADD', KEYS[tonumber(ARGV[2])], ARGV[3], ARGV[1])
+return {1}
+"""
+
+# ARGV: user id.  {0} when no ticket of theirs waits, else {1, members...}.
+_CANCEL = _LIBRARY + """
+local id = redis.call('HGET', PLAYERS, ARGV[1])
+if not id or string.sub(id, 1, 2) == 'r:' then return {0} end
+local members = drop_ticket(id)
+for _, m in ipairs(members) do redis.call('HDEL', PLAYERS, m) end
+return {1, unpack(members)}
+"""
+
+# ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan.
+# Frees the players of raids past their time, then forms at most one raid:
+# {0}, or {1, raid id, members...}.
+_MATCH = _LIBRARY + """
+local now, size, widen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for _, raid in ipairs(redis.call('ZRANGEBYSCORE', UNTIL, '-inf', now, 'LIMIT', 0, 100)) do
+  local members = redis.call('HGET', MEMBERS, raid)
+  if members then
+    for _, m in ipairs(split(members)) do
+      if redis.call('HGET', PLAYERS, m) == 'r:' .. raid then redis.call('HDEL', PLAYERS, m) end
+    end
+  end
+  redis.call('ZREM', UNTIL, raid)
+  redis.call('HDEL', MEMBERS, raid)
+end
+local tickets = {}
+for g = 1, G do
+  local queued = redis.call('ZRANGE', KEYS[g], 0, tonumber(ARGV[6]) - 1, 'WITHSCORES')
+  for i = 1, #queued, 2 do
+    local t = split(redis.call('HGET', TICKETS, queued[i]))
+    tickets[#tickets + 1] = {id = queued[i], group = g, at = tonumber(queued[i + 1]), order = tonumber(t[3]),
+                             size = tonumber(t[4])}
+  end
+end
+table.sort(tickets, function(a, b)
+  if a.at ~= b.at then return a.at < b.at end
+  return a.order < b.order
+end)
+for i, anchor in ipairs(tickets) do
+  local chosen, total = {anchor}, anchor.size
+  local anchor_wide = now - anchor.at >= widen
+  for j, other in ipairs(tickets) do
+    if total == size then break end
+    if j ~= i and total + other.size <= size then
+      local gap = math.abs(other.group - anchor.group)
+      if gap == 0 or (gap == 1 and (anchor_wide or now - other.at >= widen)) then
+        chosen[#chosen + 1] = other
+        total = total + other.size
+      end
+    end
+  end
+  if total == size then
+    local members = {}
+    for _, t in ipairs(chosen) do
+      for _, m in ipairs(drop_ticket(t.id)) do
+        members[#members + 1] = m
+        redis.call('HSET', PLAYERS, m, 'r:' .. ARGV[4])
+      end
+    end
+    redis.call('ZADD', UNTIL, now + tonumber(ARGV[5]), ARGV[4])
+    redis.call('HSET', MEMBERS, ARGV[4], table.concat(members, ' '))
+    return {1, ARGV[4], unpack(members)}
+  end
+end
+return {0}
+"""
+
+
+class Formed(NamedTuple):
+    """A raid a pass formed: its id and players, hosted by the process that formed it."""
+
+    raid_id: str
+    members: list
+
+
+class Matchmaker(Service):
+    """
+    Queues tickets and forms raids: a pass after each new ticket and every
+    C{match_interval}.  Each raid formed here goes to C{on_formed(Formed)},
+    and its players are told where it is hosted.
+    """
+
+    _log = Logger()
+
+    def __init__(self, router, presence, parties, clock, random, settings, raid_lasts, on_formed):
+        """
+        @param raid_lasts: seconds after forming when a raid's players are
+            free to queue again even if no one says the raid ended.
+        """
+        self._router = router
+        self._presence = presence
+        self._parties = parties
+        self._clock = clock
+        self._random = random
+        self._size = settings.raid_size
+        self._widen_ms = int(settings.widen_after * 1000)
+        self._interval = settings.match_interval
+        self._lasts_ms = int(raid_lasts * 1000)
+        self._on_formed = on_formed
+        self._keys = matchmaking_keys(settings.matchmaking_prefix)
+        self._enqueue = Script(router, _ENQUEUE)
+        self._cancel = Script(router, _CANCEL)
+        self._match = Script(router, _MATCH)
+        self._passes = None
+
+    def startService(self):
+        super().startService()
+        self._passes = task.LoopingCall(lambda: defer.ensureDeferred(self._pass_logged()))
+        self._passes.clock = self._clock
+        self._passes.start(self._interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._passes.running:
+            self._passes.stop()
+
+    def _now_ms(self):
+        return int(self._clock.seconds() * 1000)
+
+    def _new_id(self):
+        return "".join(self._random.choice(string.ascii_lowercase + string.digits) for _ in range(16))
+
+    async def enqueue(self, user_id):
+        """
+        Queue the user's party (the user must lead it) or the user alone;
+        the level group.  The other members are told.
+
+        @raise RequestRefused: NOT_PARTY_LEADER, ALREADY_QUEUED.
+        """
+        party = await self._parties.party_of(user_id)
+        if party is not None and party.leader != user_id:
+            raise RequestRefused(ErrorCode.NOT_PARTY_LEADER, "the party's leader queues it")
+        members = [u for u, _ in party.members] if party else [user_id]
+        levels = await gather([self._router.execute("HGET", profile_key(u), "level") for u in members])
+        group = level_group(max(int(level or 1) for level in levels))
+        reply = await self._enqueue(self._keys, [self._new_id(), group, self._now_ms(), *members])
+        if reply[0] != 1:
+            raise RequestRefused(ErrorCode.ALREADY_QUEUED)
+        await self._presence.tell([u for u in members if u != user_id], MATCHMAKING,
+                                  {"state": "queued", "group": group})
+        # A pass right after this request's reply, not before it.
+        self._clock.callLater(0, lambda: defer.ensureDeferred(self._pass_logged()))
+        return group
+
+    async def cancel(self, user_id):
+        """Take the user's waiting ticket out of the queue; its members are told.  @raise RequestRefused: NOT_QUEUED."""
+        reply = await self._cancel(self._keys, [user_id])
+        if reply[0] != 1:
+            raise RequestRefused(ErrorCode.NOT_QUEUED)
+        members = [int(m) for m in reply[1:]]
+        await self._presence.tell([u for u in members if u != user_id], MATCHMAKING,
+                                  {"state": "cancelled", "group": 0})
+
+    async def cancel_if_queued(self, user_id):
+        """For a player who leaves the game or their party: cancel their waiting ticket, if any; never raises."""
+        try:
+            await self.cancel(user_id)
+        except RequestRefused:
+            pass
+        except RedisClusterError as e:
+            self._log.warn("user {user_id} left, but their ticket may still wait: {error}", user_id=user_id, error=e)
+
+    async def run_pass(self):
+        """Form every raid the queues allow now; the L{Formed} raids, each handed to C{on_formed}."""
+        formed = []
+        while True:
+            reply = await self._match(self._keys, [self._now_ms(), self._size, self._widen_ms, self._new_id(),
+                                                   self._lasts_ms, SCAN])
+            if reply[0] != 1:
+                return formed
+            raid = Formed(reply[1].decode(), [int(m) for m in reply[2:]])
+            formed.append(raid)
+            self._on_formed(raid)
+            await self._presence.tell(raid.members, RAID_FOUND, {
+                "raid_id": raid.raid_id, "host": self._presence.server_id, "members": raid.members})
+
+    async def _pass_logged(self):
+        try:
+            await self.run_pass()
+        except RedisClusterError as e:
+            self._log.warn("matchmaking pass failed: {error}", error=e)

@@ -1,0 +1,169 @@
+"""
+Matchmaking against the real Redis Cluster: first come first served within
+a level group, a party as one ticket, raids of four, cancelling, widening
+to the neighbouring group on a driven clock, players freed when a raid's
+time is up, two matchers never putting a player in two raids, and over TCP
+two game server processes matching their players together, and a party's
+ticket withdrawn when the party changes or its leader drops.
+"""
+
+import random
+
+from dreamraid.client import RemoteError
+from dreamraid.errors import ErrorCode
+from dreamraid.protocols import packets
+from dreamraid.services.deferreds import gather
+from dreamraid.services.matchmaking import Matchmaker, level_group, matchmaking_keys
+from dreamraid.services.parties import Parties
+from dreamraid.services.presence import Presence
+from tests import cluster
+from tests.storage import test_settings
+from tests.test_game import GameServerCase
+from tests.test_inventory import InventoryCase
+
+
+class MatchmakerCase(InventoryCase):
+    """Matchmakers on a driven clock, with matchmaking keys of the test's own."""
+
+    async def setUp(self):
+        await super().setUp()
+        self.prefix = f"testmm{random.getrandbits(40):x}"
+        keys = matchmaking_keys(self.prefix)
+        self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in keys]))
+        self.presence = Presence(self.router, "test-matchmaking", 30, 900)
+        self.formed = []
+
+    def matchmaker(self, raid_size=2, router=None, seed=1):
+        raids = test_settings(raids_matchmaking_prefix=self.prefix, raids_widen_after="30",
+                              raids_raid_size=str(raid_size)).raids
+        router = router or self.router
+        parties = Parties(router, self.presence, random.Random(seed), raid_size)
+        return Matchmaker(router, self.presence, parties, self.clock, random.Random(seed), raids, 200,
+                          self.formed.append)
+
+
+class MatchmakerTests(MatchmakerCase):
+
+    def test_level_groups(self):
+        """Levels 1-2 group 1, 3-5 group 2, ... 15 group 6."""
+        self.assertEqual([level_group(level) for level in range(1, 16)],
+                         [1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6])
+
+    async def test_first_come_first_served_in_a_group(self):
+        """Three solo tickets of one group, raids of two: the first two form one, the third waits."""
+        matchmaker = self.matchmaker()
+        players = [await self.new_user(level) for level in (1, 2, 1, 3)]
+        for user_id in players:
+            await matchmaker.enqueue(user_id)
+        formed = await matchmaker.run_pass()
+        self.assertEqual([raid.members for raid in formed], [players[:2]])
+        self.assertEqual(self.formed, formed)
+        await self.refused(ErrorCode.NOT_QUEUED, matchmaker.cancel(players[0]))
+        await self.refused(ErrorCode.ALREADY_QUEUED, matchmaker.enqueue(players[1]))
+        await self.refused(ErrorCode.ALREADY_QUEUED, matchmaker.enqueue(players[2]))
+        await matchmaker.cancel(players[2])
+        await self.refused(ErrorCode.NOT_QUEUED, matchmaker.cancel(players[2]))
+        self.assertEqual(await matchmaker.run_pass(), [])
+
+    async def test_a_party_is_one_ticket_in_a_raid_of_four(self):
+        """Only the leader queues a party; its highest level picks the group; two solos fill the raid."""
+        matchmaker = self.matchmaker(raid_size=4)
+        leader, member, solo1, solo2, other = [await self.new_user(level) for level in (1, 4, 3, 5, 1)]
+        parties = Parties(self.router, self.presence, random.Random(2), 4)
+        party = await parties.create(leader, "leader")
+        self.addCleanup(lambda: parties.leave_if_any(leader))
+        self.addCleanup(lambda: parties.leave_if_any(member))
+        await parties.join(member, "member", party.code)
+        await self.refused(ErrorCode.NOT_PARTY_LEADER, matchmaker.enqueue(member))
+        self.assertEqual(await matchmaker.enqueue(leader), 2)
+        self.assertEqual(await matchmaker.enqueue(other), 1)
+        self.assertEqual(await matchmaker.run_pass(), [])
+        await matchmaker.enqueue(solo1)
+        await matchmaker.enqueue(solo2)
+        [raid] = await matchmaker.run_pass()
+        self.assertEqual(sorted(raid.members), sorted([leader, member, solo1, solo2]))
+
+    async def test_widening_to_the_neighbouring_group_only(self):
+        """Groups 1 and 2 match once a ticket has waited widen_after; groups 1 and 3 never do."""
+        matchmaker = self.matchmaker()
+        low, middle = await self.new_user(1), await self.new_user(3)
+        await matchmaker.enqueue(low)
+        await matchmaker.enqueue(middle)
+        self.clock.advance(29.9)
+        self.assertEqual(await matchmaker.run_pass(), [])
+        self.clock.advance(0.1)
+        [raid] = await matchmaker.run_pass()
+        self.assertEqual(raid.members, [low, middle])
+
+        far_low, far_high = await self.new_user(1), await self.new_user(6)
+        await matchmaker.enqueue(far_low)
+        await matchmaker.enqueue(far_high)
+        self.clock.advance(300)
+        self.assertEqual(await matchmaker.run_pass(), [])
+
+    async def test_players_are_free_again_when_the_raid_is_over(self):
+        """A raid's players cannot queue during its longest life; after it they can."""
+        matchmaker = self.matchmaker()
+        a, b = await self.new_user(), await self.new_user()
+        await matchmaker.enqueue(a)
+        await matchmaker.enqueue(b)
+        self.assertEqual(len(await matchmaker.run_pass()), 1)
+        await self.refused(ErrorCode.ALREADY_QUEUED, matchmaker.enqueue(a))
+        self.clock.advance(200)
+        await matchmaker.run_pass()
+        await matchmaker.enqueue(a)
+
+    async def test_two_matchers_never_put_a_player_in_two_raids(self):
+        """Forty tickets, passes from two routers at once: twenty raids, every player in exactly one."""
+        other_router = cluster.router()
+        self.addCleanup(other_router.stopService)
+        await other_router.refresh()
+        matchmakers = [self.matchmaker(), self.matchmaker(router=other_router, seed=2)]
+        players = [await self.new_user() for _ in range(40)]
+        await gather([matchmakers[i % 2].enqueue(u) for i, u in enumerate(players)])
+        results = await gather([m.run_pass() for m in matchmakers for _ in range(3)])
+        members = [u for formed in results for raid in formed for u in raid.members]
+        self.assertEqual(sorted(members), sorted(players))
+        self.assertEqual(len({raid.raid_id for formed in results for raid in formed}), 20)
+
+
+class MatchmakingOverTcpTests(GameServerCase):
+
+    async def test_players_on_two_processes_are_matched(self):
+        """Two players on two game server processes queue; both are told of the same raid and its host."""
+        prefix = ["--raids-matchmaking-prefix", f"testmm{random.getrandbits(40):x}"]
+        first, second = await gather([self.game_process(*prefix), self.game_process(*prefix)])
+        clients = []
+        for server in (first, second):
+            user_id = await self.new_user()
+            client, _ = await self.authenticated(server, await self.entered_token(user_id))
+            clients.append((client, user_id))
+        for client, _ in clients:
+            _, queued = await client.request(packets.QUEUE_RAID, {})
+            self.assertEqual(queued, {"group": 1})
+        found = [await client.next_push("raid_found") for client, _ in clients]
+        self.assertEqual(found[0], found[1])
+        self.assertEqual(sorted(m["user_id"] for m in found[0]["members"]), sorted(u for _, u in clients))
+        self.assertTrue(found[0]["host"])
+
+    async def test_a_changed_or_dropped_party_leaves_the_queue(self):
+        """Members hear their party queued; a join or the leader dropping takes its ticket out, and they hear that."""
+        server = await self.game_server("--raids-raid-size", "4",
+                                        "--raids-matchmaking-prefix", f"testmm{random.getrandbits(40):x}")
+        (leader, _), (member, _), (late, _) = [
+            await self.authenticated(server, await self.entered_token(await self.new_user())) for _ in range(3)]
+        _, party = await leader.request(packets.CREATE_PARTY, {})
+        code = party["code"]
+        await member.request(packets.JOIN_PARTY, {"code": code})
+        await leader.request(packets.QUEUE_RAID, {})
+        self.assertEqual(await member.next_push("matchmaking"), {"state": "queued", "group": 1})
+        await late.request(packets.JOIN_PARTY, {"code": code})
+        self.assertEqual(await member.next_push("matchmaking"), {"state": "cancelled", "group": 0})
+        with self.assertRaises(RemoteError) as raised:
+            await leader.request(packets.CANCEL_QUEUE, {})
+        self.assertEqual(raised.exception.code, ErrorCode.NOT_QUEUED)
+
+        await leader.request(packets.QUEUE_RAID, {})
+        self.assertEqual(await member.next_push("matchmaking"), {"state": "queued", "group": 1})
+        leader.transport.loseConnection()
+        self.assertEqual(await member.next_push("matchmaking"), {"state": "cancelled", "group": 0})
