@@ -276,6 +276,8 @@ class RaidSettings:
     raid_size: int = setting(_number(int, 1, 8), "players in a raid, and the most in a party")
     time_limit: float = setting(_number(float, 1.0, 3600.0), "seconds a raid's fight lasts at most")
     ready_grace: float = setting(_number(float, 0.0, 600.0), "seconds a formed raid waits for its players to be ready")
+    boss_hp: int = setting(_number(int, 1, 10**9), "the boss's hit points")
+    hit_interval: float = setting(_number(float, 0.0, 60.0), "seconds a player must wait between two hits")
     widen_after: float = setting(
         _number(float, 0.0, 3600.0), "seconds a ticket waits before it may match the neighbouring level group"
     )

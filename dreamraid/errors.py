@@ -58,6 +58,9 @@ class ErrorCode(enum.IntEnum):
     NOT_A_MEMBER = 66
     ALREADY_QUEUED = 67
     NOT_QUEUED = 68
+    NOT_IN_RAID = 69
+    RAID_NOT_FIGHTING = 70
+    HIT_TOO_SOON = 71
 
 
 ERROR_TEXT = {
@@ -105,6 +108,9 @@ ERROR_TEXT = {
     ErrorCode.NOT_A_MEMBER: "that user is not another member of the party",
     ErrorCode.ALREADY_QUEUED: "a member is already waiting for a raid or in one",
     ErrorCode.NOT_QUEUED: "no ticket of the user is waiting (it was matched or cancelled)",
+    ErrorCode.NOT_IN_RAID: "the user is not a player of that raid",
+    ErrorCode.RAID_NOT_FIGHTING: "the raid's fight has not begun, or has ended",
+    ErrorCode.HIT_TOO_SOON: "a player's hits must be hit_interval apart",
 }
 
 
