@@ -242,7 +242,7 @@ async def main(reactor, quick):
     game_ports, echo_ports = [free_port() for _ in range(cores)], [free_port() for _ in range(cores)]
     servers = [start(reactor, "-n", "--pidfile=", "dreamraid-game", "--game-listen",
                      f"tcp:{port}:interface=127.0.0.1", "--game-http-listen", f"tcp:{free_port()}:interface=127.0.0.1",
-                     "--tokens-public-key", public, "--sync-prefix", prefix,
+                     "--tokens-public-key", public, "--sync-prefix", prefix, "--game-udp-port", "0",
                      # No ping pushes during a run: replies are then all of one size.
                      "--game-ping-interval", "60", "--game-idle-timeout", "120",
                      executable=twistd, reports=False) for port in game_ports]

@@ -156,7 +156,8 @@ class GameSettings(ServerSettings):
     )
     dev_grant: str = setting(_choice("on", "off"), "the development-only grant command (on or off)")
     udp_interface: str = setting(_text, "address the raid UDP socket binds")
-    udp_port: int = setting(_number(int, 0, 65535), "raid UDP port")
+    udp_port: int = setting(_number(int, 0, 65535), "raid UDP port (0: any free one)")
+    public_host: str = setting(_text, "host name or address clients reach this server at (raid handoffs and UDP)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,7 @@ class ErrorCode(enum.IntEnum):
     NOT_IN_RAID = 69
     RAID_NOT_FIGHTING = 70
     HIT_TOO_SOON = 71
+    HANDOFF_REFUSED = 72
 
 
 ERROR_TEXT = {
@@ -111,6 +112,7 @@ ERROR_TEXT = {
     ErrorCode.NOT_IN_RAID: "the user is not a player of that raid",
     ErrorCode.RAID_NOT_FIGHTING: "the raid's fight has not begun, or has ended",
     ErrorCode.HIT_TOO_SOON: "a player's hits must be hit_interval apart",
+    ErrorCode.HANDOFF_REFUSED: "the handoff ticket is used, expired or not this user's",
 }
 
 

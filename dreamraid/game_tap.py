@@ -2,20 +2,24 @@
 
 import os
 import random
+import re
 import socket
 
+from twisted.application.internet import UDPServer
 from twisted.application.service import MultiService
-from twisted.logger import Logger
 
 from dreamraid.config import GAME_SECTIONS, settings_options
 from dreamraid.frontends import add_frontends
 from dreamraid.protocols.game import GameFactory
+from dreamraid.protocols.realtime import RealtimeProtocol
 from dreamraid.services.health import Health
 from dreamraid.services.inventory import Inventory
 from dreamraid.services.matchmaking import Matchmaker
 from dreamraid.services.parties import Parties
 from dreamraid.services.players import Players
 from dreamraid.services.presence import Presence
+from dreamraid.services.raidhost import RaidHost
+from dreamraid.services.raids import longest_life
 from dreamraid.services.ranking import Ranking
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import SyncQueue
@@ -23,14 +27,14 @@ from dreamraid.services.tokens import TokenKeyError, TokenVerifier
 from dreamraid.tables import load_tables
 
 Options = settings_options("game server", GAME_SECTIONS)
-log = Logger()
 
 
 def makeService(options, reactor=None):
     """
     A game server: Redis Cluster router, players (authentication, presence,
     kicks), hunting and inventory, the ranking board, parties, matchmaking,
-    the client TCP endpoint with liveness, and HTTP health.
+    the raids it hosts with their UDP socket, the client TCP endpoint with
+    liveness, and HTTP health.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -57,13 +61,22 @@ def makeService(options, reactor=None):
     ranking = Ranking(router, settings.sync.ranking_prefix)
     parties = Parties(router, presence, random.SystemRandom(), settings.raids.raid_size)
     raids = settings.raids
-    # Until a raid says it ended, its players are free again after its
-    # longest possible life and a margin.
-    raid_lasts = raids.ready_grace + raids.time_limit + 30
-    matchmaker = Matchmaker(router, presence, parties, reactor, random.SystemRandom(), raids, raid_lasts,
-                            lambda raid: log.info("raid {raid_id} formed here: {members}", raid_id=raid.raid_id,
-                                                  members=raid.members))
+    host = RaidHost(router, presence, players, inventory, ranking, reactor, random.SystemRandom(), raids,
+                    f"{game.public_host}:{_tcp_port(game.listen)}", lambda raid_id, members: matchmaker.release(raid_id, members))
+    host.setServiceParent(top)
+    matchmaker = Matchmaker(router, presence, parties, reactor, random.SystemRandom(), raids,
+                            longest_life(raids), host.host)
     matchmaker.setServiceParent(top)
+    UDPServer(game.udp_port, RealtimeProtocol(host, game.public_host), interface=game.udp_interface).setServiceParent(top)
     add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking, parties,
-                  matchmaker)
+                  matchmaker, host)
     return top
+
+
+def _tcp_port(listen):
+    """The port of a C{tcp:PORT:...} endpoint: where a raid's players are sent."""
+    match = re.match(r"tcp:(\d+)", listen)
+    if match is None or match.group(1) == "0":
+        raise SystemExit(f"dreamraid-game: [game] listen must be tcp:PORT with a fixed port for raid handoffs, "
+                         f"not {listen}")
+    return int(match.group(1))

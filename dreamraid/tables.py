@@ -27,7 +27,7 @@ class ItemKind:
 
 @dataclass(frozen=True)
 class Drop:
-    """A chance, in percent, that a hunt yields C{count} of C{item}."""
+    """A chance, in percent, that a hunt (or a cleared raid) yields C{count} of C{item}."""
 
     item: int
     percent: int
@@ -36,7 +36,7 @@ class Drop:
 
 @dataclass(frozen=True)
 class GameTables:
-    """Progression, enhancement, items and monsters."""
+    """Progression, enhancement, items, monsters and raid rewards."""
 
     max_level: int
     exp_to_advance: MappingProxyType  # level -> cumulative exp needed to leave it
@@ -45,6 +45,8 @@ class GameTables:
     monster_exp: MappingProxyType  # monster kind -> exp granted by a hunt
     hunt_cooldown_ms: int
     monster_drops: MappingProxyType  # monster kind -> (Drop, ...)
+    raid_drops: tuple  # (Drop, ...) for each player of a cleared raid
+    raid_exp_per_score: int  # exp a cleared raid pays per point of the player's score
     slots: int  # per tab
     items: MappingProxyType  # item code -> ItemKind
 
@@ -95,6 +97,10 @@ def parse_tables(data):
     cooldown = monsters.get("cooldown_ms", 0)
     if not isinstance(cooldown, int) or isinstance(cooldown, bool) or not 0 <= cooldown <= 3_600_000:
         raise TableError("monsters.cooldown_ms: must be a whole number from 0 to 3600000")
+    raid = data.get("raid", {})
+    exp_per_score = raid.get("exp_per_score", 1) if isinstance(raid, dict) else None
+    if not isinstance(exp_per_score, int) or isinstance(exp_per_score, bool) or not 0 <= exp_per_score <= 1000:
+        raise TableError("raid.exp_per_score: must be a whole number from 0 to 1000")
     return GameTables(
         max_level=max_level,
         exp_to_advance=MappingProxyType(exp),
@@ -103,6 +109,8 @@ def parse_tables(data):
         monster_exp=MappingProxyType(monster_exp),
         hunt_cooldown_ms=cooldown,
         monster_drops=MappingProxyType(_drops(monsters.get("drops", {}), monster_exp, items)),
+        raid_drops=_drop_list("raid.drops", raid.get("drops", []), items),
+        raid_exp_per_score=exp_per_score,
         slots=slots,
         items=MappingProxyType(items),
     )
@@ -134,18 +142,24 @@ def _drops(entries, monster_exp, items):
         name = f"monsters.drops[{key}]"
         if not key.isdigit() or int(key) not in monster_exp or not isinstance(entry, list):
             raise TableError(f"{name}: must be a list under a known monster kind")
-        kind = []
-        for drop in entry:
-            try:
-                item, percent, count = drop["item"], drop["percent"], drop["count"]
-            except (KeyError, TypeError):
-                raise TableError(f"{name}: each drop needs item, percent and count") from None
-            if item not in items or not (isinstance(percent, int) and 0 <= percent <= 100) or not (
-                    isinstance(count, int) and 1 <= count <= items[item].stack):
-                raise TableError(f"{name}: item {item!r} must be in items, percent 0-100, count 1 to its stack")
-            kind.append(Drop(item, percent, count))
-        drops[int(key)] = tuple(kind)
+        drops[int(key)] = _drop_list(name, entry, items)
     return drops
+
+
+def _drop_list(name, entry, items):
+    if not isinstance(entry, list):
+        raise TableError(f"{name}: expected a list")
+    kind = []
+    for drop in entry:
+        try:
+            item, percent, count = drop["item"], drop["percent"], drop["count"]
+        except (KeyError, TypeError):
+            raise TableError(f"{name}: each drop needs item, percent and count") from None
+        if item not in items or not (isinstance(percent, int) and 0 <= percent <= 100) or not (
+                isinstance(count, int) and 1 <= count <= items[item].stack):
+            raise TableError(f"{name}: item {item!r} must be in items, percent 0-100, count 1 to its stack")
+        kind.append(Drop(item, percent, count))
+    return tuple(kind)
 
 
 def load_tables(path):

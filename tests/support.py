@@ -86,6 +86,13 @@ async def eventually(probe, timeout=30.0, interval=0.1):
         await task.deferLater(reactor, interval, lambda: None)
 
 
+def _free_ports(section, port, http_port):
+    """Options putting a server on free ports (a game server's raid UDP too)."""
+    options = [f"--{section}-listen", f"tcp:{port}:interface=127.0.0.1",
+               f"--{section}-http-listen", f"tcp:{http_port}:interface=127.0.0.1"]
+    return options + (["--game-udp-port", "0"] if section == "game" else [])
+
+
 class _Listening:
     """A server a test connects to on C{self.port}."""
 
@@ -102,12 +109,7 @@ class RunningServer(_Listening):
     def __init__(self, tap, section, extra=()):
         self.port, self.http_port = free_port(), free_port()
         options = tap.Options()
-        options.parseOptions([
-            "--config", str(CONFIG),
-            f"--{section}-listen", f"tcp:{self.port}:interface=127.0.0.1",
-            f"--{section}-http-listen", f"tcp:{self.http_port}:interface=127.0.0.1",
-            *extra,
-        ])
+        options.parseOptions(["--config", str(CONFIG), *_free_ports(section, self.port, self.http_port), *extra])
         self.service = tap.makeService(options, reactor)
 
     def start(self, testcase):
@@ -174,10 +176,7 @@ class ServerProcess(_Listening):
         self.port, self.http_port = free_port(), free_port()
         self._args = [
             os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", plugin,
-            "--config", str(CONFIG),
-            f"--{section}-listen", f"tcp:{self.port}:interface=127.0.0.1",
-            f"--{section}-http-listen", f"tcp:{self.http_port}:interface=127.0.0.1",
-            *extra,
+            "--config", str(CONFIG), *_free_ports(section, self.port, self.http_port), *extra,
         ]
         self._child = ChildProcess()
 

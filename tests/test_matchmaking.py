@@ -142,9 +142,11 @@ class MatchmakingOverTcpTests(GameServerCase):
             _, queued = await client.request(packets.QUEUE_RAID, {})
             self.assertEqual(queued, {"group": 1})
         found = [await client.next_push("raid_found") for client, _ in clients]
-        self.assertEqual(found[0], found[1])
+        same = ("raid_id", "host", "udp", "raid_number", "key", "members")
+        self.assertEqual([{k: f[k] for k in same} for f in found][0], {k: found[1][k] for k in same})
         self.assertEqual(sorted(m["user_id"] for m in found[0]["members"]), sorted(u for _, u in clients))
-        self.assertTrue(found[0]["host"])
+        self.assertEqual(sorted(f["member"] for f in found), [0, 1])
+        self.assertIn(found[0]["host"], (f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"))
 
     async def test_a_changed_or_dropped_party_leaves_the_queue(self):
         """Members hear their party queued; a join or the leader dropping takes its ticket out, and they hear that."""

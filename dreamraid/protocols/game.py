@@ -45,8 +45,9 @@ def _party_changed(body):
 _PUSHES = {
     "party_changed": (packets.PARTY_CHANGED, _party_changed),
     "matchmaking": (packets.MATCHMAKING, dict),
-    "raid_found": (packets.RAID_FOUND, lambda body: {
-        "raid_id": body["raid_id"], "host": body["host"], "members": [{"user_id": u} for u in body["members"]]}),
+    "raid_found": (packets.RAID_FOUND, lambda body: {**body, "members": [{"user_id": u} for u in body["members"]]}),
+    "raid_fight": (packets.RAID_FIGHT, dict),
+    "raid_result": (packets.RAID_RESULT, dict),
 }
 
 
@@ -81,7 +82,16 @@ class GameProtocol(ServerProtocol):
     async def authenticate(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        entered = await self.factory.players.authenticate(self, body["token"])
+        return await self._entered(await self.factory.players.authenticate(self, body["token"]))
+
+    @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False)
+    async def authenticate_handoff(self, body):
+        if self.user_id is not None:
+            raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
+        entered = await self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"])
+        return await self._entered(entered)
+
+    async def _entered(self, entered):
         if not self.connected:
             # The connection went away while Redis answered: it took the user over for nothing.
             await self.factory.players.leave(self)
@@ -155,6 +165,15 @@ class GameProtocol(ServerProtocol):
         await self.factory.matchmaker.cancel(self.user_id)
         return packets.QUEUE_CANCELLED, {}
 
+    @handles(packets.RAID_READY)
+    def raid_ready(self, body):
+        self.factory.raids.ready(self.user_id, body["raid_id"])
+        return packets.RAID_READY_OK, {}
+
+    @handles(packets.RAID_HIT)
+    def raid_hit(self, body):
+        return packets.HIT, self.factory.raids.hit(self.user_id, body["raid_id"])._asdict()
+
     # A party that changes while its ticket waits is taken out of the queue.
 
     @handles(packets.CREATE_PARTY)
@@ -189,9 +208,10 @@ class GameFactory(ServerFactory):
 
     protocol = GameProtocol
 
-    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties, matchmaker):
+    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties, matchmaker, raids):
         super().__init__(server_name, settings, liveness)
         self.matchmaker = matchmaker
+        self.raids = raids
         self.players = players
         self.inventory = inventory
         self.ranking = ranking

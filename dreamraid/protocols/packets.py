@@ -35,6 +35,7 @@ from typing import NamedTuple
 from construct import (
     ConstructError,
     Flag,
+    Float32l,
     FormatField,
     GreedyBytes,
     Int8ul,
@@ -700,12 +701,75 @@ MATCHMAKING = message(
 )
 RAID_FOUND = message(
     265, "raid_found", Sender.SERVER,
-    "Push to every player of a raid just formed: its id, the game server process hosting it, and "
-    "its players.",
-    "raid_id" / String, "host" / String, "members" / records(Int8ul, PARTY_MEMBER),
+    "Push to every player of a raid just formed, from its host: the raid's id; the host's client "
+    "address (host:port) and a handoff ticket, single use and short-lived, for a player connected "
+    "to another game server to authenticate_handoff there (the client library moves by itself); "
+    "the UDP channel: address, raid number, this player's member number and the raid's key (hex) "
+    "for the datagrams' MAC; and the players in member-number order.",
+    "raid_id" / String, "host" / String, "ticket" / String,
+    "udp" / String, "raid_number" / Int32ul, "member" / Int8ul, "key" / String,
+    "members" / records(Int8ul, PARTY_MEMBER),
+)
+AUTHENTICATE_HANDOFF = message(
+    266, "authenticate_handoff", Sender.CLIENT,
+    "Instead of authenticate, on a raid's host: the ticket from raid_found, which becomes the "
+    "user's live session (the connection elsewhere is closed with logged_in_elsewhere). The "
+    "reply is authenticated. Errors: handoff_refused, already_authenticated.",
+    "user_id" / Int64ul, "ticket" / String,
+)
+RAID_READY = message(
+    267, "raid_ready", Sender.CLIENT,
+    "The player is ready to fight (on the raid's host); the fight begins when all are, or after "
+    "ready_grace with who is there. Errors: not_in_raid.",
+    "raid_id" / String,
+)
+RAID_READY_OK = message(268, "raid_ready_ok", Sender.SERVER, "The reply to raid_ready.")
+RAID_FIGHT = message(
+    269, "raid_fight", Sender.SERVER,
+    "Push to the raid's players on its host when the fight begins: the boss's HP and its "
+    "sequence, and the deadline (ms since the epoch).",
+    "raid_id" / String, "hp" / Int32ul, "sequence" / Int32ul, "deadline_ms" / Int64ul,
+)
+RAID_HIT = message(
+    270, "raid_hit", Sender.CLIENT,
+    "Hit the boss; the server computes the damage. The reply is hit. Errors: not_in_raid, "
+    "raid_not_fighting, hit_too_soon.",
+    "raid_id" / String,
+)
+HIT = message(
+    271, "hit", Sender.SERVER,
+    "The reply to raid_hit: the damage it scored (the killing hit scores only the HP that was "
+    "left) and the boss's HP after it with its sequence.",
+    "damage" / Int32ul, "hp" / Int32ul, "sequence" / Int32ul,
+)
+RAID_RESULT = message(
+    272, "raid_result", Sender.SERVER,
+    "Push to every player of a raid at its end: cleared or not, the player's score (0 on a "
+    "failure) and the team's, and what a clear paid: exp, the level after, the best score and "
+    "the inventory slots the drops changed.",
+    "raid_id" / String, "cleared" / Flag, "score" / Int32ul, "team_score" / Int32ul,
+    "exp_gained" / Int32ul, "level" / Int8ul, "best" / Int32ul, "changed" / records(Int16ul, SLOT_ITEM),
 )
 
 UDP_HELLO = datagram(
     1, "udp_hello", Sender.CLIENT,
-    "Binds the sender's address to its raid membership; sent until acknowledged.",
+    "Binds the sender's address to its raid membership; the host answers with boss_hp. Sent "
+    "until that answer comes.",
+)
+POSITION = datagram(
+    2, "position", Sender.CLIENT,
+    "The player's position and state, at most 10 a second; the host relays the latest of each "
+    "player to the others.",
+    "x" / Float32l, "y" / Float32l, "state" / Int8ul,
+)
+BOSS_HP = datagram(
+    3, "boss_hp", Sender.SERVER,
+    "The boss's HP and its sequence, after every change and at least once a second: a client "
+    "keeps the highest sequence it has seen and drops the rest.",
+    "hp" / Int32ul, "hp_sequence" / Int32ul,
+)
+POSITIONS = datagram(
+    4, "positions", Sender.SERVER,
+    "The latest position and state of the other players, ten times a second.",
+    "players" / records(Int8ul, Struct("member" / Int8ul, "x" / Float32l, "y" / Float32l, "state" / Int8ul)),
 )

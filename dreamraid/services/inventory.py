@@ -60,6 +60,19 @@ end
 local function changed_version()
   redis.call('HINCRBY', KEYS[1], 'version', 1)
 end
+-- Add exp and apply every level-up it allows; the threshold to leave level
+-- L is ARGV[first + L - 1].  Returns exp, level, levels gained.
+local function gain(amount, max_level, n, first)
+  local exp = redis.call('HINCRBY', KEYS[1], 'exp', amount)
+  local level = tonumber(redis.call('HGET', KEYS[1], 'level'))
+  local gained = 0
+  while level < max_level and level <= n and exp >= tonumber(ARGV[first + level - 1]) do
+    level = level + 1
+    gained = gained + 1
+  end
+  if gained > 0 then redis.call('HSET', KEYS[1], 'level', level) end
+  return exp, level, gained
+end
 """
 
 # ARGV: now ms, cooldown ms, exp, max level, slots, #thresholds, thresholds...,
@@ -70,20 +83,33 @@ local now, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ready = tonumber(redis.call('HGET', KEYS[1], 'hunt_ready') or '0')
 if now < ready then return {-1} end
 redis.call('HSET', KEYS[1], 'hunt_ready', now + cooldown)
-local exp = redis.call('HINCRBY', KEYS[1], 'exp', ARGV[3])
-local level = tonumber(redis.call('HGET', KEYS[1], 'level'))
-local max_level, slots, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local gained = 0
-while level < max_level and level <= n and exp >= tonumber(ARGV[6 + level]) do
-  level = level + 1
-  gained = gained + 1
-end
-if gained > 0 then redis.call('HSET', KEYS[1], 'level', level) end
+local slots, n = tonumber(ARGV[5]), tonumber(ARGV[6])
+local exp, level, gained = gain(tonumber(ARGV[3]), tonumber(ARGV[4]), n, 7)
 for i = 7 + n, #ARGV, 4 do
   add(tonumber(ARGV[i + 1]), tonumber(ARGV[i]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), slots)
 end
 changed_version()
 local reply = {exp, level, gained}
+for i = 1, #changed do reply[#reply + 1] = changed[i] end
+return reply
+"""
+
+# ARGV: exp, score, max level, slots, #thresholds, thresholds..., then per
+# drop: item code, tab, count, stack.  Raises the best score to the score.
+# {exp, level, levels gained, best, changed...}.
+_REWARD = _LIBRARY + """
+local slots, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local exp, level, gained = gain(tonumber(ARGV[1]), tonumber(ARGV[3]), n, 6)
+local best = tonumber(redis.call('HGET', KEYS[1], 'best') or '0')
+if tonumber(ARGV[2]) > best then
+  best = tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'best', best)
+end
+for i = 6 + n, #ARGV, 4 do
+  add(tonumber(ARGV[i + 1]), tonumber(ARGV[i]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), slots)
+end
+changed_version()
+local reply = {exp, level, gained, best}
 for i = 1, #changed do reply[#reply + 1] = changed[i] end
 return reply
 """
@@ -198,6 +224,17 @@ class Hunted(NamedTuple):
     changed: list
 
 
+class Rewarded(NamedTuple):
+    """What a raid paid one player: exp, the level after, levels gained, the best score now, slots changed."""
+
+    exp_gained: int
+    level: int
+    exp: int
+    levels_gained: int
+    best: int
+    changed: list
+
+
 class Enhanced(NamedTuple):
     slot: int
     success: bool
@@ -231,6 +268,10 @@ def _hunted(reply, exp):
     if reply[0] == -1:
         raise RequestRefused(ErrorCode.HUNT_COOLDOWN)
     return Hunted(exp, int(reply[1]), int(reply[0]), int(reply[2]), _changed(reply[3:]))
+
+
+def _rewarded(reply, exp):
+    return Rewarded(exp, int(reply[1]), int(reply[0]), int(reply[2]), int(reply[3]), _changed(reply[4:]))
 
 
 def _enhanced(reply, slot):
@@ -273,7 +314,7 @@ class Inventory:
         move = f"local STACKS = {{{stacks}}}\n" + _MOVE
         # By name, for benchmarks that call a script without the service around it.
         self.scripts = {name: Script(router, _LIVE_CHECK + source) for name, source in (
-            ("hunt", _HUNT), ("delete", _DELETE), ("move", move), ("use", _USE), ("enhance", _ENHANCE),
+            ("hunt", _HUNT), ("reward", _REWARD), ("delete", _DELETE), ("move", move), ("use", _USE), ("enhance", _ENHANCE),
             ("grant", _GRANT))}
         t = tables
         self._thresholds = [t.exp_to_advance[level] for level in range(1, t.max_level)]
@@ -306,6 +347,20 @@ class Inventory:
                 kind = t.items[drop.item]
                 args += [drop.item, kind.tab, drop.count, kind.stack]
         return self._run("hunt", user_id, args).addCallback(_hunted, exp)
+
+    def reward(self, user_id, score):
+        """
+        Pay a player of a cleared raid: exp by their score, the table's
+        drops rolled here, and their best score raised; a L{Rewarded}.
+        """
+        t = self._tables
+        exp = score * t.raid_exp_per_score
+        args = [exp, score, t.max_level, t.slots, len(self._thresholds), *self._thresholds]
+        for drop in t.raid_drops:
+            if self._random.randrange(100) < drop.percent:
+                kind = t.items[drop.item]
+                args += [drop.item, kind.tab, drop.count, kind.stack]
+        return self._run("reward", user_id, args).addCallback(_rewarded, exp)
 
     def delete(self, user_id, tab, slot):
         """Empty a slot; the changed slots."""

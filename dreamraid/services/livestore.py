@@ -35,6 +35,11 @@ def session_key(user_id):
     return f"{{u:{user_id}}}:session"
 
 
+def raid_mark_key(user_id):
+    """Set while the user is a player of a raid: their data stays live until it pays them."""
+    return f"{{u:{user_id}}}:raid"
+
+
 def data_keys(user_id):
     """The keys holding the user's data: profile, then one per tab."""
     return [profile_key(user_id)] + [tab_key(user_id, tab) for tab in TABS]
@@ -92,14 +97,15 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
         redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
 """
 
-# KEYS: session, profile, tab 0, tab 1, tab 2.  ARGV: the version just made
-# durable.  Removes the user's data if nobody is online with it and it has
-# not changed since: 1 removed (or already gone), 0 online, -1 changed.
+# KEYS: session, raid mark, profile, tab 0, tab 1, tab 2.  ARGV: the version
+# just made durable.  Removes the user's data if nobody is online with it, the
+# user is in no raid (which will pay them at its end) and it has not changed
+# since: 1 removed (or already gone), 0 online or raiding, -1 changed.
 _EVICT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local version = redis.call('HGET', KEYS[2], 'version')
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local version = redis.call('HGET', KEYS[3], 'version')
 if version and version ~= ARGV[1] then return -1 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
 
@@ -141,10 +147,10 @@ class LiveStore:
 
     def evict(self, user_id, version):
         """
-        Remove the user's live data if offline and still at C{version}; a
-        Deferred of L{EVICTED}, L{STILL_ONLINE} or L{CHANGED}.
+        Remove the user's live data if offline, in no raid, and still at
+        C{version}; a Deferred of L{EVICTED}, L{STILL_ONLINE} or L{CHANGED}.
         """
-        return self._evict([session_key(user_id)] + data_keys(user_id), [version])
+        return self._evict([session_key(user_id), raid_mark_key(user_id)] + data_keys(user_id), [version])
 
     async def end_session(self, user_id, jti):
         """End the live session if it is still C{jti} (a newer login's is kept); whether it ended."""

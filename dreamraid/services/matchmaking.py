@@ -37,7 +37,6 @@ GROUPS = 6
 # Tickets of each group a pass looks at, oldest first.
 SCAN = 100
 MATCHMAKING = "matchmaking"
-RAID_FOUND = "raid_found"
 
 
 def level_group(level):
@@ -150,6 +149,17 @@ return {0}
 """
 
 
+# ARGV: raid id, its players.  Frees them (if still marked with this raid).
+_RELEASE = _LIBRARY + """
+for i = 2, #ARGV do
+  if redis.call('HGET', PLAYERS, ARGV[i]) == 'r:' .. ARGV[1] then redis.call('HDEL', PLAYERS, ARGV[i]) end
+end
+redis.call('ZREM', UNTIL, ARGV[1])
+redis.call('HDEL', MEMBERS, ARGV[1])
+return 1
+"""
+
+
 class Formed(NamedTuple):
     """A raid a pass formed: its id and players, hosted by the process that formed it."""
 
@@ -160,8 +170,8 @@ class Formed(NamedTuple):
 class Matchmaker(Service):
     """
     Queues tickets and forms raids: a pass after each new ticket and every
-    C{match_interval}.  Each raid formed here goes to C{on_formed(Formed)},
-    and its players are told where it is hosted.
+    C{match_interval}.  Each raid formed here goes to C{on_formed(Formed)}
+    (the raid host, which tells its players).
     """
 
     _log = Logger()
@@ -185,6 +195,7 @@ class Matchmaker(Service):
         self._enqueue = Script(router, _ENQUEUE)
         self._cancel = Script(router, _CANCEL)
         self._match = Script(router, _MATCH)
+        self._release = Script(router, _RELEASE)
         self._passes = None
 
     def startService(self):
@@ -244,6 +255,10 @@ class Matchmaker(Service):
         except RedisClusterError as e:
             self._log.warn("user {user_id} left, but their ticket may still wait: {error}", user_id=user_id, error=e)
 
+    async def release(self, raid_id, members):
+        """The raid ended: its players may queue again."""
+        await self._release(self._keys, [raid_id, *members])
+
     async def run_pass(self):
         """Form every raid the queues allow now; the L{Formed} raids, each handed to C{on_formed}."""
         formed = []
@@ -255,8 +270,6 @@ class Matchmaker(Service):
             raid = Formed(reply[1].decode(), [int(m) for m in reply[2:]])
             formed.append(raid)
             self._on_formed(raid)
-            await self._presence.tell(raid.members, RAID_FOUND, {
-                "raid_id": raid.raid_id, "host": self._presence.server_id, "members": raid.members})
 
     async def _pass_logged(self):
         try:

@@ -87,17 +87,33 @@ class Players(Service):
         @raise RequestRefused: a bad token, a token that is not the live session, Redis down.
         """
         claims = self._verifier.verify(token)
+        return await self._take_over(connection, claims.user_id, claims.jti, self._presence.enter)
+
+    async def authenticate_handoff(self, connection, user_id, ticket):
+        """
+        Take the user over with the handoff ticket a raid's host gave them
+        (their token may have expired since login); an L{Entered}.
+
+        @raise RequestRefused: a used, expired or wrong ticket; Redis down.
+        """
+        return await self._take_over(connection, user_id, ticket, self._presence.enter_handoff)
+
+    async def _take_over(self, connection, user_id, jti, enter):
         try:
-            entered = await self._presence.enter(claims.user_id, claims.jti)
+            entered = await enter(user_id, jti)
         except RedisClusterError as e:
-            self._log.warn("authenticate user {user_id}: {error}", user_id=claims.user_id, error=e)
+            self._log.warn("authenticate user {user_id}: {error}", user_id=user_id, error=e)
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
-        older = self._connections.get(claims.user_id)
+        older = self._connections.get(user_id)
         if older is not None and older is not connection:
             older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
-        connection.user_id, connection.jti = claims.user_id, claims.jti
-        self._connections[claims.user_id] = connection
+        connection.user_id, connection.jti = user_id, jti
+        self._connections[user_id] = connection
         return entered
+
+    def connection_of(self, user_id):
+        """The user's connection to this process, or None."""
+        return self._connections.get(user_id)
 
     def taken_over(self, user_id, jti):
         """Another process took C{user_id} over with session C{jti}: close the connection here."""

@@ -26,6 +26,10 @@ def presence_key(user_id):
     return f"{{u:{user_id}}}:presence"
 
 
+def handoff_key(user_id):
+    return f"{{u:{user_id}}}:handoff"
+
+
 def kick_channel(server_id):
     return f"kick:{{{server_id}}}"
 
@@ -66,6 +70,23 @@ return 1
 """
 
 
+# KEYS: handoff, session, presence, profile.  ARGV: ticket, server id,
+# presence ttl ms, session ttl ms.  Uses the ticket up; if it was the user's
+# and their data is live, the ticket becomes the live session and this
+# server takes the presence: {1, previous holder or '', name, level, exp};
+# else {0}.
+_HANDOFF = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('EXISTS', KEYS[4]) == 0 then return {0} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+local previous = redis.call('GET', KEYS[3]) or ''
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+local profile = redis.call('HMGET', KEYS[4], 'name', 'level', 'exp')
+return {1, previous, profile[1], profile[2], profile[3]}
+"""
+
+
 class Entered(NamedTuple):
     user_id: int
     name: str
@@ -85,6 +106,7 @@ class Presence:
         self._enter = Script(router, _ENTER)
         self._renew = Script(router, _RENEW)
         self._leave = Script(router, _LEAVE)
+        self._handoff = Script(router, _HANDOFF)
 
     async def enter(self, user_id, jti):
         """
@@ -97,6 +119,27 @@ class Presence:
                                   [jti, self.server_id, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
+        return await self._entered(user_id, jti, reply)
+
+    def offer_handoff(self, user_id, ticket, ttl):
+        """Let the user move to this server with C{ticket}, once, within C{ttl} seconds."""
+        return self._router.execute("SET", handoff_key(user_id), ticket, "PX", int(ttl * 1000))
+
+    async def enter_handoff(self, user_id, ticket):
+        """
+        Take the user over with a handoff ticket, which becomes their live
+        session (the previous holder is told to let go); an L{Entered}.
+
+        @raise RequestRefused: C{HANDOFF_REFUSED} for a used, expired or wrong ticket.
+        """
+        reply = await self._handoff(
+            [handoff_key(user_id), session_key(user_id), presence_key(user_id), profile_key(user_id)],
+            [ticket, self.server_id, self._presence_ms, self._session_ms])
+        if reply[0] != 1:
+            raise RequestRefused(ErrorCode.HANDOFF_REFUSED)
+        return await self._entered(user_id, ticket, reply)
+
+    async def _entered(self, user_id, jti, reply):
         previous = reply[1].decode()
         if previous and previous != self.server_id:
             await self._router.publish(kick_channel(previous), f"{user_id} {jti}")

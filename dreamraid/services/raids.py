@@ -18,6 +18,11 @@ from typing import NamedTuple
 from dreamraid.errors import ErrorCode, RequestRefused
 
 
+def longest_life(settings):
+    """Seconds from forming after which a raid has surely ended: its players are free again then at the latest."""
+    return settings.ready_grace + settings.time_limit + 30
+
+
 def hit_damage(level, enhancement):
     """A hit's damage: 1 + level // 3 + the enhancement of the item in equipment slot 0."""
     return 1 + level // 3 + enhancement

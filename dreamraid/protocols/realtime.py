@@ -1,0 +1,54 @@
+"""
+The raid UDP socket of a game server: checks and decodes players'
+datagrams for the raid host, and signs and sends the host's.
+
+A datagram is dropped, and counted, when it is malformed or its MAC does
+not verify under its raid's key (forged), names no raid hosted here
+(unknown), or repeats or precedes a sequence its member already sent
+(replayed; the host checks that).
+"""
+
+from twisted.internet.protocol import DatagramProtocol
+
+from dreamraid.protocols import packets
+
+_EVENTS = {packets.UDP_HELLO: "hello", packets.POSITION: "position"}
+_MESSAGES = {"boss_hp": packets.BOSS_HP, "positions": packets.POSITIONS}
+
+
+class RealtimeProtocol(DatagramProtocol):
+    """Raid datagrams, for a L{dreamraid.services.raidhost.RaidHost}."""
+
+    def __init__(self, host, public_host):
+        self.host = host
+        self._public_host = public_host
+
+    def startProtocol(self):
+        self.host.udp = self
+        self.host.udp_address = f"{self._public_host}:{self.transport.getHost().port}"
+
+    def stopProtocol(self):
+        self.host.udp = None
+
+    def datagramReceived(self, data, address):
+        try:
+            _, number, member, sequence = packets.datagram_header(data)
+        except packets.CodecError:
+            self.host.forged()
+            return
+        channel = self.host.channel(number)
+        if channel is None:
+            return
+        try:
+            if member >= channel.members:
+                raise packets.CodecError("no such member")
+            datagram = packets.open_datagram(channel.key, data)
+            event = _EVENTS[datagram.message]
+        except (packets.CodecError, KeyError):
+            self.host.forged()
+            return
+        self.host.datagram(number, member, sequence, event, datagram.body, address)
+
+    def send(self, address, event, key, number, member, sequence, body):
+        """Sign and send the host's C{event} to a player."""
+        self.transport.write(packets.seal_datagram(key, _MESSAGES[event], number, member, sequence, body), address)

@@ -1,0 +1,258 @@
+"""
+The raids a game server process hosts: the process whose matchmaking pass
+formed a raid runs its fight in memory (L{dreamraid.services.raids.Raid}).
+
+At forming, each player gets (through whichever process holds them) where
+the raid is hosted, a handoff ticket to move there, and the raid's UDP
+channel: its number, their member number and the key that signs the
+datagrams.  Players ready and hit over TCP on the host; the boss's HP goes
+out over UDP after every change and at least once a second, and the
+players' positions are relayed ten times a second.  At the end every
+player hears the result, a clear pays (exp, drops, best score, the ranking
+board), and the players are free to queue again.
+
+While a raid runs, its players' data stays live in Redis (a raid mark in
+their slot keeps the sync from unloading it), so a player who dropped is
+still paid at the end.
+"""
+
+import functools
+from typing import NamedTuple
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import profile_key, raid_mark_key, tab_key
+from dreamraid.services.raids import Raid, hit_damage, longest_life
+
+RAID_FOUND = "raid_found"
+RAID_FIGHT = "raid_fight"
+RAID_RESULT = "raid_result"
+# Seconds a handoff ticket may wait to be used.
+HANDOFF_TTL = 30.0
+# Positions are relayed this often; the boss's HP is repeated every tenth time.
+RELAY_INTERVAL = 0.1
+HP_EVERY = 10
+
+
+class _Hosted:
+    """One raid on this host: the fight, and its UDP channel."""
+
+    def __init__(self, raid, number, key, members, names):
+        self.raid = raid
+        self.number = number
+        self.key = key
+        self.members = members  # user ids; a player's index is their member number
+        self.names = names
+        self.addresses = {}  # member number -> UDP address bound by its hello
+        self.last_sequence = {}  # member number -> highest datagram sequence heard
+        self.positions = {}  # member number -> (x, y, state)
+        self.sent = 0  # sequence of the datagrams the host sends
+
+
+class Channel(NamedTuple):
+    """What the UDP protocol needs to check and answer a raid's datagrams."""
+
+    key: bytes
+    members: int
+
+
+class RaidHost(Service):
+    """
+    Hosts raids formed on this process.  C{udp} and C{udp_address} are set
+    by the realtime protocol once it listens; datagrams go out through it.
+    """
+
+    _log = Logger()
+
+    def __init__(self, router, presence, players, inventory, ranking, clock, random, settings, address, release):
+        """
+        @param address: this server's client address (C{host:port}) for handoffs.
+        @param release: C{release(raid_id, members)} frees the players in
+            the matchmaking when the raid has ended.
+        """
+        self._router = router
+        self._presence = presence
+        self._players = players
+        self._inventory = inventory
+        self._ranking = ranking
+        self._clock = clock
+        self._random = random
+        self._settings = settings
+        self.address = address
+        self.udp_address = None
+        self._release = release
+        self._raids = {}  # raid id -> _Hosted
+        self._by_number = {}  # raid number -> _Hosted
+        self._relay = None
+        self._ticks = 0
+        self.udp = None
+        self.counters = dict.fromkeys(("forged", "replayed", "unknown", "relayed"), 0)
+
+    def startService(self):
+        super().startService()
+        self._relay = task.LoopingCall(self._relay_tick)
+        self._relay.clock = self._clock
+        self._relay.start(RELAY_INTERVAL, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._relay.running:
+            self._relay.stop()
+
+    def __len__(self):
+        return len(self._raids)
+
+    # -- forming ------------------------------------------------------------------
+
+    def host(self, formed):
+        """Take a raid this process's matchmaking formed (a L{Formed})."""
+        d = defer.ensureDeferred(self._host(formed.raid_id, formed.members))
+        d.addErrback(lambda f: self._log.failure("cannot host raid {raid_id}", f, raid_id=formed.raid_id))
+
+    async def _host(self, raid_id, members):
+        settings = self._settings
+        profiles = await gather([self._router.execute("HMGET", profile_key(u), "name", "level") for u in members])
+        weapons = await gather([self._router.execute("HGET", tab_key(u, 0), 0) for u in members])
+        damage = {}
+        for user_id, (_, level), weapon in zip(members, profiles, weapons):
+            enhancement = int(weapon.split(b":")[1]) if weapon else 0
+            damage[user_id] = hit_damage(int(level or 1), enhancement)
+        names = {u: (name or b"").decode() for u, (name, _) in zip(members, profiles)}
+        await gather([self._router.execute("SET", raid_mark_key(u), raid_id, "PX", int(longest_life(settings) * 1000))
+                      for u in members])
+        number = self._random.getrandbits(32)
+        while number in self._by_number:
+            number = self._random.getrandbits(32)
+        key = self._random.getrandbits(128).to_bytes(16, "big")
+        hosted = _Hosted(Raid(raid_id, damage, settings, self._clock, functools.partial(self._event, raid_id)),
+                         number, key, list(members), names)
+        self._raids[raid_id] = self._by_number[number] = hosted
+        tickets = {u: f"{self._random.getrandbits(128):032x}" for u in members}
+        await gather([self._presence.offer_handoff(u, tickets[u], HANDOFF_TTL) for u in members])
+        await gather([self._presence.tell([u], RAID_FOUND, {
+            "raid_id": raid_id, "host": self.address, "ticket": tickets[u], "udp": self.udp_address,
+            "raid_number": number, "member": index, "key": key.hex(), "members": members})
+            for index, u in enumerate(members)])
+        hosted.raid.start()
+
+    # -- requests -----------------------------------------------------------------
+
+    def _hosted(self, raid_id):
+        hosted = self._raids.get(raid_id)
+        if hosted is None:
+            raise RequestRefused(ErrorCode.NOT_IN_RAID, "no such raid on this server")
+        return hosted
+
+    def ready(self, user_id, raid_id):
+        """The player is ready.  @raise RequestRefused: NOT_IN_RAID."""
+        self._hosted(raid_id).raid.ready(user_id)
+
+    def hit(self, user_id, raid_id):
+        """The player hits the boss; a L{dreamraid.services.raids.Hit}.  @raise RequestRefused: see L{Raid.hit}."""
+        return self._hosted(raid_id).raid.hit(user_id)
+
+    # -- what the fight does --------------------------------------------------------
+
+    def _event(self, raid_id, event, body):
+        hosted = self._raids[raid_id]
+        if event == "fight":
+            self._push(hosted, RAID_FIGHT, {"raid_id": raid_id, "hp": body["hp"], "sequence": body["sequence"],
+                                            "deadline_ms": int(body["deadline"] * 1000)})
+            self._send_hp(hosted)
+        elif event == "hp":
+            self._send_hp(hosted)
+        elif event == "ended":
+            d = defer.ensureDeferred(self._finish(hosted, body))
+            d.addErrback(lambda f: self._log.failure("raid {raid_id} ended, but its end failed", f, raid_id=raid_id))
+
+    def _push(self, hosted, event, body, user_ids=None):
+        """Push to the raid's players connected to this process."""
+        for user_id in hosted.members if user_ids is None else user_ids:
+            connection = self._players.connection_of(user_id)
+            if connection is not None:
+                connection.push(event, body)
+
+    async def _finish(self, hosted, result):
+        raid_id = hosted.raid.raid_id
+        self._send_hp(hosted)
+        paid = {}
+        if result.cleared:
+            outcomes = await defer.DeferredList(
+                [self._inventory.reward(u, result.scores[u]) for u in hosted.members], consumeErrors=True)
+            for user_id, (ok, value) in zip(hosted.members, outcomes):
+                if ok:
+                    paid[user_id] = value
+                else:
+                    self._log.error("raid {raid_id}: could not pay user {user_id} (score {score}): {error}",
+                                    raid_id=raid_id, user_id=user_id, score=result.scores[user_id],
+                                    error=value.value)
+            await self._ranking.record([(u, hosted.names[u], result.scores[u])
+                                        for u in hosted.members if result.scores[u] > 0])
+        await gather([self._router.execute("DEL", raid_mark_key(u)) for u in hosted.members])
+        await self._release(raid_id, hosted.members)
+        del self._raids[raid_id]
+        del self._by_number[hosted.number]
+        for user_id in hosted.members:
+            rewarded = paid.get(user_id)
+            body = {"raid_id": raid_id, "cleared": result.cleared, "score": result.scores[user_id],
+                    "team_score": result.team_score, "exp_gained": rewarded.exp_gained if rewarded else 0,
+                    "level": rewarded.level if rewarded else 0, "best": rewarded.best if rewarded else 0,
+                    "changed": [item._asdict() for item in rewarded.changed] if rewarded else []}
+            await self._presence.tell([user_id], RAID_RESULT, body)
+
+    # -- UDP ----------------------------------------------------------------------
+
+    def channel(self, number):
+        """The L{Channel} of raid C{number}, or None (the datagram is then counted as unknown)."""
+        hosted = self._by_number.get(number)
+        if hosted is None:
+            self.counters["unknown"] += 1
+            return None
+        return Channel(hosted.key, len(hosted.members))
+
+    def forged(self):
+        """A datagram whose MAC did not verify was dropped."""
+        self.counters["forged"] += 1
+
+    def datagram(self, number, member, sequence, event, body, address):
+        """A verified datagram from a player: C{event} is C{"hello"} or C{"position"}."""
+        hosted = self._by_number.get(number)
+        if hosted is None:
+            self.counters["unknown"] += 1
+            return
+        if sequence <= hosted.last_sequence.get(member, 0):
+            self.counters["replayed"] += 1
+            return
+        hosted.last_sequence[member] = sequence
+        hosted.addresses[member] = address
+        if event == "hello":
+            self._send_hp(hosted, [member])
+        else:
+            hosted.positions[member] = (body["x"], body["y"], body["state"])
+
+    def _send_hp(self, hosted, members=None):
+        raid = hosted.raid
+        self._send(hosted, "boss_hp", {"hp": raid.hp, "hp_sequence": raid.sequence}, members)
+
+    def _send(self, hosted, event, body, members=None):
+        if self.udp is None:
+            return
+        for member in hosted.addresses if members is None else members:
+            hosted.sent += 1
+            self.udp.send(hosted.addresses[member], event, hosted.key, hosted.number, member, hosted.sent, body)
+
+    def _relay_tick(self):
+        self._ticks += 1
+        for hosted in list(self._raids.values()):
+            if self._ticks % HP_EVERY == 0:
+                self._send_hp(hosted)
+            for member in list(hosted.addresses):
+                others = [{"member": m, "x": x, "y": y, "state": state}
+                          for m, (x, y, state) in hosted.positions.items() if m != member]
+                if others:
+                    self._send(hosted, "positions", {"players": others}, [member])
+                    self.counters["relayed"] += 1

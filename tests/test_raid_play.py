@@ -1,0 +1,140 @@
+"""
+Whole raids over real TCP and UDP against the real Redis Cluster: two
+players cleared and timed out on one game server, forged and replayed
+datagrams dropped and counted, positions relayed, the HP sequence never
+going backwards at a client, a player who drops still paid, and two game
+server processes: the player on the other one handed over to the host by
+the client library, the raid completed, results and ranking right.
+"""
+
+import random
+
+from twisted.internet import reactor
+
+from dreamraid.client.game import GameClient, RaidChannel
+from dreamraid.protocols import packets
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import STILL_ONLINE, profile_key
+from tests.support import eventually
+from tests.test_game import GameServerCase
+
+
+class RaidPlayTests(GameServerCase):
+
+    timeout = 90
+
+    def raid_options(self, *extra):
+        return ["--raids-matchmaking-prefix", f"testmm{random.getrandbits(40):x}", "--raids-hit-interval", "0",
+                *extra]
+
+    async def player(self, server):
+        """A new user logged in on C{server} through the client library: C{(client, user_id)}."""
+        user_id = await self.new_user()
+        client = await GameClient.login(reactor, "127.0.0.1", server.port, await self.entered_token(user_id))
+        self.addCleanup(client.close)
+        return client, user_id
+
+    async def matched(self, clients):
+        """Queue every client; their raid_found pushes (after any move), and their UDP channels, hello said."""
+        for client in clients:
+            await client.request(packets.QUEUE_RAID, {})
+        found = [await client.next_push("raid_found") for client in clients]
+        channels = []
+        for body in found:
+            channel = RaidChannel(body)
+            port = reactor.listenUDP(0, channel, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            channel.hello()
+            channels.append(channel)
+        await gather([channel.when_hp(lambda hp: hp == 30) for channel in channels])
+        return found, channels
+
+    async def fight(self, clients, raid_id):
+        """Everyone ready, then hit in turn until the boss falls; the hit replies."""
+        for client in clients:
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        fights = [await client.next_push("raid_fight") for client in clients]
+        self.assertEqual({(f["hp"], f["sequence"]) for f in fights}, {(30, 0)})
+        hits, turn = [], 0
+        while not hits or hits[-1]["hp"] > 0:
+            _, hit = await clients[turn % len(clients)].request(packets.RAID_HIT, {"raid_id": raid_id})
+            hits.append(hit)
+            turn += 1
+        return hits
+
+    async def test_two_players_clear_a_raid(self):
+        """Queue, UDP hello, ready, hits to 0 HP: both paid by their score, the board updated, free to queue again."""
+        server = await self.game_server(*self.raid_options())
+        host = server.part("RaidHost")
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, channels = await self.matched([a, b])
+        raid_id = found[0]["raid_id"]
+        self.assertEqual(found[0]["host"], f"127.0.0.1:{server.port}")
+
+        # Forged (wrong key) and replayed (a sequence already used) datagrams are dropped and counted.
+        forged = packets.seal_datagram(b"x" * 16, packets.UDP_HELLO, channels[0].number, 0, 99, {})
+        replayed = packets.seal_datagram(channels[0].key, packets.POSITION, channels[0].number, 0, 1,
+                                         {"x": 9.0, "y": 9.0, "state": 9})
+        for datagram in (forged, replayed):
+            channels[0].transport.write(datagram, channels[0].server)
+        channels[0].position(1.5, -2.0, 3)
+        await eventually(lambda: _true(host.counters["forged"] >= 1 and host.counters["replayed"] >= 1))
+        await eventually(lambda: _true(channels[1].positions.get(0) == (1.5, -2.0, 3)))
+
+        hits = await self.fight([a, b], raid_id)
+        self.assertEqual(sum(h["damage"] for h in hits), 30)
+        self.assertEqual([h["sequence"] for h in hits], list(range(1, len(hits) + 1)))
+        results = {user_id: await client.next_push("raid_result") for client, user_id in ((a, a_id), (b, b_id))}
+        scores = {user_id: r["score"] for user_id, r in results.items()}
+        self.assertEqual(sum(scores.values()), 30)
+        for user_id, result in results.items():
+            self.assertEqual((result["cleared"], result["team_score"], result["exp_gained"], result["best"]),
+                             (True, 30, scores[user_id], scores[user_id]))
+            self.assertIn(301, [item["item_code"] for item in result["changed"]])
+            self.assertEqual(int(await self.router.execute("HGET", profile_key(user_id), "exp")), scores[user_id])
+        for channel in channels:
+            self.assertEqual(await channel.when_hp(lambda hp: hp == 0), 0)
+            self.assertEqual(channel.hp_sequence, len(hits))
+        _, rank = await a.request(packets.MY_RANK, {})
+        self.assertEqual(rank["score"], scores[a_id])
+        await a.request(packets.QUEUE_RAID, {})
+
+    async def test_time_out_fails_with_scores_zero_and_a_dropped_player_stays(self):
+        """Nobody clears in time: every score 0, nothing paid; a player who dropped stays live until the end."""
+        server = await self.game_server(*self.raid_options("--raids-time-limit", "1", "--raids-ready-grace", "0"))
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        fight = await a.next_push("raid_fight")
+        _, hit = await a.request(packets.RAID_HIT, {"raid_id": found[0]["raid_id"]})
+        self.assertEqual(hit["hp"], fight["hp"] - hit["damage"])
+        b.connection.transport.loseConnection()
+        await b.connection.closed
+        version = await self.router.execute("HGET", profile_key(b_id), "version")
+        self.assertEqual(await self.live.evict(b_id, int(version)), STILL_ONLINE)
+        result = await a.next_push("raid_result")
+        self.assertEqual((result["cleared"], result["score"], result["team_score"], result["exp_gained"]),
+                         (False, 0, 0, 0))
+
+    async def test_players_on_two_processes_handed_over_to_the_host(self):
+        """The player on the other process is moved to the host by the client library; the raid completes there."""
+        options = self.raid_options()
+        first, second = await gather([self.game_process(*options), self.game_process(*options)])
+        (a, a_id), (b, b_id) = await self.player(first), await self.player(second)
+        old = [a.connection, b.connection]
+        found, _ = await self.matched([a, b])
+        host = found[0]["host"]
+        self.assertEqual({f"{c.address[0]}:{c.address[1]}" for c in (a, b)}, {host})
+        moved = [connection for connection, client in zip(old, (a, b)) if client.connection is not connection]
+        self.assertEqual(len(moved), 1)
+        await moved[0].closed
+        await self.fight([a, b], found[0]["raid_id"])
+        results = [await client.next_push("raid_result") for client in (a, b)]
+        self.assertEqual([r["cleared"] for r in results], [True, True])
+        self.assertEqual(sum(r["score"] for r in results), 30)
+        for client, result in zip((a, b), results):
+            _, rank = await client.request(packets.MY_RANK, {})
+            self.assertEqual(rank["score"], result["score"])
+
+
+async def _true(value):
+    return value
