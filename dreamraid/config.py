@@ -285,6 +285,9 @@ class RaidSettings:
     match_interval: float = setting(
         _number(float, 0.05, 60.0), "seconds between each game server's matchmaking passes (besides one per ticket)"
     )
+    host_lease: float = setting(
+        _number(float, 1.0, 600.0), "seconds a raid's host stays alive without renewing; then its raids fail"
+    )
     matchmaking_prefix: str = setting(_text, "hash tag of the matchmaking keys (servers that share a cluster share it)")
 
 

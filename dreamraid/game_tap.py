@@ -6,7 +6,6 @@ import re
 import socket
 
 from twisted.application.internet import UDPServer
-from twisted.application.service import MultiService
 
 from dreamraid.config import GAME_SECTIONS, settings_options
 from dreamraid.frontends import add_frontends
@@ -22,6 +21,7 @@ from dreamraid.services.raidhost import RaidHost
 from dreamraid.services.raids import longest_life
 from dreamraid.services.ranking import Ranking
 from dreamraid.services.rediscluster import RedisCluster
+from dreamraid.services.servicetree import InOrder
 from dreamraid.services.sync import SyncQueue
 from dreamraid.services.tokens import TokenKeyError, TokenVerifier
 from dreamraid.tables import load_tables
@@ -40,7 +40,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     settings = options["settings"]
     game = settings.game
-    top = MultiService()
+    top = InOrder()
     redis = settings.redis
     router = RedisCluster.from_settings(reactor, random.Random(), redis)
     router.setServiceParent(top)
@@ -61,11 +61,11 @@ def makeService(options, reactor=None):
     ranking = Ranking(router, settings.sync.ranking_prefix)
     parties = Parties(router, presence, random.SystemRandom(), settings.raids.raid_size)
     raids = settings.raids
-    host = RaidHost(router, presence, players, inventory, ranking, reactor, random.SystemRandom(), raids,
-                    f"{game.public_host}:{_tcp_port(game.listen)}", lambda raid_id, members: matchmaker.release(raid_id, members))
-    host.setServiceParent(top)
     matchmaker = Matchmaker(router, presence, parties, reactor, random.SystemRandom(), raids,
-                            longest_life(raids), host.host)
+                            longest_life(raids), lambda formed: host.host(formed))
+    host = RaidHost(router, presence, players, inventory, ranking, matchmaker, reactor, random.SystemRandom(), raids,
+                    f"{game.public_host}:{_tcp_port(game.listen)}")
+    host.setServiceParent(top)
     matchmaker.setServiceParent(top)
     UDPServer(game.udp_port, RealtimeProtocol(host, game.public_host), interface=game.udp_interface).setServiceParent(top)
     add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking, parties,

@@ -2,7 +2,6 @@
 
 import random
 
-from twisted.application.service import MultiService
 from twisted.internet import threads
 
 from dreamraid.config import SESSION_SECTIONS, settings_options
@@ -15,6 +14,7 @@ from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.ranking import BoardLoader, Ranking
 from dreamraid.services.rediscluster import RedisCluster
+from dreamraid.services.servicetree import InOrder
 from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
 from dreamraid.services.tokens import TokenIssuer, TokenKeyError, TokenVerifier
 
@@ -31,7 +31,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     settings = options["settings"]
     secure_random = random.SystemRandom()
-    top = MultiService()
+    top = InOrder()
     database = Database(settings.mysql)
     database.setServiceParent(top)
     redis = settings.redis

@@ -203,6 +203,12 @@ class ServerProcess(_Listening):
     def output(self):
         return "\n".join(self._child.lines())
 
+    def kill(self):
+        """End it at once (SIGKILL), as a crash would; a Deferred that fires when it is gone."""
+        if not self._child.ended.called:
+            self._child.transport.signalProcess("KILL")
+        return self._child.ended
+
     def stop(self):
         """End it as an operator would (SIGTERM); a Deferred that fires when it is gone."""
         if not self._child.ended.called:

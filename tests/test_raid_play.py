@@ -4,14 +4,17 @@ players cleared and timed out on one game server, forged and replayed
 datagrams dropped and counted, positions relayed, the HP sequence never
 going backwards at a client, a player who drops still paid, and two game
 server processes: the player on the other one handed over to the host by
-the client library, the raid completed, results and ranking right.
+the client library, the raid completed, results and ranking right; and a
+host killed mid-raid, its players freed once its lease lapses.
 """
 
 import random
 
 from twisted.internet import reactor
 
+from dreamraid.client import RemoteError
 from dreamraid.client.game import GameClient, RaidChannel
+from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import STILL_ONLINE, profile_key
@@ -134,6 +137,30 @@ class RaidPlayTests(GameServerCase):
         for client, result in zip((a, b), results):
             _, rank = await client.request(packets.MY_RANK, {})
             self.assertEqual(rank["score"], result["score"])
+
+    async def test_host_killed_mid_raid_releases_its_players(self):
+        """The host dies mid-raid: another process ends the raid once the lease lapses, and the players may queue."""
+        options = self.raid_options("--raids-host-lease", "2", "--raids-ready-grace", "0")
+        first = await self.game_process(*options)
+        (a, a_id), (b, b_id) = [await self.player(first) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        await a.next_push("raid_fight")
+        await a.request(packets.RAID_HIT, {"raid_id": found[0]["raid_id"]})
+        second = await self.game_process(*options)
+        await first.kill()
+        again = await GameClient.login(reactor, "127.0.0.1", second.port, await self.entered_token(a_id))
+        self.addCleanup(again.close)
+
+        async def queued():
+            try:
+                await again.request(packets.QUEUE_RAID, {})
+            except RemoteError as e:
+                self.assertEqual(e.code, ErrorCode.ALREADY_QUEUED)
+                return False
+            return True
+
+        # Well before the raid's longest life (160 s) would free them.
+        await eventually(queued, timeout=20)
 
 
 async def _true(value):

@@ -11,6 +11,9 @@ hot spot; a pass costs one script call, and passes are cheap.
     {mm}:queue:<group>   sorted set: ticket id -> enqueued at (ms)
     {mm}:tickets         hash: ticket id -> "group at order size members..."
     {mm}:order           counter: the order of tickets queued in the same ms
+    {mm}:raid_host       hash: raid id -> the server id hosting it
+    {mm}:leases          sorted set: server id -> until when it is alive (ms)
+    {mm}:checkpoints     hash: raid id -> its state as JSON, every second
     {mm}:players         hash: user id -> ticket id, or "r:<raid id>"
     {mm}:raid_until      sorted set: raid id -> when its players are free again
     {mm}:raid_members    hash: raid id -> its players
@@ -18,7 +21,11 @@ hot spot; a pass costs one script call, and passes are cheap.
 A pass takes the oldest ticket and fills a raid with the next compatible
 ones in order; then the next oldest, and so on.  Tickets are compatible in
 the same group, or in neighbouring groups once either has waited
-C{widen_after}.  The process whose pass formed a raid hosts it.
+C{widen_after}.  The process whose pass formed a raid hosts it, and keeps
+a lease while it lives; when the lease lapses (the host died), the raid is
+ended as failed by whichever process notices first, and its players are
+free.  Hosts and the others compare their clocks here: keep them in sync
+well within C{host_lease}.
 """
 
 import string
@@ -48,13 +55,28 @@ def matchmaking_keys(prefix):
     """Every key of the matchmaking under C{prefix}, as the scripts take them."""
     tag = f"{{{prefix}}}"
     return ([f"{tag}:queue:{g}" for g in range(1, GROUPS + 1)]
-            + [f"{tag}:tickets", f"{tag}:players", f"{tag}:raid_until", f"{tag}:raid_members", f"{tag}:order"])
+            + [f"{tag}:{name}" for name in ("tickets", "players", "raid_until", "raid_members", "order", "raid_host",
+                                            "leases", "checkpoints")])
 
 
-# KEYS: the queues of groups 1..6, tickets, players, raid_until, raid_members, order.
+# KEYS: the queues of groups 1..6, tickets, players, raid_until, raid_members,
+# order, raid_host, leases, checkpoints.
 _LIBRARY = LUA_SPLIT + """
 local G = %d
 local TICKETS, PLAYERS, UNTIL, MEMBERS, ORDER = KEYS[G + 1], KEYS[G + 2], KEYS[G + 3], KEYS[G + 4], KEYS[G + 5]
+local HOSTS, LEASES, CHECKPOINTS = KEYS[G + 6], KEYS[G + 7], KEYS[G + 8]
+-- The raid is over: its players are free, its records gone.
+local function forget_raid(raid)
+  local members = redis.call('HGET', MEMBERS, raid) or ''
+  for _, m in ipairs(split(members)) do
+    if redis.call('HGET', PLAYERS, m) == 'r:' .. raid then redis.call('HDEL', PLAYERS, m) end
+  end
+  redis.call('ZREM', UNTIL, raid)
+  redis.call('HDEL', MEMBERS, raid)
+  redis.call('HDEL', HOSTS, raid)
+  redis.call('HDEL', CHECKPOINTS, raid)
+  return members
+end
 local function drop_ticket(id)
   local t = split(redis.call('HGET', TICKETS, id))
   redis.call('ZREM', KEYS[tonumber(t[1])], id)
@@ -91,20 +113,14 @@ for _, m in ipairs(members) do redis.call('HDEL', PLAYERS, m) end
 return {1, unpack(members)}
 """
 
-# ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan.
+# ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan, server
+# id, lease ms.
 # Frees the players of raids past their time, then forms at most one raid:
 # {0}, or {1, raid id, members...}.
 _MATCH = _LIBRARY + """
 local now, size, widen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 for _, raid in ipairs(redis.call('ZRANGEBYSCORE', UNTIL, '-inf', now, 'LIMIT', 0, 100)) do
-  local members = redis.call('HGET', MEMBERS, raid)
-  if members then
-    for _, m in ipairs(split(members)) do
-      if redis.call('HGET', PLAYERS, m) == 'r:' .. raid then redis.call('HDEL', PLAYERS, m) end
-    end
-  end
-  redis.call('ZREM', UNTIL, raid)
-  redis.call('HDEL', MEMBERS, raid)
+  forget_raid(raid)
 end
 local tickets = {}
 for g = 1, G do
@@ -142,6 +158,8 @@ for i, anchor in ipairs(tickets) do
     end
     redis.call('ZADD', UNTIL, now + tonumber(ARGV[5]), ARGV[4])
     redis.call('HSET', MEMBERS, ARGV[4], table.concat(members, ' '))
+    redis.call('HSET', HOSTS, ARGV[4], ARGV[7])
+    redis.call('ZADD', LEASES, 'GT', now + tonumber(ARGV[8]), ARGV[7])
     return {1, ARGV[4], unpack(members)}
   end
 end
@@ -149,14 +167,36 @@ return {0}
 """
 
 
-# ARGV: raid id, its players.  Frees them (if still marked with this raid).
+# ARGV: raid id.  Frees its players (if still marked with this raid).
 _RELEASE = _LIBRARY + """
-for i = 2, #ARGV do
-  if redis.call('HGET', PLAYERS, ARGV[i]) == 'r:' .. ARGV[1] then redis.call('HDEL', PLAYERS, ARGV[i]) end
-end
-redis.call('ZREM', UNTIL, ARGV[1])
-redis.call('HDEL', MEMBERS, ARGV[1])
+forget_raid(ARGV[1])
 return 1
+"""
+
+# ARGV: server id, until ms, then raid id and checkpoint pairs.  Renews the
+# host's lease and stores its raids' checkpoints.
+_RENEW = _LIBRARY + """
+redis.call('ZADD', LEASES, ARGV[2], ARGV[1])
+for i = 3, #ARGV, 2 do
+  if redis.call('HGET', HOSTS, ARGV[i]) == ARGV[1] then redis.call('HSET', CHECKPOINTS, ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+# ARGV: now ms.  Ends the raids whose host's lease has lapsed (at most 100 a
+# call): {raid id, its players (space-separated), ...}.
+_REAP = _LIBRARY + """
+local now, reaped = tonumber(ARGV[1]), {}
+local hosts = redis.call('HGETALL', HOSTS)
+for i = 1, #hosts, 2 do
+  if #reaped >= 200 then break end
+  local lease = redis.call('ZSCORE', LEASES, hosts[i + 1])
+  if not lease or tonumber(lease) < now then
+    reaped[#reaped + 1] = hosts[i]
+    reaped[#reaped + 1] = forget_raid(hosts[i])
+  end
+end
+return reaped
 """
 
 
@@ -190,12 +230,15 @@ class Matchmaker(Service):
         self._widen_ms = int(settings.widen_after * 1000)
         self._interval = settings.match_interval
         self._lasts_ms = int(raid_lasts * 1000)
+        self._lease_ms = int(settings.host_lease * 1000)
         self._on_formed = on_formed
         self._keys = matchmaking_keys(settings.matchmaking_prefix)
         self._enqueue = Script(router, _ENQUEUE)
         self._cancel = Script(router, _CANCEL)
         self._match = Script(router, _MATCH)
         self._release = Script(router, _RELEASE)
+        self._renew = Script(router, _RENEW)
+        self._reap = Script(router, _REAP)
         self._passes = None
 
     def startService(self):
@@ -255,16 +298,28 @@ class Matchmaker(Service):
         except RedisClusterError as e:
             self._log.warn("user {user_id} left, but their ticket may still wait: {error}", user_id=user_id, error=e)
 
-    async def release(self, raid_id, members):
+    async def release(self, raid_id):
         """The raid ended: its players may queue again."""
-        await self._release(self._keys, [raid_id, *members])
+        await self._release(self._keys, [raid_id])
+
+    async def renew(self, server_id, checkpoints):
+        """The host C{server_id} is alive for another C{host_lease}; C{checkpoints}: C{{raid id: JSON state}}."""
+        args = [server_id, self._now_ms() + self._lease_ms]
+        for raid_id, state in checkpoints.items():
+            args += [raid_id, state]
+        await self._renew(self._keys, args)
+
+    async def reap(self):
+        """End the raids of hosts whose lease lapsed; C{[(raid id, [players])]}, freed already."""
+        reply = await self._reap(self._keys, [self._now_ms()])
+        return [(reply[i].decode(), [int(m) for m in reply[i + 1].split()]) for i in range(0, len(reply), 2)]
 
     async def run_pass(self):
         """Form every raid the queues allow now; the L{Formed} raids, each handed to C{on_formed}."""
         formed = []
         while True:
             reply = await self._match(self._keys, [self._now_ms(), self._size, self._widen_ms, self._new_id(),
-                                                   self._lasts_ms, SCAN])
+                                                   self._lasts_ms, SCAN, self._presence.server_id, self._lease_ms])
             if reply[0] != 1:
                 return formed
             raid = Formed(reply[1].decode(), [int(m) for m in reply[2:]])

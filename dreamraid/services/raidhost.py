@@ -17,6 +17,7 @@ still paid at the end.
 """
 
 import functools
+import json
 from typing import NamedTuple
 
 from twisted.application.service import Service
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import profile_key, raid_mark_key, tab_key
+from dreamraid.services.rediscluster import RedisClusterError
 from dreamraid.services.raids import Raid, hit_damage, longest_life
 
 RAID_FOUND = "raid_found"
@@ -68,11 +70,11 @@ class RaidHost(Service):
 
     _log = Logger()
 
-    def __init__(self, router, presence, players, inventory, ranking, clock, random, settings, address, release):
+    def __init__(self, router, presence, players, inventory, ranking, matchmaker, clock, random, settings, address):
         """
+        @param matchmaker: the L{dreamraid.services.matchmaking.Matchmaker}
+            that keeps the host's lease and frees a raid's players.
         @param address: this server's client address (C{host:port}) for handoffs.
-        @param release: C{release(raid_id, members)} frees the players in
-            the matchmaking when the raid has ended.
         """
         self._router = router
         self._presence = presence
@@ -84,10 +86,12 @@ class RaidHost(Service):
         self._settings = settings
         self.address = address
         self.udp_address = None
-        self._release = release
+        self._matchmaker = matchmaker
         self._raids = {}  # raid id -> _Hosted
         self._by_number = {}  # raid number -> _Hosted
         self._relay = None
+        self._keeping = None
+        self._finishing = set()  # Deferreds of raids paying their players
         self._ticks = 0
         self.udp = None
         self.counters = dict.fromkeys(("forged", "replayed", "unknown", "relayed"), 0)
@@ -97,11 +101,52 @@ class RaidHost(Service):
         self._relay = task.LoopingCall(self._relay_tick)
         self._relay.clock = self._clock
         self._relay.start(RELAY_INTERVAL, now=False)
+        self._keeping = task.LoopingCall(lambda: defer.ensureDeferred(self._keep()))
+        self._keeping.clock = self._clock
+        self._keeping.start(1.0)
 
     def stopService(self):
         super().stopService()
-        if self._relay.running:
-            self._relay.stop()
+        for loop in (self._relay, self._keeping):
+            if loop.running:
+                loop.stop()
+        return defer.ensureDeferred(self._abandon_all())
+
+    async def _abandon_all(self):
+        """Shutting down: let raids that ended finish paying, end the rest as failed, free their players and tell them."""
+        await gather(list(self._finishing))
+        for hosted in list(self._raids.values()):
+            hosted.raid.abandon()
+            try:
+                await self._forget(hosted)
+                await self._tell_failed(hosted.raid.raid_id, hosted.members)
+            except RedisClusterError as e:
+                self._log.warn("raid {raid_id} abandoned at shutdown; its players wait for the lease: {error}",
+                               raid_id=hosted.raid.raid_id, error=e)
+
+    async def _keep(self):
+        """Every second: renew this host's lease with its raids' checkpoints; end the raids of dead hosts."""
+        checkpoints = {raid_id: json.dumps({
+            "stage": h.raid.stage.value, "hp": h.raid.hp, "sequence": h.raid.sequence,
+            "deadline": h.raid.deadline, "scores": {str(u): s for u, s in h.raid.scores.items()}})
+            for raid_id, h in self._raids.items()}
+        try:
+            await self._matchmaker.renew(self._presence.server_id, checkpoints)
+            for raid_id, members in await self._matchmaker.reap():
+                hosted = self._raids.get(raid_id)
+                if hosted is not None:
+                    # This host's own lease lapsed (Redis was out of reach): its raid is over too.
+                    hosted.raid.abandon()
+                    self._drop(hosted)
+                self._log.warn("raid {raid_id}: its host stopped renewing; ended as failed", raid_id=raid_id)
+                await self._tell_failed(raid_id, members)
+        except RedisClusterError as e:
+            self._log.warn("raid host: cannot renew the lease or check others' ({error})", error=e)
+
+    async def _tell_failed(self, raid_id, members):
+        await gather([self._presence.tell([u], RAID_RESULT, {
+            "raid_id": raid_id, "cleared": False, "score": 0, "team_score": 0, "exp_gained": 0, "level": 0,
+            "best": 0, "changed": []}) for u in members])
 
     def __len__(self):
         return len(self._raids)
@@ -168,6 +213,8 @@ class RaidHost(Service):
         elif event == "ended":
             d = defer.ensureDeferred(self._finish(hosted, body))
             d.addErrback(lambda f: self._log.failure("raid {raid_id} ended, but its end failed", f, raid_id=raid_id))
+            self._finishing.add(d)
+            d.addBoth(lambda _: self._finishing.discard(d))
 
     def _push(self, hosted, event, body, user_ids=None):
         """Push to the raid's players connected to this process."""
@@ -192,10 +239,7 @@ class RaidHost(Service):
                                     error=value.value)
             await self._ranking.record([(u, hosted.names[u], result.scores[u])
                                         for u in hosted.members if result.scores[u] > 0])
-        await gather([self._router.execute("DEL", raid_mark_key(u)) for u in hosted.members])
-        await self._release(raid_id, hosted.members)
-        del self._raids[raid_id]
-        del self._by_number[hosted.number]
+        await self._forget(hosted)
         for user_id in hosted.members:
             rewarded = paid.get(user_id)
             body = {"raid_id": raid_id, "cleared": result.cleared, "score": result.scores[user_id],
@@ -203,6 +247,16 @@ class RaidHost(Service):
                     "level": rewarded.level if rewarded else 0, "best": rewarded.best if rewarded else 0,
                     "changed": [item._asdict() for item in rewarded.changed] if rewarded else []}
             await self._presence.tell([user_id], RAID_RESULT, body)
+
+    async def _forget(self, hosted):
+        """The raid is over here: its marks go, its players are free, the host lets it go."""
+        self._drop(hosted)
+        await gather([self._router.execute("DEL", raid_mark_key(u)) for u in hosted.members])
+        await self._matchmaker.release(hosted.raid.raid_id)
+
+    def _drop(self, hosted):
+        self._raids.pop(hosted.raid.raid_id, None)
+        self._by_number.pop(hosted.number, None)
 
     # -- UDP ----------------------------------------------------------------------
 

@@ -114,6 +114,12 @@ class Raid:
             self._end(cleared=True)
         return hit
 
+    def abandon(self):
+        """Stop the raid where it stands, as failed, telling nobody (its host is going away)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.stage = Stage.FAILED
+
     def _check_player(self, user_id):
         if user_id not in self._damage:
             raise RequestRefused(ErrorCode.NOT_IN_RAID)
