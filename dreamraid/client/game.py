@@ -100,6 +100,7 @@ class RaidChannel(DatagramProtocol):
         self.positions = {}
         self.dropped = 0
         self._hp_waiters = []
+        self.on_hp = None  # or a callable(hp, hp_sequence), for each newer HP heard
 
     def send(self, message, body):
         self.sequence += 1
@@ -130,6 +131,8 @@ class RaidChannel(DatagramProtocol):
             if self.hp_sequence is not None and datagram.body["hp_sequence"] < self.hp_sequence:
                 return
             self.hp, self.hp_sequence = datagram.body["hp"], datagram.body["hp_sequence"]
+            if self.on_hp is not None:
+                self.on_hp(self.hp, self.hp_sequence)
             waiting, self._hp_waiters = self._hp_waiters, []
             for predicate, waiter in waiting:
                 if predicate(self.hp):

@@ -35,9 +35,12 @@ RAID_FIGHT = "raid_fight"
 RAID_RESULT = "raid_result"
 # Seconds a handoff ticket may wait to be used.
 HANDOFF_TTL = 30.0
-# Positions are relayed this often; the boss's HP is repeated every tenth time.
+# Each raid's positions are relayed this often, and its boss's HP repeated
+# when a second has passed without one.  The raids take turns in BUCKETS
+# slices of that time, so a host of many raids sends a little every few
+# milliseconds rather than everything at once.
 RELAY_INTERVAL = 0.1
-HP_EVERY = 10
+BUCKETS = 10
 
 
 class _Hosted:
@@ -53,6 +56,7 @@ class _Hosted:
         self.last_sequence = {}  # member number -> highest datagram sequence heard
         self.positions = {}  # member number -> (x, y, state)
         self.sent = 0  # sequence of the datagrams the host sends
+        self.hp_sent_at = 0.0  # when the boss's HP last went to every player
 
 
 class Channel(NamedTuple):
@@ -100,7 +104,7 @@ class RaidHost(Service):
         super().startService()
         self._relay = task.LoopingCall(self._relay_tick)
         self._relay.clock = self._clock
-        self._relay.start(RELAY_INTERVAL, now=False)
+        self._relay.start(RELAY_INTERVAL / BUCKETS, now=False)
         self._keeping = task.LoopingCall(lambda: defer.ensureDeferred(self._keep()))
         self._keeping.clock = self._clock
         self._keeping.start(1.0)
@@ -290,6 +294,8 @@ class RaidHost(Service):
 
     def _send_hp(self, hosted, members=None):
         raid = hosted.raid
+        if members is None:
+            hosted.hp_sent_at = self._clock.seconds()
         self._send(hosted, "boss_hp", {"hp": raid.hp, "hp_sequence": raid.sequence}, members)
 
     def _send(self, hosted, event, body, members=None):
@@ -301,8 +307,11 @@ class RaidHost(Service):
 
     def _relay_tick(self):
         self._ticks += 1
+        bucket, now = self._ticks % BUCKETS, self._clock.seconds()
         for hosted in list(self._raids.values()):
-            if self._ticks % HP_EVERY == 0:
+            if hosted.number % BUCKETS != bucket:
+                continue
+            if now - hosted.hp_sent_at >= 1.0:
                 self._send_hp(hosted)
             for member in list(hosted.addresses):
                 others = [{"member": m, "x": x, "y": y, "state": state}
