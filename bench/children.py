@@ -6,9 +6,18 @@ object; servers print nothing and are only started and ended.
 
 import json
 import os
+import random
 import sys
+import tempfile
+from typing import NamedTuple
 
 from twisted.internet import defer, protocol
+
+from dreamraid.config import load_settings
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import LiveStore, Profile
+from dreamraid.services.rediscluster import RedisCluster
+from dreamraid.services.tokens import TokenIssuer, create_key_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +64,35 @@ def say(children, word):
     """Send C{word} as a line to every child."""
     for child in children:
         child.transport.write(word.encode() + b"\n")
+
+
+class Players(NamedTuple):
+    """Users a benchmark made live: a started router, the work directory, the token public key, ids and tokens."""
+
+    router: RedisCluster
+    work: str
+    public_key: str
+    users: list
+    issued: list
+
+
+async def live_players(reactor, settings, count, items):
+    """
+    C{count} users with C{items} loaded live in Redis, each with a login
+    token (of a fresh key pair) that is their live session; L{Players}.
+    """
+    work = tempfile.mkdtemp(prefix="dreamraid-bench-")
+    private, public = os.path.join(work, "token.pem"), os.path.join(work, "token.pub")
+    create_key_pair(private, public)
+    tokens = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"),
+                           {("tokens", "private_key"): private, ("tokens", "public_key"): public}).tokens
+    issuer = TokenIssuer(tokens, reactor, random.SystemRandom())
+    router = RedisCluster.from_settings(reactor, random.Random(1), settings.redis)
+    router.startService()
+    await router.refresh()
+    live = LiveStore(router)
+    users = [random.randrange(10**15, 10**16) for _ in range(count)]
+    issued = [issuer.issue(u) for u in users]
+    await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, dict(items))) for u in users])
+    await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users, issued)])
+    return Players(router, work, public, users, issued)

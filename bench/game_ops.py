@@ -27,21 +27,19 @@ import platform
 import random
 import socket
 import sys
-import tempfile
 
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, say, start
+from bench.children import ROOT, live_players, say, start
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.inventory import Inventory
-from dreamraid.services.livestore import Item, LiveStore, Profile, data_keys, session_key, tab_key
+from dreamraid.services.livestore import Item, LiveStore, data_keys, session_key, tab_key
 from dreamraid.services.presence import presence_key
 from dreamraid.services.sync import SyncQueue
 from dreamraid.services.rediscluster import RedisCluster
-from dreamraid.services.tokens import TokenIssuer, create_key_pair
 from dreamraid.tables import load_tables
 
 PING = packets.PING.encode(1, {"nonce": 7})
@@ -195,20 +193,9 @@ async def main(reactor, quick):
     settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"))
     clients = 1000 if quick else 2000
     seconds = 5.0 if quick else 15.0
-    work = tempfile.mkdtemp(prefix="dreamraid-bench-")
-    private, public = os.path.join(work, "token.pem"), os.path.join(work, "token.pub")
-    create_key_pair(private, public)
-    tokens_settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"),
-                                    {("tokens", "private_key"): private, ("tokens", "public_key"): public}).tokens
-    issuer = TokenIssuer(tokens_settings, reactor, random.SystemRandom())
-    router = RedisCluster.from_settings(reactor, random.Random(1), settings.redis)
-    router.startService()
-    await router.refresh()
+    router, work, public, users, issued = await live_players(reactor, settings, clients, {(2, 0): Item(301, 0, 1)})
     live = LiveStore(router)
-    users = [random.randrange(10**15, 10**16) for _ in range(clients)]
-    issued = [issuer.issue(user_id) for user_id in users]
     tokens = [i.token for i in issued]
-    await gather([live.load(Profile(u, f"bench{u}", 1, 0, 0, 0, {(2, 0): Item(301, 0, 1)})) for u in users])
 
     async def claim_sessions():
         # A game connection that closes ends its session, and the raw phase

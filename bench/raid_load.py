@@ -21,24 +21,21 @@ import platform
 import random
 import struct
 import sys
-import tempfile
 import time
 
 from twisted.internet import defer, protocol, reactor as global_reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, say, start
+from bench.children import ROOT, live_players, say, start
 from bench.game_ops import free_port, listening
 from dreamraid.client.game import GameClient, RaidChannel
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import Item, LiveStore, Profile, data_keys, raid_mark_key, session_key
+from dreamraid.services.livestore import Item, data_keys, raid_mark_key, session_key
 from dreamraid.services.matchmaking import matchmaking_keys
 from dreamraid.services.presence import presence_key
-from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import SyncQueue
-from dreamraid.services.tokens import TokenIssuer, create_key_pair
 
 HITS_PER_SECOND, MOVES_PER_SECOND = 5, 10
 # The baseline's frames: a hit (request number) in, a datagram of a boss-HP's size out.
@@ -250,20 +247,7 @@ async def main(reactor, quick):
     raids = 100 if quick else 500
     seconds = 10.0 if quick else 30.0
     players = 2 * raids
-    work = tempfile.mkdtemp(prefix="dreamraid-bench-")
-    private, public = os.path.join(work, "token.pem"), os.path.join(work, "token.pub")
-    create_key_pair(private, public)
-    tokens_settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"),
-                                    {("tokens", "private_key"): private, ("tokens", "public_key"): public}).tokens
-    issuer = TokenIssuer(tokens_settings, reactor, random.SystemRandom())
-    router = RedisCluster.from_settings(reactor, random.Random(1), settings.redis)
-    router.startService()
-    await router.refresh()
-    live = LiveStore(router)
-    users = [random.randrange(10**15, 10**16) for _ in range(players)]
-    issued = [issuer.issue(u) for u in users]
-    await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, {(0, 0): Item(101, 0, 1)})) for u in users])
-    await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users, issued)])
+    router, work, public, users, issued = await live_players(reactor, settings, players, {(0, 0): Item(101, 0, 1)})
     generators_count = max(1, len(os.sched_getaffinity(0)))
     shares = []
     for g in range(generators_count):

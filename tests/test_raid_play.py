@@ -122,7 +122,7 @@ class RaidPlayTests(GameServerCase):
         """The player on the other process is moved to the host by the client library; the raid completes there."""
         options = self.raid_options()
         first, second = await gather([self.game_process(*options), self.game_process(*options)])
-        (a, a_id), (b, b_id) = await self.player(first), await self.player(second)
+        (a, _), (b, _) = await self.player(first), await self.player(second)
         old = [a.connection, b.connection]
         found, _ = await self.matched([a, b])
         host = found[0]["host"]
