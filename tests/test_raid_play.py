@@ -1,11 +1,12 @@
 """
 Whole raids over real TCP and UDP against the real Redis Cluster: two
-players cleared and timed out on one game server, forged and replayed
-datagrams dropped and counted, positions relayed, the HP sequence never
-going backwards at a client, a player who drops still paid, and two game
-server processes: the player on the other one handed over to the host by
-the client library, the raid completed, results and ranking right; and a
-host killed mid-raid, its players freed once its lease lapses.
+players cleared and timed out on one game server, a party of two and two
+solo players raiding as four, forged and replayed datagrams dropped and
+counted, positions relayed, the HP sequence never going backwards at a
+client, a player who drops still paid; two game server processes, the
+player on the other one handed over to the host by the client library, the
+raid completed, results and ranking right; and a host killed mid-raid, its
+players freed once its lease lapses.
 """
 
 import random
@@ -101,6 +102,23 @@ class RaidPlayTests(GameServerCase):
         _, rank = await a.request(packets.MY_RANK, {})
         self.assertEqual(rank["score"], scores[a_id])
         await a.request(packets.QUEUE_RAID, {})
+
+    async def test_a_party_of_two_and_two_solos_raid_as_four(self):
+        """raid_size 4: a party queued by its leader plus two solo players form one raid, cleared together."""
+        server = await self.game_server(*self.raid_options("--raids-raid-size", "4"))
+        (leader, _), (member, _), (solo1, _), (solo2, _) = [await self.player(server) for _ in range(4)]
+        _, party = await leader.request(packets.CREATE_PARTY, {})
+        await member.request(packets.JOIN_PARTY, {"code": party["code"]})
+        for client in (leader, solo1, solo2):
+            await client.request(packets.QUEUE_RAID, {})
+        clients = [leader, member, solo1, solo2]
+        found = [await client.next_push("raid_found") for client in clients]
+        self.assertEqual(len({f["raid_id"] for f in found}), 1)
+        self.assertEqual(sorted(f["member"] for f in found), [0, 1, 2, 3])
+        hits = await self.fight(clients, found[0]["raid_id"])
+        self.assertEqual(sum(h["damage"] for h in hits), 30)
+        results = [await client.next_push("raid_result") for client in clients]
+        self.assertEqual({(r["cleared"], r["team_score"]) for r in results}, {(True, 30)})
 
     async def test_time_out_fails_with_scores_zero_and_a_dropped_player_stays(self):
         """Nobody clears in time: every score 0, nothing paid; a player who dropped stays live until the end."""
