@@ -120,6 +120,26 @@ class RaidPlayTests(GameServerCase):
         results = [await client.next_push("raid_result") for client in clients]
         self.assertEqual({(r["cleared"], r["team_score"]) for r in results}, {(True, 30)})
 
+    async def test_a_player_who_drops_is_paid_at_the_end(self):
+        """B hits once and drops; A clears alone; B's live data got B's exp and best score."""
+        server = await self.game_server(*self.raid_options())
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        raid_id = found[0]["raid_id"]
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        _, hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
+        b.connection.transport.loseConnection()
+        await b.connection.closed
+        hp = hit["hp"]
+        while hp > 0:
+            _, hit = await a.request(packets.RAID_HIT, {"raid_id": raid_id})
+            hp = hit["hp"]
+        result = await a.next_push("raid_result")
+        self.assertEqual((result["cleared"], result["score"]), (True, 30 - 1))
+        exp, best = await self.router.execute("HMGET", profile_key(b_id), "exp", "best")
+        self.assertEqual((int(exp), int(best)), (1, 1))
+
     async def test_time_out_fails_with_scores_zero_and_a_dropped_player_stays(self):
         """Nobody clears in time: every score 0, nothing paid; a player who dropped stays live until the end."""
         server = await self.game_server(*self.raid_options("--raids-time-limit", "1", "--raids-ready-grace", "0"))
