@@ -10,7 +10,7 @@ printed is the JSON result (C{value}: the raid p99 in ms).
 
 Needs the local cluster (C{scripts/stack.sh up}).
 
-    python bench/raid_load.py [--quick]
+    python bench/raid_load.py [--quick] [--raids N]
 """
 
 import argparse
@@ -43,10 +43,34 @@ _HIT = struct.Struct("<HI")
 _HP = struct.Struct("<I27x")
 
 
-def every(function, per_second, *args):
-    """Call C{function(*args)} C{per_second} times a second from a random phase: players do not act in step."""
-    loop = task.LoopingCall(function, *args)
-    global_reactor.callLater(random.random() / per_second, loop.start, 1 / per_second)
+class Schedule:
+    """
+    Calls each added function C{per_second} times a second from a random
+    phase, so players do not act in step, off one timer ticking every
+    C{TICK} seconds: a timer per player would cost the generator more than
+    the players' own messages do.
+    """
+
+    TICK = 0.005
+
+    def __init__(self):
+        self._rounds = {}  # per_second -> one list of calls per tick of its period
+
+    def add(self, per_second, function, *args):
+        slots = self._rounds.setdefault(per_second, [[] for _ in range(round(1 / (per_second * self.TICK)))])
+        random.choice(slots).append((function, args))
+
+    def start(self):
+        """Tick from now on; a late tick makes up the ticks it missed."""
+        self._ticks = 0
+        task.LoopingCall.withCount(self._tick).start(self.TICK)
+
+    def _tick(self, count):
+        for _ in range(count):
+            for slots in self._rounds.values():
+                for function, args in slots[self._ticks % len(slots)]:
+                    function(*args)
+            self._ticks += 1
 
 
 class Measure:
@@ -55,9 +79,9 @@ class Measure:
     def __init__(self):
         self.latencies, self.hits, self.datagrams, self.measuring = [], 0, 0, False
 
-    def report(self, started, ended):
+    def report(self, started, ended, cpu_seconds):
         return {"latencies": self.latencies, "hits": self.hits, "datagrams": self.datagrams,
-                "started": started, "ended": ended}
+                "started": started, "ended": ended, "cpu_percent": round(cpu_seconds / (ended - started) * 100)}
 
 
 class RaidPlayer:
@@ -79,14 +103,13 @@ class RaidPlayer:
         self.channel = RaidChannel(found)
         self.channel.on_hp = self._hp
         global_reactor.listenUDP(0, self.channel, interface="127.0.0.1")
-        self.channel.hello()
-        await self.channel.when_hp(lambda hp: True)
+        await self.channel.greet(global_reactor)
         await self.client.request(packets.RAID_READY, {"raid_id": self.raid_id})
         await self.client.next_push("raid_fight")
 
-    def play(self):
-        every(self.hit, HITS_PER_SECOND)
-        every(self.channel.position, MOVES_PER_SECOND, 1.0, 2.0, 1)
+    def play(self, schedule):
+        schedule.add(HITS_PER_SECOND, self.hit)
+        schedule.add(MOVES_PER_SECOND, self.channel.position, 1.0, 2.0, 1)
 
     def hit(self):
         self._hits += 1
@@ -129,9 +152,9 @@ class EchoPlayer(protocol.DatagramProtocol):
         self._sent = {}
         self._hits = 0
 
-    def play(self):
-        every(self.hit, HITS_PER_SECOND)
-        every(self.transport.write, MOVES_PER_SECOND, b"\0" * 31, self.server_udp)
+    def play(self, schedule):
+        schedule.add(HITS_PER_SECOND, self.hit)
+        schedule.add(MOVES_PER_SECOND, self.transport.write, b"\0" * 31, self.server_udp)
 
     def hit(self):
         self._hits += 1
@@ -175,13 +198,15 @@ async def generate(reactor, arguments):
     gc.disable()
     if arguments.mode == "raid":
         await gather([player.join() for player in players])
+    schedule = Schedule()
     for player in players:
-        player.play()
-    await task.deferLater(reactor, 2, lambda: None)  # every loop under way
-    measure.measuring, started = True, time.time()
+        player.play(schedule)
+    schedule.start()
+    await task.deferLater(reactor, 2, lambda: None)  # every player under way
+    measure.measuring, started, cpu = True, time.time(), time.process_time()
     await task.deferLater(reactor, arguments.seconds, lambda: None)
-    measure.measuring, ended = False, time.time()
-    print("done", json.dumps(measure.report(started, ended)), flush=True)
+    measure.measuring, ended, cpu = False, time.time(), time.process_time() - cpu
+    print("done", json.dumps(measure.report(started, ended, cpu)), flush=True)
     os._exit(0)
 
 
@@ -239,12 +264,12 @@ async def run(reactor, generators, server_pid, seconds):
     return {"hits_per_second": round(sum(r["hits"] for r in reports) / seconds),
             "hp_datagrams_per_second": round(sum(r["datagrams"] for r in reports) / seconds),
             "p50_ms": round(percentile(latencies, 0.5), 2), "p99_ms": round(percentile(latencies, 0.99), 2),
-            "cpu_percent": round(cpu)}
+            "cpu_percent": round(cpu), "generators_cpu_percent": [r["cpu_percent"] for r in reports]}
 
 
-async def main(reactor, quick):
+async def main(reactor, quick, raids=None):
     settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"))
-    raids = 100 if quick else 500
+    raids = raids or (100 if quick else 500)
     seconds = 10.0 if quick else 30.0
     players = 2 * raids
     router, work, public, users, issued = await live_players(reactor, settings, players, {(0, 0): Item(101, 0, 1)})
@@ -304,6 +329,7 @@ async def main(reactor, quick):
         "hp_datagrams_per_second": raid["hp_datagrams_per_second"],
         "p50_ms": raid["p50_ms"],
         "server_cpu_percent": raid["cpu_percent"],
+        "generators_cpu_percent": raid["generators_cpu_percent"],
         "target_p99_ms": 20,
         "machine": platform.machine(),
     }))
@@ -312,6 +338,7 @@ async def main(reactor, quick):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--quick", action="store_true", help="100 raids for 10 s a measurement")
+    parser.add_argument("--raids", type=int, help="this many raids instead (to find where the p99 turns)")
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--udp-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
@@ -326,4 +353,4 @@ if __name__ == "__main__":
     elif arguments.generate:
         task.react(lambda reactor: defer.ensureDeferred(generate(reactor, arguments)))
     else:
-        task.react(lambda reactor: defer.ensureDeferred(main(reactor, arguments.quick)))
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor, arguments.quick, arguments.raids)))

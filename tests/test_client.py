@@ -8,6 +8,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import TestCase
 
 from dreamraid.client import ClientProtocol, ConnectionClosed, RemoteError
+from dreamraid.client.game import RaidChannel
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.protocols.server import ServerFactory
@@ -87,3 +88,48 @@ class ClientTests(TestCase):
         self.client.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, ConnectionClosed)
         self.successResultOf(self.client.closed)
+
+
+class RaidChannelTests(TestCase):
+    """A player's raid channel over an in-memory UDP transport."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.key = bytes(range(16))
+        self.channel = RaidChannel({"udp": "127.0.0.1:5000", "key": self.key.hex(), "raid_number": 7, "member": 1})
+        self.sent = []
+        self.channel.transport = FakeDatagramTransport(self.sent)
+
+    def hp(self, hp, sequence):
+        self.channel.datagramReceived(packets.seal_datagram(
+            self.key, packets.BOSS_HP, 7, 1, sequence, {"hp": hp, "hp_sequence": sequence}), ("127.0.0.1", 5000))
+
+    def test_greet_repeats_the_hello_until_answered(self):
+        """A lost hello is sent again every interval; the first HP answers it and the hellos stop."""
+        greeted = self.channel.greet(self.clock, interval=0.5)
+        self.clock.advance(0.5)
+        self.clock.advance(0.5)
+        hellos = [packets.open_datagram(self.key, data) for data, _ in self.sent]
+        self.assertEqual([(d.message, d.sequence) for d in hellos],
+                         [(packets.UDP_HELLO, 1), (packets.UDP_HELLO, 2), (packets.UDP_HELLO, 3)])
+        self.assertNoResult(greeted)
+        self.hp(30, 4)
+        self.assertEqual(self.successResultOf(greeted), 30)
+        self.clock.advance(5)
+        self.assertEqual(len(self.sent), 3)
+
+    def test_older_hp_is_ignored(self):
+        """The channel keeps the HP with the highest sequence, whatever order they come in."""
+        self.hp(20, 5)
+        self.hp(25, 3)
+        self.assertEqual((self.channel.hp, self.channel.hp_sequence), (20, 5))
+
+
+class FakeDatagramTransport:
+    """Records what a datagram protocol writes, with its address."""
+
+    def __init__(self, sent):
+        self.sent = sent
+
+    def write(self, data, address):
+        self.sent.append((data, address))

@@ -48,9 +48,8 @@ class RaidPlayTests(GameServerCase):
             channel = RaidChannel(body)
             port = reactor.listenUDP(0, channel, interface="127.0.0.1")
             self.addCleanup(port.stopListening)
-            channel.hello()
             channels.append(channel)
-        await gather([channel.when_hp(lambda hp: hp == 30) for channel in channels])
+        self.assertEqual(await gather([channel.greet(reactor) for channel in channels]), [30] * len(channels))
         return found, channels
 
     async def fight(self, clients, raid_id):

@@ -8,7 +8,7 @@ authenticates with the ticket and carries on there, so the application
 sees one stream of pushes and requests.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
 
 from dreamraid.client.connection import connect
@@ -109,6 +109,20 @@ class RaidChannel(DatagramProtocol):
 
     def hello(self):
         self.send(packets.UDP_HELLO, {})
+
+    def greet(self, clock, interval=0.5):
+        """
+        Send the hello every C{interval} seconds until the host answers (a
+        hello or its answer may be lost); a Deferred of the boss's HP.
+        """
+        resend = task.LoopingCall(self.hello)
+        resend.clock = clock
+        resend.start(interval)
+
+        def answered(result):
+            resend.stop()
+            return result
+        return self.when_hp(lambda hp: True).addBoth(answered)
 
     def position(self, x, y, state):
         self.send(packets.POSITION, {"x": x, "y": y, "state": state})

@@ -5,7 +5,9 @@ datagrams for the raid host, and signs and sends the host's.
 A datagram is dropped, and counted, when it is malformed or its MAC does
 not verify under its raid's key (forged), names no raid hosted here
 (unknown), or repeats or precedes a sequence its member already sent
-(replayed; the host checks that).
+(replayed; the host checks that).  A datagram the kernel will not take
+now (its send buffer is full) is dropped and counted as unsent, as the
+network would drop it: the HP goes out again soon.
 """
 
 from twisted.internet.protocol import DatagramProtocol
@@ -24,6 +26,10 @@ class RealtimeProtocol(DatagramProtocol):
         self._public_host = public_host
 
     def startProtocol(self):
+        # Straight to the socket: every address written to came from a
+        # datagram received, so Port.write's checks of it would be the
+        # costliest part of a send.
+        self._sendto = self.transport.socket.sendto
         self.host.udp = self
         self.host.udp_address = f"{self._public_host}:{self.transport.getHost().port}"
 
@@ -51,4 +57,7 @@ class RealtimeProtocol(DatagramProtocol):
 
     def send(self, address, event, key, number, member, sequence, body):
         """Sign and send the host's C{event} to a player."""
-        self.transport.write(packets.seal_datagram(key, _MESSAGES[event], number, member, sequence, body), address)
+        try:
+            self._sendto(packets.seal_datagram(key, _MESSAGES[event], number, member, sequence, body), address)
+        except OSError as e:
+            self.host.unsent(e)

@@ -93,12 +93,14 @@ class RaidHost(Service):
         self._matchmaker = matchmaker
         self._raids = {}  # raid id -> _Hosted
         self._by_number = {}  # raid number -> _Hosted
+        self._buckets = [{} for _ in range(BUCKETS)]  # raid number % BUCKETS -> {raid id: _Hosted}
         self._relay = None
         self._keeping = None
         self._finishing = set()  # Deferreds of raids paying their players
         self._ticks = 0
+        self._keeps = 0
         self.udp = None
-        self.counters = dict.fromkeys(("forged", "replayed", "unknown", "relayed"), 0)
+        self.counters = dict.fromkeys(("forged", "replayed", "unknown", "relayed", "unsent"), 0)
 
     def startService(self):
         super().startService()
@@ -107,7 +109,7 @@ class RaidHost(Service):
         self._relay.start(RELAY_INTERVAL / BUCKETS, now=False)
         self._keeping = task.LoopingCall(lambda: defer.ensureDeferred(self._keep()))
         self._keeping.clock = self._clock
-        self._keeping.start(1.0)
+        self._keeping.start(1.0 / BUCKETS)
 
     def stopService(self):
         super().stopService()
@@ -129,13 +131,21 @@ class RaidHost(Service):
                                raid_id=hosted.raid.raid_id, error=e)
 
     async def _keep(self):
-        """Every second: renew this host's lease with its raids' checkpoints; end the raids of dead hosts."""
+        """
+        Every tenth of a second: renew this host's lease with the checkpoints
+        of a tenth of its raids (each raid's every second, a little at a
+        time); every second, end the raids of dead hosts.
+        """
+        self._keeps += 1
+        bucket = self._keeps % BUCKETS
         checkpoints = {raid_id: json.dumps({
             "stage": h.raid.stage.value, "hp": h.raid.hp, "sequence": h.raid.sequence,
             "deadline": h.raid.deadline, "scores": {str(u): s for u, s in h.raid.scores.items()}})
-            for raid_id, h in self._raids.items()}
+            for raid_id, h in self._buckets[bucket].items()}
         try:
             await self._matchmaker.renew(self._presence.server_id, checkpoints)
+            if bucket:
+                return
             for raid_id, members in await self._matchmaker.reap():
                 hosted = self._raids.get(raid_id)
                 if hosted is not None:
@@ -179,7 +189,7 @@ class RaidHost(Service):
         key = self._random.getrandbits(128).to_bytes(16, "big")
         hosted = _Hosted(Raid(raid_id, damage, settings, self._clock, functools.partial(self._event, raid_id)),
                          number, key, list(members), names)
-        self._raids[raid_id] = self._by_number[number] = hosted
+        self._raids[raid_id] = self._by_number[number] = self._buckets[number % BUCKETS][raid_id] = hosted
         tickets = {u: f"{self._random.getrandbits(128):032x}" for u in members}
         await gather([self._presence.offer_handoff(u, tickets[u], HANDOFF_TTL) for u in members])
         await gather([self._presence.tell([u], RAID_FOUND, {
@@ -261,6 +271,7 @@ class RaidHost(Service):
     def _drop(self, hosted):
         self._raids.pop(hosted.raid.raid_id, None)
         self._by_number.pop(hosted.number, None)
+        self._buckets[hosted.number % BUCKETS].pop(hosted.raid.raid_id, None)
 
     # -- UDP ----------------------------------------------------------------------
 
@@ -275,6 +286,13 @@ class RaidHost(Service):
     def forged(self):
         """A datagram whose MAC did not verify was dropped."""
         self.counters["forged"] += 1
+
+    def unsent(self, error):
+        """A datagram to a player could not be sent (C{error}, an OSError) and was dropped."""
+        self.counters["unsent"] += 1
+        if self.counters["unsent"] == 1:
+            self._log.warn("raid UDP: a datagram could not be sent ({error}); such drops are counted as unsent",
+                           error=error)
 
     def datagram(self, number, member, sequence, event, body, address):
         """A verified datagram from a player: C{event} is C{"hello"} or C{"position"}."""
@@ -308,9 +326,7 @@ class RaidHost(Service):
     def _relay_tick(self):
         self._ticks += 1
         bucket, now = self._ticks % BUCKETS, self._clock.seconds()
-        for hosted in list(self._raids.values()):
-            if hosted.number % BUCKETS != bucket:
-                continue
+        for hosted in list(self._buckets[bucket].values()):
             if now - hosted.hp_sent_at >= 1.0:
                 self._send_hp(hosted)
             for member in list(hosted.addresses):
