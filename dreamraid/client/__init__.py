@@ -1,5 +1,12 @@
-"""The dreamraid client library: connect to a server and speak its protocol."""
+"""
+The dreamraid client library: the session server (L{SessionClient}), the
+game servers (L{GameClient}, whose raids are L{Raid}s), and the protocol
+connection beneath them.  See docs/client.md.
+"""
 
 from dreamraid.client.connection import ClientProtocol, ConnectionClosed, RemoteError, connect
+from dreamraid.client.game import GameClient, Raid, RaidChannel
+from dreamraid.client.session import SessionClient, play
 
-__all__ = ["ClientProtocol", "ConnectionClosed", "RemoteError", "connect"]
+__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "Raid", "RaidChannel", "RemoteError",
+           "SessionClient", "connect", "play"]

@@ -1,16 +1,20 @@
 """
-A player on the game servers: a connection that follows raid handoffs by
-itself, and the raid's UDP channel.
+A player on the game servers: every game request as a method with a typed
+result, a connection that follows raid handoffs by itself, and the raid's
+UDP channel.
 
 When a raid is formed on another game server process, the player is told
 to move there with a handoff ticket; L{GameClient} connects to the host,
 authenticates with the ticket and carries on there, so the application
-sees one stream of pushes and requests.
+sees one stream of pushes and requests.  A refused request raises
+L{dreamraid.client.RemoteError}, whose C{code} is the
+L{dreamraid.errors.ErrorCode}.
 """
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
 
+from dreamraid.client import results
 from dreamraid.client.connection import connect
 from dreamraid.protocols import packets
 
@@ -27,6 +31,7 @@ class GameClient:
         self._reactor = reactor
         self.address = address
         self.user_id = user_id
+        self.player = None  # a results.Player once authenticated
         self.connection = None
         self._pushes = []
         self._waiters = {}
@@ -34,13 +39,112 @@ class GameClient:
 
     @classmethod
     async def login(cls, reactor, host, port, token):
-        """Connect to a game server and authenticate with the login token."""
+        """Connect to a game server and authenticate with the login token (after enter_world)."""
         connection = await connect(reactor, host, port)
         _, body = await connection.request(packets.AUTHENTICATE, {"token": token})
-        return cls(reactor, connection, (host, port), body["user_id"])
+        client = cls(reactor, connection, (host, port), body["user_id"])
+        client.player = results.Player(**body)
+        return client
 
     def request(self, message, body):
+        """The raw request: a Deferred of the reply's C{(message, body)}."""
         return self.connection.request(message, body)
+
+    async def _body(self, message, **body):
+        return (await self.connection.request(message, body))[1]
+
+    # -- progression and inventory ----------------------------------------------------
+
+    async def hunt(self, monster):
+        """Hunt a monster kind; a L{results.Hunted}."""
+        body = await self._body(packets.HUNT, monster=monster)
+        return results.Hunted(**{**body, "changed": results.slot_items(body["changed"])})
+
+    async def inventory(self):
+        """Every occupied slot, as L{results.SlotItem}s."""
+        return results.slot_items((await self._body(packets.LIST_INVENTORY))["items"])
+
+    async def delete_item(self, tab, slot):
+        """The slots changed."""
+        return results.slot_items((await self._body(packets.DELETE_ITEM, tab=tab, slot=slot))["items"])
+
+    async def move_item(self, tab, from_slot, to_slot):
+        """Swap or merge; the slots changed."""
+        body = await self._body(packets.MOVE_ITEM, tab=tab, from_slot=from_slot, to_slot=to_slot)
+        return results.slot_items(body["items"])
+
+    async def use_item(self, slot):
+        """Use one consumable; the slots changed."""
+        return results.slot_items((await self._body(packets.USE_ITEM, slot=slot))["items"])
+
+    async def enhance(self, slot):
+        """Try to enhance the equipment in C{slot}; a L{results.Enhanced}."""
+        return results.Enhanced(**await self._body(packets.ENHANCE, slot=slot))
+
+    async def grant(self, item_code, count):
+        """Development only (the server's dev_grant): the slots changed."""
+        return results.slot_items((await self._body(packets.GRANT, item_code=item_code, count=count))["items"])
+
+    async def logout(self):
+        """End the session (the server writes the player back to MySQL) and close."""
+        await self._body(packets.LOGOUT)
+        self.close()
+
+    # -- ranking ----------------------------------------------------------------------
+
+    async def ranking(self, first=1, count=10):
+        """C{count} L{results.RankEntry}s from place C{first}, best first."""
+        body = await self._body(packets.RANKING_PAGE, first=first, count=count)
+        names = body["names"].split(" ") if body["names"] else []
+        return [results.RankEntry(e["rank"], e["user_id"], name, e["score"])
+                for e, name in zip(body["entries"], names)]
+
+    async def my_rank(self):
+        return results.Rank(**await self._body(packets.MY_RANK))
+
+    # -- parties and matchmaking ------------------------------------------------------
+
+    async def create_party(self):
+        """A new L{results.Party} led by this player, with its invite code."""
+        return results.party(await self._body(packets.CREATE_PARTY))
+
+    async def join_party(self, code):
+        return results.party(await self._body(packets.JOIN_PARTY, code=code))
+
+    async def leave_party(self):
+        await self._body(packets.LEAVE_PARTY)
+
+    async def kick(self, user_id):
+        """The leader removes a member; the party now."""
+        return results.party(await self._body(packets.KICK_MEMBER, user_id=user_id))
+
+    async def my_party(self):
+        """The player's L{results.Party}, or None."""
+        return results.party(await self._body(packets.MY_PARTY))
+
+    async def next_party_change(self):
+        """The next L{results.PartyChange} pushed."""
+        body = await self.next_push(packets.PARTY_CHANGED.name)
+        return results.PartyChange(body["reason"], body["user_id"], results.party(body))
+
+    async def queue_raid(self):
+        """Queue this player, or their party (leader only); the level group."""
+        return (await self._body(packets.QUEUE_RAID))["group"]
+
+    async def cancel_queue(self):
+        await self._body(packets.CANCEL_QUEUE)
+
+    async def next_raid(self, interface="127.0.0.1"):
+        """
+        Once matched: the L{Raid}, its UDP channel open and greeted, this
+        player ready (after moving to its host if it is elsewhere).
+        """
+        found = await self.next_push(packets.RAID_FOUND.name)
+        raid = Raid(self, found)
+        raid.port = self._reactor.listenUDP(0, raid.channel, interface=interface)
+        await raid.channel.greet(self._reactor)
+        await self._body(packets.RAID_READY, raid_id=raid.raid_id)
+        return raid
 
     def next_push(self, name):
         """A Deferred of the body of the next push named C{name} (one not yet read comes first)."""
@@ -82,6 +186,51 @@ class GameClient:
         self._use(connection)
         old.on_push = None
         self._deliver(packets.RAID_FOUND.name, found)
+
+
+class Raid:
+    """
+    A raid this player is in: hit the boss, move, and await the fight and
+    the result.  The boss's HP (C{hp}, from the UDP channel) is the newest
+    heard; C{deadline} is set once the fight begins.
+    """
+
+    def __init__(self, client, found):
+        self.client = client
+        self.raid_id = found["raid_id"]
+        self.members = [m["user_id"] for m in found["members"]]
+        self.channel = RaidChannel(found)
+        self.port = None
+        self.deadline = None
+
+    @property
+    def hp(self):
+        return self.channel.hp
+
+    async def fight(self):
+        """Wait for the fight to begin; a L{results.Fight}."""
+        body = await self.client.next_push(packets.RAID_FIGHT.name)
+        self.deadline = body["deadline_ms"] / 1000
+        return results.Fight(body["hp"], self.deadline)
+
+    async def hit(self):
+        """Hit the boss; a L{results.Hit}."""
+        return results.Hit(**await self.client._body(packets.RAID_HIT, raid_id=self.raid_id))
+
+    def move(self, x, y, state=0):
+        """Send this player's position (at most 10 a second)."""
+        self.channel.position(x, y, state)
+
+    async def result(self):
+        """Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes."""
+        body = await self.client.next_push(packets.RAID_RESULT.name)
+        self.close()
+        return results.raid_result(body)
+
+    def close(self):
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
 
 
 class RaidChannel(DatagramProtocol):

@@ -1,0 +1,130 @@
+"""What the client library's calls return: plain typed records of the servers' replies and pushes."""
+
+from typing import NamedTuple
+
+
+class Login(NamedTuple):
+    """A login: the token for enter_world and the game server, and when it expires (Unix seconds)."""
+
+    user_id: int
+    token: str
+    expires_at: int
+
+
+class World(NamedTuple):
+    """Where enter_world sends the player: the game server to authenticate on with the same token."""
+
+    user_id: int
+    host: str
+    port: int
+
+
+class Player(NamedTuple):
+    """Who a game connection is, as authenticated."""
+
+    user_id: int
+    name: str
+    level: int
+    exp: int
+
+
+class SlotItem(NamedTuple):
+    """One inventory slot; an item code of 0 is a slot a change emptied."""
+
+    tab: int
+    slot: int
+    item_code: int
+    enhancement: int
+    count: int
+
+
+class Hunted(NamedTuple):
+    exp_gained: int
+    level: int
+    exp: int
+    levels_gained: int
+    changed: tuple  # of SlotItem: where the drops went
+
+
+class Enhanced(NamedTuple):
+    slot: int
+    success: bool
+    enhancement: int
+
+
+class RankEntry(NamedTuple):
+    rank: int
+    user_id: int
+    name: str
+    score: int
+
+
+class Rank(NamedTuple):
+    """The player's own place: rank 0 before their first scored raid."""
+
+    rank: int
+    score: int
+
+
+class Member(NamedTuple):
+    user_id: int
+    name: str
+
+
+class Party(NamedTuple):
+    """A party: its invite code, leader and members in join order."""
+
+    code: str
+    leader: int
+    members: tuple  # of Member
+
+
+class PartyChange(NamedTuple):
+    """A party_changed push: who joined, left or was kicked, and the party now (code empty for the kicked)."""
+
+    reason: str
+    user_id: int
+    party: Party
+
+
+class Hit(NamedTuple):
+    """The reply to a hit: the damage it scored and the boss's HP after it, with its sequence."""
+
+    damage: int
+    hp: int
+    sequence: int
+
+
+class Fight(NamedTuple):
+    """The fight began: the boss's HP and the deadline (Unix seconds)."""
+
+    hp: int
+    deadline: float
+
+
+class RaidResult(NamedTuple):
+    raid_id: str
+    cleared: bool
+    score: int
+    team_score: int
+    exp_gained: int
+    level: int
+    best: int
+    changed: tuple  # of SlotItem: where the drops went
+
+
+def slot_items(records):
+    return tuple(SlotItem(**r) for r in records)
+
+
+def party(body):
+    """The L{Party} of a party or party_changed body, or None when its code is empty (no party)."""
+    if not body["code"]:
+        return None
+    names = body["names"].split(" ")
+    return Party(body["code"], body["leader"],
+                 tuple(Member(m["user_id"], name) for m, name in zip(body["members"], names)))
+
+
+def raid_result(body):
+    return RaidResult(**{**body, "changed": slot_items(body["changed"])})

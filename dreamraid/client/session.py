@@ -1,0 +1,61 @@
+"""
+A client of the session server: create an account, log in, and enter the
+world, which names the game server to play on.
+
+    session = await SessionClient.connect(reactor, "127.0.0.1", 9091)
+    login = await session.login("alice", "correct horse")
+    world = await session.enter_world(login.token)
+    game = await GameClient.login(reactor, world.host, world.port, login.token)
+"""
+
+from dreamraid.client import results
+from dreamraid.client.connection import connect
+from dreamraid.client.game import GameClient
+from dreamraid.protocols import packets
+
+
+class SessionClient:
+    """One connection to the session server; refused requests raise L{dreamraid.client.RemoteError}."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    @classmethod
+    async def connect(cls, reactor, host, port):
+        return cls(await connect(reactor, host, port))
+
+    async def _body(self, message, **body):
+        return (await self.connection.request(message, body))[1]
+
+    async def register(self, name, password):
+        """Create an account; the new user's id."""
+        return (await self._body(packets.REGISTER, name=name, password=password))["user_id"]
+
+    async def login(self, name, password):
+        """A L{results.Login} with the token."""
+        return results.Login(**await self._body(packets.LOGIN, name=name, password=password))
+
+    async def enter_world(self, token):
+        """Make the token the live session; the L{results.World} to play in."""
+        return results.World(**await self._body(packets.ENTER_WORLD, token=token))
+
+    def close(self):
+        if self.connection.connected:
+            self.connection.close()
+
+
+async def play(reactor, host, port, name, password, register=False):
+    """
+    Log in through the session server at C{host:port} (creating the
+    account first if C{register}), enter the world and authenticate on its
+    game server: the L{dreamraid.client.game.GameClient}.
+    """
+    session = await SessionClient.connect(reactor, host, port)
+    try:
+        if register:
+            await session.register(name, password)
+        login = await session.login(name, password)
+        world = await session.enter_world(login.token)
+    finally:
+        session.close()
+    return await GameClient.login(reactor, world.host, world.port, login.token)
