@@ -22,11 +22,18 @@ trap stop INT TERM EXIT
 # Process substitution keeps $! the server's own pid, so stop() ends the server.
 .venv/bin/twistd --nodaemon --pidfile= dreamraid-session > >(sed -u 's/^/session | /') 2>&1 &
 pids+=($!)
-.venv/bin/twistd --nodaemon --pidfile= dreamraid-game > >(sed -u 's/^/game    | /') 2>&1 &
+# The development grant is on here so the demo's bots (and a person trying
+# things) can have a weapon to enhance; a production server keeps conf's off.
+.venv/bin/twistd --nodaemon --pidfile= dreamraid-game --game-dev-grant on > >(sed -u 's/^/game    | /') 2>&1 &
 pids+=($!)
 echo "run: session server on 127.0.0.1:9091 (health: http://127.0.0.1:9191/health)" >&2
 echo "run: game server on 127.0.0.1:9090 (health: http://127.0.0.1:9190/health)" >&2
-echo "run: Ctrl-C stops everything" >&2
+if [ "${DREAMRAID_DEMO:-1}" != 0 ]; then
+    echo "run: demo: 4 bots register, hunt, enhance, raid and log out (DREAMRAID_DEMO=0 skips this)" >&2
+    .venv/bin/dreamraid-bots --players 4 --scenario raid --wait 60 2>&1 | sed -u 's/^/demo    | /' \
+        || echo "run: the demo did not go as planned (above); the servers keep running" >&2
+fi
+echo "run: serving; play with .venv/bin/dreamraid-play; Ctrl-C stops everything" >&2
 wait -n "${pids[@]}"
 echo "run: a server exited" >&2
 stop

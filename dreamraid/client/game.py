@@ -218,8 +218,9 @@ class Raid:
         return results.Hit(**await self.client._body(packets.RAID_HIT, raid_id=self.raid_id))
 
     def move(self, x, y, state=0):
-        """Send this player's position (at most 10 a second)."""
-        self.channel.position(x, y, state)
+        """Send this player's position (at most 10 a second); nothing once the raid is over."""
+        if self.port is not None:
+            self.channel.position(x, y, state)
 
     async def result(self):
         """Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes."""

@@ -1,0 +1,215 @@
+"""
+Scripted players: C{dreamraid-bots --players N --scenario raid} registers N
+new accounts on the session server, logs each in, enters the world, hunts,
+enhances a weapon, queues for a raid, fights it over TCP and UDP, reads the
+ranking and logs out; then prints what happened.
+
+Scenarios: C{raid} (all of the above) and C{hunt} (no raid).  A bot without
+a weapon asks for one with the development grant when the game server
+allows it, and otherwise enhances only a weapon a hunt dropped.  A bot that
+no raid takes within C{--queue-timeout} seconds (an odd one out, with raids
+of two) cancels and goes on.
+"""
+
+import argparse
+import collections
+import random
+import sys
+from typing import NamedTuple
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectError
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from dreamraid.client import ConnectionClosed, RemoteError, play
+from dreamraid.config import ConfigError, DEFAULT_PATH, load_settings
+from dreamraid.errors import ErrorCode
+
+WEAPON = 101  # the bronze sword of the shipped tables
+EQUIPMENT_TAB = 0
+
+
+class BotReport(NamedTuple):
+    """What one bot did."""
+
+    name: str
+    level: int
+    hunts: int
+    enhanced: int  # the weapon's enhancement at the end, -1 with no weapon
+    raid: str  # "cleared", "failed", "unmatched" or "" (not queued)
+    score: int
+    error: str  # the failure that stopped the bot, or ""
+
+
+class Bot:
+    """One scripted player; the clock paces it as a person would be paced (cooldowns, hit interval)."""
+
+    def __init__(self, reactor, session, name, hunts, scenario, queue_timeout):
+        self._reactor = reactor
+        self._session = session
+        self.name = name
+        self._hunts = hunts
+        self._scenario = scenario
+        self._queue_timeout = queue_timeout
+        self.game = None
+
+    def _wait(self, seconds):
+        return task.deferLater(self._reactor, seconds, lambda: None)
+
+    async def run(self):
+        """Play the scenario; a L{BotReport}, with C{error} set if something went wrong."""
+        level, hunts, enhanced, raid, score = 1, 0, -1, "", 0
+        try:
+            host, port = self._session
+            self.game = await play(self._reactor, host, port, self.name, f"pw-{self.name}", register=True)
+            for monster in [random.randint(1, 5) for _ in range(self._hunts)]:
+                level = (await self._hunt(monster)).level
+                hunts += 1
+            enhanced = await self._enhance()
+            if self._scenario == "raid":
+                raid, score = await self._raid()
+            await self.game.logout()
+            return BotReport(self.name, level, hunts, enhanced, raid, score, "")
+        except Exception as e:  # a bot reports whatever stopped it; the others play on
+            if self.game is not None:
+                self.game.close()
+            return BotReport(self.name, level, hunts, enhanced, raid, score, f"{type(e).__name__}: {e}")
+
+    async def _hunt(self, monster):
+        while True:
+            try:
+                return await self.game.hunt(monster)
+            except RemoteError as e:
+                if e.code is not ErrorCode.HUNT_COOLDOWN:
+                    raise
+            await self._wait(0.25)
+
+    async def _enhance(self):
+        """Enhance the first weapon twice (granting one if allowed); its enhancement, or -1 with none."""
+        weapons = [i for i in await self.game.inventory() if i.tab == EQUIPMENT_TAB]
+        if not weapons:
+            try:
+                weapons = await self.game.grant(WEAPON, 1)
+            except RemoteError as e:
+                if e.code is not ErrorCode.GRANT_DISABLED:
+                    raise
+                return -1
+        slot = weapons[0].slot
+        enhancement = weapons[0].enhancement
+        for _ in range(2):
+            try:
+                enhancement = (await self.game.enhance(slot)).enhancement
+            except RemoteError as e:
+                if e.code is not ErrorCode.MAX_ENHANCEMENT:
+                    raise
+        return enhancement
+
+    async def _raid(self):
+        """Queue, fight until the boss falls or time runs out; (how it ended, this bot's score)."""
+        await self.game.queue_raid()
+        found = defer.Deferred.fromCoroutine(self.game.next_raid())
+        found.addTimeout(self._queue_timeout, self._reactor)
+        try:
+            raid = await found
+        except defer.TimeoutError:
+            await self.game.cancel_queue()
+            return "unmatched", 0
+        result = defer.Deferred.fromCoroutine(raid.result())
+        await raid.fight()
+        while not result.called:
+            try:
+                await raid.hit()
+            except RemoteError as e:
+                if e.code not in (ErrorCode.HIT_TOO_SOON, ErrorCode.RAID_NOT_FIGHTING, ErrorCode.NOT_IN_RAID):
+                    raise
+            raid.move(random.uniform(0, 10), random.uniform(0, 10))
+            await self._wait(0.2)
+        outcome = await result
+        return ("cleared" if outcome.cleared else "failed"), outcome.score
+
+
+class Summary(NamedTuple):
+    reports: list
+    ranking: list  # RankEntry, the board's top after the bots played
+
+    def lines(self):
+        count = collections.Counter(r.raid for r in self.reports if r.raid)
+        failed = [r for r in self.reports if r.error]
+        yield (f"bots: {len(self.reports)} played, {len(failed)} failed; raids: {count['cleared']} players cleared, "
+               f"{count['failed']} failed, {count['unmatched']} unmatched")
+        for r in self.reports:
+            weapon = f"+{r.enhanced}" if r.enhanced >= 0 else "none"
+            yield (f"  {r.name:<20} level {r.level:>2}  hunts {r.hunts}  weapon {weapon:<4}  "
+                   f"raid {r.raid or '-':<9} score {r.score:>3}" + (f"  error: {r.error}" if r.error else ""))
+        yield "ranking:"
+        for entry in self.ranking:
+            yield f"  {entry.rank:>3}. {entry.name:<20} {entry.score}"
+
+
+async def run_bots(reactor, session, players, scenario="raid", hunts=3, queue_timeout=30.0):
+    """Run C{players} bots against the session server at C{session} (host, port); a L{Summary}."""
+    tag = f"{random.getrandbits(32):08x}"
+    bots = [Bot(reactor, session, f"bot_{tag}_{i}", hunts, scenario, queue_timeout) for i in range(players)]
+    reports = await defer.gatherResults([defer.Deferred.fromCoroutine(b.run()) for b in bots])
+    ranking = []
+    try:
+        reader = await play(reactor, *session, f"bot_{tag}_board", f"pw-bot_{tag}_board", register=True)
+        ranking = await reader.ranking(1, 10)
+        await reader.logout()
+    except (RemoteError, ConnectionClosed, ConnectError):
+        pass  # the summary says the board could not be read: it is empty
+    return Summary(reports, ranking)
+
+
+async def wait_for(reactor, host, port, seconds):
+    """Wait until something accepts connections at host:port (the servers may still be starting)."""
+    for _ in range(int(seconds * 4)):
+        try:
+            connection = await connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=1), Protocol())
+            connection.transport.loseConnection()
+            return
+        except ConnectError:
+            await task.deferLater(reactor, 0.25, lambda: None)
+    raise SystemExit(f"dreamraid-bots: nothing answers at {host}:{port}")
+
+
+def session_address(text, config):
+    """C{(host, port)} from C{host:port}, or the session server's listen address in the configuration."""
+    if text:
+        host, _, port = text.rpartition(":")
+        return host or "127.0.0.1", int(port)
+    _, port, *options = load_settings(config).session.listen.split(":")  # tcp:9091:interface=127.0.0.1
+    return dict(o.split("=", 1) for o in options).get("interface", "127.0.0.1"), int(port)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="dreamraid-bots", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--players", type=int, default=4, help="how many bots (default 4)")
+    parser.add_argument("--scenario", choices=["raid", "hunt"], default="raid")
+    parser.add_argument("--hunts", type=int, default=3, help="hunts per bot (default 3)")
+    parser.add_argument("--session", help="the session server, host:port (default: from the configuration)")
+    parser.add_argument("--config", default=str(DEFAULT_PATH), help="the configuration file")
+    parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a bot waits for a raid")
+    parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the session server to start")
+    arguments = parser.parse_args(argv)
+    try:
+        session = session_address(arguments.session, arguments.config)
+    except (ConfigError, ValueError) as e:
+        parser.error(str(e))
+
+    async def run(reactor):
+        if arguments.wait:
+            await wait_for(reactor, *session, arguments.wait)
+        summary = await run_bots(reactor, session, arguments.players, arguments.scenario, arguments.hunts,
+                                 arguments.queue_timeout)
+        for line in summary.lines():
+            print(line, flush=True)
+        if any(r.error for r in summary.reports):
+            raise SystemExit(1)
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
