@@ -39,6 +39,7 @@ class BotReport(NamedTuple):
     enhanced: int  # the weapon's enhancement at the end, -1 with no weapon
     raid: str  # "cleared", "failed", "unmatched" or "" (not queued)
     score: int
+    rank: int  # the place on the board after the raid, 0 if not on it
     error: str  # the failure that stopped the bot, or ""
 
 
@@ -59,7 +60,7 @@ class Bot:
 
     async def run(self):
         """Play the scenario; a L{BotReport}, with C{error} set if something went wrong."""
-        level, hunts, enhanced, raid, score = 1, 0, -1, "", 0
+        level, hunts, enhanced, raid, score, rank = 1, 0, -1, "", 0, 0
         try:
             host, port = self._session
             self.game = await play(self._reactor, host, port, self.name, f"pw-{self.name}", register=True)
@@ -69,12 +70,13 @@ class Bot:
             enhanced = await self._enhance()
             if self._scenario == "raid":
                 raid, score = await self._raid()
+                rank = (await self.game.my_rank()).rank
             await self.game.logout()
-            return BotReport(self.name, level, hunts, enhanced, raid, score, "")
+            return BotReport(self.name, level, hunts, enhanced, raid, score, rank, "")
         except Exception as e:  # a bot reports whatever stopped it; the others play on
             if self.game is not None:
                 self.game.close()
-            return BotReport(self.name, level, hunts, enhanced, raid, score, f"{type(e).__name__}: {e}")
+            return BotReport(self.name, level, hunts, enhanced, raid, score, rank, f"{type(e).__name__}: {e}")
 
     async def _hunt(self, monster):
         while True:
@@ -141,7 +143,8 @@ class Summary(NamedTuple):
         for r in self.reports:
             weapon = f"+{r.enhanced}" if r.enhanced >= 0 else "none"
             yield (f"  {r.name:<20} level {r.level:>2}  hunts {r.hunts}  weapon {weapon:<4}  "
-                   f"raid {r.raid or '-':<9} score {r.score:>3}" + (f"  error: {r.error}" if r.error else ""))
+                   f"raid {r.raid or '-':<9} score {r.score:>3}  rank {r.rank or '-'}"
+                   + (f"  error: {r.error}" if r.error else ""))
         yield "ranking:"
         for entry in self.ranking:
             yield f"  {entry.rank:>3}. {entry.name:<20} {entry.score}"

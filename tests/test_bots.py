@@ -15,9 +15,10 @@ class BotsTests(ServersCase):
         self.assertEqual([r.error for r in summary.reports], [""] * 4)
         self.assertEqual({r.raid for r in summary.reports}, {"cleared"})
         self.assertTrue(all(r.hunts == 2 and r.level >= 2 and r.enhanced >= 1 for r in summary.reports))
-        scored = {r.name for r in summary.reports if r.score > 0}
-        self.assertTrue(scored)
-        self.assertEqual({e.name for e in summary.ranking}, scored)
+        self.assertEqual(sum(r.score for r in summary.reports), 2 * 4)  # two raids, a boss of 4 HP each
+        self.assertTrue(all((r.rank > 0) == (r.score > 0) for r in summary.reports))
+        self.assertTrue(summary.ranking)
+        self.assertEqual(summary.ranking, sorted(summary.ranking, key=lambda e: (e.rank, -e.score)))
         text = "\n".join(summary.lines())
         self.assertIn("bots: 4 played, 0 failed; raids: 4 players cleared, 0 failed, 0 unmatched", text)
 

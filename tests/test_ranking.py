@@ -70,6 +70,7 @@ class RankingTests(SessionServicesCase):
             self.assertEqual((await self.ranking.own(user_id)).score, score)
         self.assertEqual(await loader.check(), 0)
 
+        await loader.checking  # the check at start, so it cannot put the board back after the loss below
         await self.router.execute("DEL", self.ranking.board)
         clock.advance(60)
 

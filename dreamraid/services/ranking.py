@@ -138,10 +138,11 @@ class BoardLoader(Service):
         self._interval = interval
         self._chunk = chunk
         self._checks = None
+        self.checking = defer.succeed(None)  # the timer's latest check: it fires when that check is done
 
     def startService(self):
         super().startService()
-        self._checks = task.LoopingCall(lambda: defer.ensureDeferred(self.check()))
+        self._checks = task.LoopingCall(self._timed_check)
         self._checks.clock = self._clock
         self._checks.start(self._interval)
 
@@ -149,6 +150,10 @@ class BoardLoader(Service):
         super().stopService()
         if self._checks.running:
             self._checks.stop()
+
+    def _timed_check(self):
+        self.checking = defer.ensureDeferred(self.check())
+        return self.checking
 
     async def check(self):
         """Load the board if Redis has none; the number of scores loaded.  Failures are logged, not raised."""
