@@ -1,0 +1,248 @@
+"""dreamraid-play: its terminal driven line by line against a real session server and game server, and its console script run as a player would."""
+
+import os
+import random
+import re
+import sys
+
+from twisted.internet import defer, error, reactor
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from dreamraid.config import load_settings
+from dreamraid.play import Options, Screen, Terminal, hp_bar, session_address
+from dreamraid.tables import load_tables
+from tests.support import CONFIG, eventually, spawn
+from tests.test_client_library import ServersCase
+
+TABLES = load_tables(load_settings(CONFIG).tables.path)
+
+
+class Transcript:
+    """What a plain (not a terminal) screen showed; L{shows} waits for a text to appear."""
+
+    def __init__(self):
+        self.text = ""
+        self._waiting = []
+
+    def write(self, text):
+        self.text += text
+        waiting, self._waiting = self._waiting, []
+        for needle, start, d in waiting:
+            if needle in self.text[start:]:
+                d.callback(None)
+            else:
+                self._waiting.append((needle, start, d))
+
+    def mark(self):
+        """Where the text ends now, for L{shows}' C{since}."""
+        return len(self.text)
+
+    def since(self, mark):
+        return self.text[mark:]
+
+    def shows(self, needle, since=0, timeout=30.0):
+        """A Deferred that fires once C{needle} is in the text after C{since}."""
+        if needle in self.text[since:]:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append((needle, since, d))
+
+        def missing(failure):
+            failure.trap(defer.TimeoutError)
+            raise AssertionError(f"{needle!r} never shown; the screen showed:\n{self.text}")
+        return d.addTimeout(timeout, reactor).addErrback(missing)
+
+
+class ScreenTests(TestCase):
+    """How the screen draws, without any server."""
+
+    def test_plain_screen_prints_lines_and_each_new_status_once(self):
+        """Not a terminal: no ANSI codes, and a status line is printed only when it changes."""
+        written = []
+        screen = Screen(written.append, tty=False)
+        screen.say("hello")
+        screen.status("Boss [##..] 2/4")
+        screen.status("Boss [##..] 2/4")
+        screen.status(None)
+        self.assertEqual(written, ["hello\n", "Boss [##..] 2/4\n"])
+
+    def test_terminal_screen_redraws_the_status_in_place(self):
+        """On a terminal the status is redrawn on its own line, moving back over the lines Enter added."""
+        written = []
+        screen = Screen(written.append, tty=True)
+        screen.status("Boss 4/4")
+        screen.typed()
+        screen.status("Boss 3/4")
+        screen.say("a push")
+        self.assertEqual(written, ["\r\x1b[JBoss 4/4", "\x1b[1A\r\x1b[JBoss 3/4", "\r\x1b[Ja push\nBoss 3/4"])
+        screen.status(None)
+        self.assertEqual(written[-1], "\r\x1b[J" + Screen.PROMPT)
+
+    def test_hp_bar(self):
+        """The bar fills with the boss's share of its HP, and shows a sliver while it lives."""
+        self.assertEqual(hp_bar(18, 30, 10), "[######....]")
+        self.assertEqual(hp_bar(1, 1000, 10), "[#.........]")
+        self.assertEqual(hp_bar(0, 30, 10), "[..........]")
+
+    def test_session_address_from_the_listen_endpoint(self):
+        """Without --session, the address comes from the session server's listen endpoint."""
+        self.assertEqual(session_address("tcp:9091:interface=127.0.0.1"), ("127.0.0.1", 9091))
+        self.assertEqual(session_address("tcp:port=9091"), ("127.0.0.1", 9091))
+        self.assertRaises(ValueError, session_address, "unix:/tmp/socket")
+
+
+class OptionsTests(TestCase):
+    """dreamraid-play's command line, checked as it is parsed."""
+
+    def test_options(self):
+        """Every option parsed: the session address split, the tables loaded from the configuration."""
+        options = Options()
+        options.parseOptions(["--config", str(CONFIG), "--session", "10.0.0.2:9999", "--name", "alice",
+                              "--password", "correct horse", "--register"])
+        self.assertEqual({k: v for k, v in options.items() if k != "tables"}, {
+            "config": str(CONFIG), "session": ("10.0.0.2", 9999), "name": "alice", "password": "correct horse",
+            "register": 1})
+        self.assertEqual(options["tables"], TABLES)
+
+    def test_session_defaults_to_the_configuration(self):
+        """Without --session, the shipped configuration's session server (127.0.0.1:9091)."""
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["session"], ("127.0.0.1", 9091))
+
+    def test_bad_options(self):
+        """A session that is not HOST:PORT, and --register without --name, stop at parse time."""
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--session", "127.0.0.1:x"])
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--register"])
+
+
+class PlayTests(ServersCase):
+    """A player types commands into the terminal; the real servers answer."""
+
+    def terminal(self):
+        """A terminal on a plain screen whose L{Transcript} is C{terminal.transcript}."""
+        transcript = Transcript()
+        terminal = Terminal(reactor, Screen(transcript.write), ("127.0.0.1", self.session.port), TABLES)
+        terminal.transcript = transcript
+        self.addCleanup(lambda: terminal.command("quit"))
+        return terminal
+
+    async def type(self, terminal, line):
+        """What typing C{line} showed."""
+        mark = terminal.transcript.mark()
+        await terminal.command(line)
+        return terminal.transcript.since(mark)
+
+    async def registered(self, terminal):
+        name = f"p_{random.getrandbits(40):x}"
+        self.assertIn(f"Welcome, {name}!", await self.type(terminal, f"register {name} correct horse"))
+        return name
+
+    async def test_account_progression_and_inventory(self):
+        """Register and log in, see the profile, hunt, get an item, see it in the inventory, enhance and use items."""
+        terminal = self.terminal()
+        self.assertIn("Log in first", await self.type(terminal, "hunt"))
+        name = await self.registered(terminal)
+        profile = await self.type(terminal, "profile")
+        self.assertIn(f"{name}: level 1, exp 0/1", profile)
+        self.assertIn("rank: not ranked yet", profile)
+        self.assertIn("+1 exp (exp 1/2). Level up! You are level 2.", await self.type(terminal, "hunt"))
+        self.assertIn("Granted: Bronze sword x1 (equipment slot 0)", await self.type(terminal, "grant 101"))
+        self.assertIn("Granted: Small potion x3 (consumables slot 0)", await self.type(terminal, "grant 201 3"))
+        inventory = await self.type(terminal, "inventory")
+        self.assertRegex(inventory, r"equipment\s+0\s+Bronze sword\s+\+0\s+1  \(weapon\)")
+        self.assertRegex(inventory, r"consumables\s+0\s+Small potion\s+3")
+        self.assertIn("Success! Bronze sword is now +1. Next try: 90% chance.", await self.type(terminal, "enhance 0"))
+        self.assertIn("You used Small potion; 2 left in slot 0.", await self.type(terminal, "use 0"))
+        self.assertIn("Moved consumables slot 0 to slot 4.", await self.type(terminal, "move cons 0 4"))
+        inventory = await self.type(terminal, "inventory")
+        self.assertRegex(inventory, r"Bronze sword\s+\+1")
+        self.assertRegex(inventory, r"consumables\s+4\s+Small potion\s+2")
+        self.assertIn("weapon (equipment slot 0): Bronze sword +1", await self.type(terminal, "profile"))
+        self.assertIn(f"Logged out. See you, {name}!", await self.type(terminal, "logout"))
+
+    async def test_mistakes_and_refusals_are_friendly_lines(self):
+        """An unknown command, wrong words and the server's refusals each print one line naming the problem."""
+        terminal = self.terminal()
+        self.assertIn("Unknown command 'dance': `help` lists them.", await self.type(terminal, "dance"))
+        self.assertIn("Usage: login NAME PASSWORD", await self.type(terminal, "login alice"))
+        self.assertIn("WRONG_CREDENTIALS: no such user, or the wrong password",
+                      await self.type(terminal, "login nobody_here wrong password"))
+        await self.registered(terminal)
+        self.assertIn("Usage: enhance SLOT", await self.type(terminal, "enhance sword"))
+        self.assertIn("UNKNOWN_MONSTER: no monster of that kind", await self.type(terminal, "hunt 9"))
+        self.assertIn("EMPTY_SLOT: that slot is empty", await self.type(terminal, "enhance 3"))
+        self.assertIn("NOT_IN_PARTY", await self.type(terminal, "party leave"))
+        self.assertIn("NOT_QUEUED", await self.type(terminal, "cancel"))
+        self.assertIn("You are in no raid", await self.type(terminal, "fight"))
+        self.assertNotIn("Traceback", terminal.transcript.text)
+
+    async def test_party_raid_and_ranking(self):
+        """Two players party up by code and queue; both see the fight live and the result; the board ranks them."""
+        leader, friend = self.terminal(), self.terminal()
+        leader_name, friend_name = await self.registered(leader), await self.registered(friend)
+        created = await self.type(leader, "party create")
+        code = re.search(r"Invite code: (\w+)", created).group(1)
+        self.assertIn(f"You joined party {code}: {leader_name} (leader), {friend_name} (you)",
+                      await self.type(friend, f"party join {code.lower()}"))
+        await leader.transcript.shows(f"{friend_name} joined the party: {code}: {leader_name} (leader, you), "
+                                      f"{friend_name}.")
+        self.assertIn("Queued for a raid (level group 1)", await self.type(leader, "queue"))
+        await friend.transcript.shows("Your party's leader queued the party for a raid (level group 1).")
+        for terminal, other in ((leader, friend_name), (friend, leader_name)):
+            await terminal.transcript.shows(f"Raid found! You go with {other}.")
+            await terminal.transcript.shows("FIGHT! The boss has 4 HP")
+            await terminal.transcript.shows("Boss [####################] 4/4")
+        await self.type(leader, "")  # Enter hits
+        self.assertIn("Hitting the boss for you", await self.type(leader, "fight auto"))
+        for terminal in (leader, friend):
+            await terminal.transcript.shows("VICTORY! The boss is down.")
+        await leader.transcript.shows("Your score 4 (team 4), +4 exp")
+        await leader.transcript.shows("on the board with a best score of 4.")
+        self.assertIn("you dealt 4", leader.transcript.text)
+        place = int(re.search(r"You are #(\d+) on the board", leader.transcript.text).group(1))
+        # The test database holds other players' scores, ties among them: look from the leader's place on.
+        for first in range(place, place + 100, 10):
+            page = await self.type(friend, f"ranking {first}")
+            if leader_name in page:
+                break
+        self.assertRegex(page, rf"{place}  {leader_name}\s+4\n")
+        self.assertRegex(await self.type(leader, f"ranking {first}"), rf"{place}  {leader_name}\s+4  <- you")
+        self.assertIn("There is nothing to hit", await self.type(leader, "hit"))
+
+    async def test_logging_in_elsewhere_is_told(self):
+        """The same account logging in on another terminal: the first one says why it was disconnected."""
+        first, second = self.terminal(), self.terminal()
+        name = await self.registered(first)
+        await self.type(second, f"login {name} correct horse")
+        await first.transcript.shows("Disconnected (LOGGED_IN_ELSEWHERE")
+        self.assertIn("Log in first", await self.type(first, "hunt"))
+
+
+class ConsoleScriptTests(ServersCase):
+    """The installed dreamraid-play, run as a process with its standard input and output piped."""
+
+    async def test_console_script_plays_from_standard_input(self):
+        """Lines written to its standard input are played; the end of input logs out and exits cleanly."""
+        script = os.path.join(os.path.dirname(sys.executable), "dreamraid-play")
+        if not os.path.exists(script):
+            self.fail(f"{script} is missing: install the project (make venv)")
+        child = spawn(self, script, "--session", f"127.0.0.1:{self.session.port}")
+        name = f"s_{random.getrandbits(40):x}"
+
+        def showing(text):
+            async def probe():
+                return text in "\n".join(child.lines())
+            return eventually(probe)
+        child.transport.write(f"register {name} correct horse\n".encode())
+        await showing(f"Welcome, {name}!")
+        child.transport.write(b"hunt\ninventory\nparty create\n")
+        await showing("Invite code:")
+        child.transport.closeStdin()
+        reason = await child.ended
+        output = "\n".join(child.lines())
+        self.assertIsInstance(reason, error.ProcessDone, output)
+        self.assertIn("You hunted a kind 1 monster: +1 exp", output)
+        self.assertIn(f"Logged out. See you, {name}!\nBye!", output)
+        self.assertNotIn("\x1b[", output)
