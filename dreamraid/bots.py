@@ -118,7 +118,9 @@ class Bot:
             await self.game.cancel_queue()
             return "unmatched", 0
         result = defer.Deferred.fromCoroutine(raid.result())
-        await raid.fight()
+        # A raid whose host stops before the fight sends only its result.
+        await defer.DeferredList([defer.Deferred.fromCoroutine(raid.fight()), result],
+                                 fireOnOneCallback=True, fireOnOneErrback=True, consumeErrors=True)
         while not result.called:
             try:
                 await raid.hit()

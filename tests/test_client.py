@@ -118,6 +118,15 @@ class RaidChannelTests(TestCase):
         self.clock.advance(5)
         self.assertEqual(len(self.sent), 3)
 
+    def test_greet_gives_up(self):
+        """A host that never answers fails the greeting after its timeout, and the hellos stop."""
+        greeted = self.channel.greet(self.clock, interval=0.5, timeout=2.0)
+        self.clock.advance(2.0)
+        self.failureResultOf(greeted, TimeoutError)
+        sent = len(self.sent)
+        self.clock.advance(5)
+        self.assertEqual(len(self.sent), sent)
+
     def test_older_hp_is_ignored(self):
         """The channel keeps the HP with the highest sequence, whatever order they come in."""
         self.hp(20, 5)

@@ -13,6 +13,7 @@ L{dreamraid.errors.ErrorCode}.
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
 
 from dreamraid.client import results
 from dreamraid.client.connection import connect
@@ -26,6 +27,8 @@ def _address(text):
 
 class GameClient:
     """An authenticated player; L{request} and L{next_push} go to whichever server holds them now."""
+
+    _log = Logger()
 
     def __init__(self, reactor, connection, address, user_id):
         self._reactor = reactor
@@ -142,8 +145,12 @@ class GameClient:
         found = await self.next_push(packets.RAID_FOUND.name)
         raid = Raid(self, found)
         raid.port = self._reactor.listenUDP(0, raid.channel, interface=interface)
-        await raid.channel.greet(self._reactor)
-        await self._body(packets.RAID_READY, raid_id=raid.raid_id)
+        try:
+            await raid.channel.greet(self._reactor)
+            await self._body(packets.RAID_READY, raid_id=raid.raid_id)
+        except BaseException:
+            raid.close()
+            raise
         return raid
 
     def next_push(self, name):
@@ -166,7 +173,7 @@ class GameClient:
 
     def _pushed(self, message, body):
         if message is packets.RAID_FOUND and _address(body["host"]) != self.address:
-            defer.ensureDeferred(self._move(body))
+            defer.ensureDeferred(self._move(body)).addErrback(self._move_failed, body)
         else:
             self._deliver(message.name, body)
 
@@ -176,6 +183,15 @@ class GameClient:
             waiters.pop(0).callback(body)
         else:
             self._pushes.append((name, body))
+
+    def _move_failed(self, failure, found):
+        """The raid's host could not be reached: whoever awaits the raid hears why."""
+        waiters = self._waiters.pop(packets.RAID_FOUND.name, [])
+        for waiter in waiters:
+            waiter.errback(failure)
+        if not waiters:
+            self._log.failure("cannot move to raid {raid_id}'s host {host}", failure,
+                              raid_id=found["raid_id"], host=found["host"])
 
     async def _move(self, found):
         """Reconnect to the raid's host with the handoff ticket, then hand on the raid_found push."""
@@ -208,7 +224,10 @@ class Raid:
         return self.channel.hp
 
     async def fight(self):
-        """Wait for the fight to begin; a L{results.Fight}."""
+        """
+        Wait for the fight to begin; a L{results.Fight}.  A raid whose host
+        stops before the fight sends only its result: await L{result} too.
+        """
         body = await self.client.next_push(packets.RAID_FIGHT.name)
         self.deadline = body["deadline_ms"] / 1000
         return results.Fight(body["hp"], self.deadline)
@@ -260,10 +279,11 @@ class RaidChannel(DatagramProtocol):
     def hello(self):
         self.send(packets.UDP_HELLO, {})
 
-    def greet(self, clock, interval=0.5):
+    def greet(self, clock, interval=0.5, timeout=10.0):
         """
         Send the hello every C{interval} seconds until the host answers (a
-        hello or its answer may be lost); a Deferred of the boss's HP.
+        hello or its answer may be lost); a Deferred of the boss's HP, which
+        fails with C{defer.TimeoutError} if no answer comes in C{timeout}.
         """
         resend = task.LoopingCall(self.hello)
         resend.clock = clock
@@ -272,7 +292,7 @@ class RaidChannel(DatagramProtocol):
         def answered(result):
             resend.stop()
             return result
-        return self.when_hp(lambda hp: True).addBoth(answered)
+        return self.when_hp(lambda hp: True).addTimeout(timeout, clock).addBoth(answered)
 
     def position(self, x, y, state):
         self.send(packets.POSITION, {"x": x, "y": y, "state": state})
