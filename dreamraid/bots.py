@@ -23,6 +23,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from dreamraid.client import ConnectionClosed, RemoteError, play
+from dreamraid.client.session import host_port, listen_address
 from dreamraid.config import ConfigError, DEFAULT_PATH, load_settings
 from dreamraid.errors import ErrorCode
 
@@ -181,11 +182,7 @@ async def wait_for(reactor, host, port, seconds):
 
 def session_address(text, config):
     """C{(host, port)} from C{host:port}, or the session server's listen address in the configuration."""
-    if text:
-        host, _, port = text.rpartition(":")
-        return host or "127.0.0.1", int(port)
-    _, port, *options = load_settings(config).session.listen.split(":")  # tcp:9091:interface=127.0.0.1
-    return dict(o.split("=", 1) for o in options).get("interface", "127.0.0.1"), int(port)
+    return host_port(text) if text else listen_address(load_settings(config).session.listen)
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from dreamraid.client import ConnectionClosed, RemoteError, play
 from dreamraid.client.results import raid_result
+from dreamraid.client.session import host_port, listen_address
 from dreamraid.config import DEFAULT_PATH, ConfigError, load_settings
 from dreamraid.errors import ERROR_TEXT, ErrorCode
 from dreamraid.protocols import packets
@@ -760,24 +761,6 @@ class StdioLines(LineReceiver):
         self.closed.callback(None)
 
 
-def session_address(listen):
-    """C{(host, port)} a client reaches a server at from its listen endpoint (C{tcp:9091:interface=127.0.0.1})."""
-    kind, *parts = listen.split(":")
-    named = dict(p.split("=", 1) for p in parts if "=" in p)
-    positional = [p for p in parts if "=" not in p]
-    if kind != "tcp" or not (positional or "port" in named):
-        raise ValueError(f"cannot tell the session server's address from {listen!r}: give --session HOST:PORT")
-    host = named.get("interface", "")
-    return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), int(named.get("port") or positional[0])
-
-
-def _host_port(text):
-    host, _, port = text.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--session: expected HOST:PORT, got {text!r}")
-    return host or "127.0.0.1", int(port)
-
-
 class Options(usage.Options):
     synopsis = "Usage: dreamraid-play [--session HOST:PORT] [--name NAME [--password PASSWORD] [--register]]"
     longdesc = "Play dreamraid in a terminal; `help` inside lists the commands."
@@ -793,8 +776,8 @@ class Options(usage.Options):
         try:
             settings = load_settings(self["config"])
             self["tables"] = load_tables(settings.tables.path)
-            self["session"] = (_host_port(self["session"]) if self["session"] else
-                               session_address(settings.session.listen))
+            self["session"] = (host_port(self["session"]) if self["session"] else
+                               listen_address(settings.session.listen))
         except (ConfigError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
         if (self["register"] or self["password"]) and not self["name"]:

@@ -8,6 +8,7 @@ from dreamraid import game_tap, session_tap
 from dreamraid.client import RemoteError, SessionClient, play
 from dreamraid.client.results import Member, RankEntry, SlotItem
 from dreamraid.errors import ErrorCode
+from dreamraid.services.accounts import LoginThrottle
 from tests.storage import SessionServicesCase
 from tests.support import RunningServer
 
@@ -17,6 +18,8 @@ class ServersCase(SessionServicesCase):
 
     async def setUp(self):
         await super().setUp()
+        # Every test logs in from 127.0.0.1, some with wrong passwords on purpose: start each with a clean count.
+        await self.router.execute("DEL", LoginThrottle.address_key("127.0.0.1"))
         shared = ["--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
                   "--sync-ranking-prefix", self.settings.sync.ranking_prefix]
         self.game = RunningServer(game_tap, "game", [*shared, "--game-dev-grant", "on", "--raids-boss-hp", "4",

@@ -10,7 +10,8 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from dreamraid.config import load_settings
-from dreamraid.play import Options, Screen, Terminal, hp_bar, session_address
+from dreamraid.client.session import listen_address
+from dreamraid.play import Options, Screen, Terminal, hp_bar
 from dreamraid.tables import load_tables
 from tests.support import CONFIG, eventually, spawn
 from tests.test_client_library import ServersCase
@@ -87,9 +88,9 @@ class ScreenTests(TestCase):
 
     def test_session_address_from_the_listen_endpoint(self):
         """Without --session, the address comes from the session server's listen endpoint."""
-        self.assertEqual(session_address("tcp:9091:interface=127.0.0.1"), ("127.0.0.1", 9091))
-        self.assertEqual(session_address("tcp:port=9091"), ("127.0.0.1", 9091))
-        self.assertRaises(ValueError, session_address, "unix:/tmp/socket")
+        self.assertEqual(listen_address("tcp:9091:interface=127.0.0.1"), ("127.0.0.1", 9091))
+        self.assertEqual(listen_address("tcp:port=9091"), ("127.0.0.1", 9091))
+        self.assertRaises(ValueError, listen_address, "unix:/tmp/socket")
 
 
 class OptionsTests(TestCase):

@@ -59,3 +59,21 @@ async def play(reactor, host, port, name, password, register=False):
     finally:
         session.close()
     return await GameClient.login(reactor, world.host, world.port, login.token)
+
+
+def listen_address(listen):
+    """C{(host, port)} a client reaches a server at from its listen endpoint (C{tcp:9091:interface=127.0.0.1})."""
+    kind, *parts = listen.split(":")
+    named = dict(p.split("=", 1) for p in parts if "=" in p)
+    positional = [p for p in parts if "=" not in p]
+    if kind != "tcp" or not (positional or "port" in named):
+        raise ValueError(f"cannot tell the session server's address from {listen!r}: give --session HOST:PORT")
+    host = named.get("interface", "")
+    return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), int(named.get("port") or positional[0])
+
+
+def host_port(text):
+    host, _, port = text.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"--session: expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
