@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py --quick
 	$(BIN)/python bench/game_ops.py --quick
 	$(BIN)/python bench/raid_load.py --quick
+	$(BIN)/python bench/ccu.py --quick
 
 clean:
 	rm -rf $(VENV) _trial_temp* *.egg-info twisted/plugins/dropin.cache
