@@ -48,6 +48,40 @@ class LivenessTests(TestCase):
         self.clock.pump([0.01, 1, 1])
         self.assertEqual(self.peer.pings, [1, 2, 3])
 
+    def slow_liveness(self, peers):
+        """A liveness pinging every 10 s (slices of a whole second, exact on the clock) watching C{peers} new peers."""
+        liveness = Liveness(self.clock, ping_interval=10.0, idle_timeout=150.0, auth_timeout=50.0)
+        liveness.startService()
+        self.addCleanup(liveness.stopService)
+        made = [FakePeer() for _ in range(peers)]
+        for peer in made:
+            peer.state = liveness.connected(peer)
+            liveness.authenticated(peer.state)
+        return liveness, made
+
+    def test_connections_are_pinged_a_slice_at_a_time(self):
+        """Ten connections made at once are pinged over the interval, one each tenth of it, not in one burst."""
+        _, peers = self.slow_liveness(10)
+        pinged = []
+        for _ in range(10):
+            self.clock.advance(1)
+            pinged.append(sum(len(p.pings) for p in peers))
+        self.assertEqual(pinged, list(range(1, 11)))
+
+    def test_a_peer_heard_within_the_interval_is_not_pinged(self):
+        """Once its round trip is known, a peer that keeps sending (its own heartbeats) gets no pings; a silent one does."""
+        liveness, [peer] = self.slow_liveness(1)
+        self.clock.advance(10)
+        liveness.pong(peer.state, peer.pings[-1])
+        for _ in range(6):
+            self.clock.advance(5)
+            liveness.heard(peer.state)
+        self.assertEqual(peer.pings, [1])
+        self.clock.advance(9)  # its slice's sweep at 50 s finds it silent for the whole interval
+        self.assertEqual(peer.pings, [1])
+        self.clock.advance(1)
+        self.assertEqual(peer.pings, [1, 2])
+
     def test_round_trip_time(self):
         """A pong with the last nonce records the round trip; a stale nonce does not."""
         self.clock.advance(1)

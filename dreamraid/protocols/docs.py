@@ -80,8 +80,10 @@ def render():
         "connection stays open. Bodies must be consumed exactly: trailing bytes are "
         "`MALFORMED_BODY`.",
         "",
-        "The server pings every `ping_interval` seconds (a `ping` push); the client "
-        "answers with a `pong` carrying the same nonce. A connection silent for "
+        "The server pings a connection it has not heard from for `ping_interval` "
+        "seconds (a `ping` push), and each new one once to learn its round trip; the "
+        "client answers with a `pong` carrying the same nonce. A client's own pings "
+        "(or any other frame) keep it from being pinged. A connection silent for "
         "`idle_timeout` seconds, or not authenticated within `auth_timeout` seconds, "
         "is closed after an `error` push saying why.",
         "",

@@ -485,9 +485,9 @@ ERROR = message(
 )
 PING = message(
     2, "ping", Sender.BOTH,
-    "A liveness probe. The server sends one every ping interval as a push (request id 0); "
-    "the client answers with a pong carrying the same nonce. A client may ping too and "
-    "gets a pong reply.",
+    "A liveness probe. The server sends one as a push (request id 0) to a connection it has "
+    "not heard from for a ping interval; the client answers with a pong carrying the same "
+    "nonce. A client may ping too and gets a pong reply.",
     "nonce" / Int32ul,
 )
 PONG = message(3, "pong", Sender.BOTH, "The answer to a ping, echoing its nonce.", "nonce" / Int32ul)

@@ -1,10 +1,16 @@
 """
-Connection liveness: ping every connection at a fixed interval, keep its
-round-trip time, drop it when it falls silent or fails to authenticate in time.
+Connection liveness: ping each connection not heard from for an interval,
+keep its round-trip time, drop it when it falls silent or fails to
+authenticate in time.
 
-One sweep per interval serves every connection (cheaper than a timer each at
-tens of thousands of connections); the authentication deadline is a single
-delayed call per connection, cancelled once it authenticates.
+One timer serves every connection (cheaper than a timer each at tens of
+thousands of connections), sweeping a tenth of them every tenth of the
+interval: a sweep of them all at once stalls the reactor for the length of
+the burst of pings and pongs, and every request waits behind it.  A
+connection that sent something within the interval is alive without a ping
+(a client's own heartbeats keep it so), which halves the frames an active
+connection costs.  The authentication deadline is a single delayed call per
+connection, cancelled once it authenticates.
 """
 
 from twisted.application.service import Service
@@ -32,7 +38,7 @@ class PeerState:
 
     __slots__ = (
         "peer", "connected_at", "last_heard", "authenticated",
-        "nonce", "ping_sent_at", "rtt", "_auth_deadline",
+        "nonce", "ping_sent_at", "rtt", "_auth_deadline", "_slice",
     )
 
     def __init__(self, peer, now):
@@ -43,6 +49,10 @@ class PeerState:
         self.ping_sent_at = None
         self.rtt = None  # seconds, of the last answered server ping
         self._auth_deadline = None
+        self._slice = None
+
+
+SLICES = 10
 
 
 class Liveness(Service):
@@ -56,12 +66,15 @@ class Liveness(Service):
         self._idle_timeout = idle_timeout
         self._auth_timeout = auth_timeout
         self._peers = set()
-        self._sweep = LoopingCall(self.sweep)
+        self._slices = [set() for _ in range(SLICES)]
+        self._ticks = 0
+        self._connections = 0
+        self._sweep = LoopingCall.withCount(self._sweep_slices)
         self._sweep.clock = clock
 
     def startService(self):
         super().startService()
-        self._sweep.start(self._ping_interval, now=False)
+        self._sweep.start(self._ping_interval / SLICES, now=False)
 
     def stopService(self):
         if self._sweep.running:
@@ -75,12 +88,18 @@ class Liveness(Service):
         """Start watching C{peer}; returns its L{PeerState}."""
         state = PeerState(peer, self._clock.seconds())
         state._auth_deadline = self._clock.callLater(self._auth_timeout, self._auth_expired, state)
+        # Round the slices, so connections that arrive together are swept apart.
+        self._connections += 1
+        state._slice = self._slices[(self._ticks + self._connections - 1) % SLICES]
+        state._slice.add(state)
         self._peers.add(state)
         return state
 
     def disconnected(self, state):
         """Stop watching a connection that is gone."""
         self._peers.discard(state)
+        if state._slice is not None:
+            state._slice.discard(state)
         self._cancel_auth_deadline(state)
 
     def heard(self, state):
@@ -104,16 +123,24 @@ class Liveness(Service):
             state.rtt = self._clock.seconds() - state.ping_sent_at
             state.ping_sent_at = None
 
-    def sweep(self):
-        """Drop the idle, ping the rest."""
+    def _sweep_slices(self, count):
+        """The timer's tick: sweep the slice due now, and those of any ticks missed."""
+        for _ in range(min(count, SLICES)):
+            self._ticks += 1
+            self.sweep(self._slices[self._ticks % SLICES])
+        self._ticks += max(0, count - SLICES)
+
+    def sweep(self, peers):
+        """Drop the idle among C{peers}; ping those not heard from for an interval."""
         now = self._clock.seconds()
-        for state in list(self._peers):
-            if now - state.last_heard >= self._idle_timeout:
+        for state in list(peers):
+            silent = now - state.last_heard
+            if silent >= self._idle_timeout:
                 self._drop(state, ErrorCode.IDLE_TIMEOUT)
-                continue
-            state.nonce = (state.nonce + 1) & 0xFFFFFFFF
-            state.ping_sent_at = now
-            state.peer.send_ping(state.nonce)
+            elif silent >= self._ping_interval or state.rtt is None:
+                state.nonce = (state.nonce + 1) & 0xFFFFFFFF
+                state.ping_sent_at = now
+                state.peer.send_ping(state.nonce)
 
     def _auth_expired(self, state):
         state._auth_deadline = None
