@@ -88,11 +88,20 @@ def error_kind(exception):
     return type(exception).__name__
 
 
+WANTED_FDS = 65536
+
+
 def raise_fd_limit():
-    """Raise this process's open-file limit (and its children's) to the hard limit; the limit."""
+    """
+    Raise this process's open-file limit (and so its children's) to
+    WANTED_FDS, past the hard limit where allowed (as root); the limit.
+    """
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, WANTED_FDS), max(hard, WANTED_FDS)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Window:
