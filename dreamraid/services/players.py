@@ -28,6 +28,12 @@ class IPlayerConnection(Interface):
         """Send the client C{event} (a name the protocol knows, such as C{"party_changed"}) with C{body}."""
 
 
+# Each connection's session and presence are renewed every third of the
+# presence TTL, a tenth of the connections at a time: renewing them all at
+# once held every request up behind thousands of Redis calls.
+RENEWAL_SLICES = 10
+
+
 class Players(Service):
     """The authenticated connections of this process, by user."""
 
@@ -40,6 +46,8 @@ class Players(Service):
         self._clock = clock
         self._presence_ttl = presence_ttl
         self._connections = {}
+        self._slices = [{} for _ in range(RENEWAL_SLICES)]  # user id % RENEWAL_SLICES -> {user id: connection}
+        self._ticks = 0
         self._renewals = None
         self._kicks = None
 
@@ -49,9 +57,9 @@ class Players(Service):
     def startService(self):
         super().startService()
         self._kicks = self._presence.listen(self.taken_over, self.notified)
-        self._renewals = task.LoopingCall(self._renew)
+        self._renewals = task.LoopingCall.withCount(self._renew_slices)
         self._renewals.clock = self._clock
-        self._renewals.start(self._presence_ttl / 3, now=False).addErrback(
+        self._renewals.start(self._presence_ttl / 3 / RENEWAL_SLICES, now=False).addErrback(
             lambda f: self._log.failure("presence renewal stopped", f))
 
     def stopService(self):
@@ -108,7 +116,7 @@ class Players(Service):
         if older is not None and older is not connection:
             older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
         connection.user_id, connection.jti = user_id, jti
-        self._connections[user_id] = connection
+        self._connections[user_id] = self._slices[user_id % RENEWAL_SLICES][user_id] = connection
         return entered
 
     def connection_of(self, user_id):
@@ -136,6 +144,7 @@ class Players(Service):
         user_id = connection.user_id
         if self._connections.get(user_id) is connection:
             del self._connections[user_id]
+            del self._slices[user_id % RENEWAL_SLICES][user_id]
         try:
             if await self._presence.leave(user_id, connection.jti):
                 await self._queue.enqueue(user_id, "logout")
@@ -143,9 +152,15 @@ class Players(Service):
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
 
-    async def _renew(self):
-        """Renew every connection's session and presence, a thousand at a time; close those no longer live."""
-        connections = list(self._connections.values())
+    async def _renew_slices(self, count):
+        """The timer's tick: renew the slice due now, and those of any ticks missed."""
+        for _ in range(min(count, RENEWAL_SLICES)):
+            self._ticks += 1
+            await self._renew(list(self._slices[self._ticks % RENEWAL_SLICES].values()))
+        self._ticks += max(0, count - RENEWAL_SLICES)
+
+    async def _renew(self, connections):
+        """Renew these connections' sessions and presence, a thousand at a time; close those no longer live."""
         for start in range(0, len(connections), 1000):
             chunk = connections[start:start + 1000]
             try:
