@@ -11,17 +11,18 @@ server's RSS growth over the idle server, divided by the connections); and,
 in the same run under the same rule, what a bare Twisted server answering
 the same PING frames with PONGs holds: the baseline.
 
-The game server runs as configured for players (it pings every connection
-each second itself, which the generators answer, renews presences and drops
-the idle); the baseline does nothing but answer pings, and its connections do
+The game server runs as configured for players (it pings a connection it
+has not heard from for a second, which the generators answer, renews
+presences and drops the idle); the baseline does nothing but answer pings, and its connections do
 not authenticate (it has no users).  Load generators are separate
 processes, at least one per core and at most 10,000 connections each, each
 binding its connections to a loopback source address of its own (so no
 address needs more ephemeral ports than the range holds, and the baseline's
 closed connections keep none of the game's ports); each pings all of its
 connections off one timer, from random phases.  Every process raises its
-file-descriptor limit to the hard limit, which caps the ramp: a server holds
-at most that limit less the descriptors it keeps for itself.
+file-descriptor limit (past the hard limit where it may), which caps the
+ramp: a server holds at most that limit less the descriptors it keeps for
+itself.
 
 Quick: up to 10,000 connections, 3 s a step; full: up to 30,000, 5 s a step.
 Needs the local cluster (C{scripts/stack.sh up}).  The last line printed is
