@@ -28,6 +28,7 @@ from dreamraid.config import ConfigError, DEFAULT_PATH, load_settings
 from dreamraid.errors import ErrorCode
 
 WEAPON = 101  # the bronze sword of the shipped tables
+MONSTER = 3
 EQUIPMENT_TAB = 0
 
 
@@ -65,8 +66,10 @@ class Bot:
         try:
             host, port = self._session
             self.game = await play(self._reactor, host, port, self.name, f"pw-{self.name}", register=True)
-            for monster in [random.randint(1, 5) for _ in range(self._hunts)]:
-                level = (await self._hunt(monster)).level
+            # Every bot hunts the same kind, so they reach the same level and
+            # so the same matchmaking group.
+            for _ in range(self._hunts):
+                level = (await self._hunt(MONSTER)).level
                 hunts += 1
             enhanced = await self._enhance()
             if self._scenario == "raid":
@@ -153,7 +156,7 @@ class Summary(NamedTuple):
             yield f"  {entry.rank:>3}. {entry.name:<20} {entry.score}"
 
 
-async def run_bots(reactor, session, players, scenario="raid", hunts=3, queue_timeout=30.0):
+async def run_bots(reactor, session, players, scenario="raid", hunts=3, queue_timeout=45.0):
     """Run C{players} bots against the session server at C{session} (host, port); a L{Summary}."""
     tag = f"{random.getrandbits(32):08x}"
     bots = [Bot(reactor, session, f"bot_{tag}_{i}", hunts, scenario, queue_timeout) for i in range(players)]
@@ -192,7 +195,8 @@ def main(argv=None):
     parser.add_argument("--hunts", type=int, default=3, help="hunts per bot (default 3)")
     parser.add_argument("--session", help="the session server, host:port (default: from the configuration)")
     parser.add_argument("--config", default=str(DEFAULT_PATH), help="the configuration file")
-    parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a bot waits for a raid")
+    parser.add_argument("--queue-timeout", type=float, default=45.0,
+                        help="seconds a bot waits for a raid (default 45: past the 30 s the matchmaking widens after)")
     parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the session server to start")
     arguments = parser.parse_args(argv)
     try:
