@@ -196,7 +196,7 @@ class Accounts:
         except NameTaken:
             raise RequestRefused(ErrorCode.NAME_TAKEN) from None
         except MYSQL_UNAVAILABLE as e:
-            raise self._unavailable("register", e) from None
+            raise self._unavailable("register", name, e) from None
 
     async def login(self, name, password, address):
         """A L{LoggedIn}.  @raise RequestRefused: throttled, wrong name or password, store down."""
@@ -216,12 +216,12 @@ class Accounts:
             await self._throttle.succeeded(name)
             await self._store.record_login(user_id)
         except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
-            raise self._unavailable("login", e) from None
+            raise self._unavailable("login", name, e) from None
         issued = self._issuer.issue(user_id)
         return LoggedIn(user_id, issued.token, issued.expires_at)
 
-    def _unavailable(self, what, error):
-        self._log.warn("{what}: store unavailable: {error}", what=what, error=error)
+    def _unavailable(self, what, name, error):
+        self._log.warn("{what} of {user_name}: store unavailable: {error}", what=what, user_name=name, error=error)
         return RequestRefused(ErrorCode.UNAVAILABLE)
 
 

@@ -166,7 +166,8 @@ class Players(Service):
             try:
                 live = await gather([self._presence.renew(c.user_id, c.jti) for c in chunk])
             except RedisClusterError as e:
-                self._log.warn("cannot renew presence: {error}", error=e)
+                self._log.warn("cannot renew the presence of {count} users: {error}", count=len(connections) - start,
+                               error=e)
                 return
             for connection, still in zip(chunk, live):
                 if not still:
