@@ -138,6 +138,7 @@ class ServerSettings:
     auth_timeout: float = setting(
         _number(float, 0.1, 3600.0), "seconds a connection may stay unauthenticated"
     )
+    metrics: str = setting(_choice("on", "off"), "Prometheus metrics at /metrics on the HTTP endpoint (on or off)")
 
     def check(self):
         if self.idle_timeout <= self.ping_interval:

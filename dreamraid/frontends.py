@@ -1,6 +1,6 @@
 """
 The listening side every server has: the client TCP endpoint with its
-liveness sweep, and the HTTP endpoint with C{/health}.
+liveness sweep, and the HTTP endpoint with C{/health} and C{/metrics}.
 """
 
 import gc
@@ -13,6 +13,7 @@ from twisted.web.server import Site
 from dreamraid.protocols.http import http_root
 from dreamraid.protocols.server import ServerFactory
 from dreamraid.services.liveness import Liveness
+from dreamraid.services.metrics import Metrics
 
 
 class FrozenHeap(Service):
@@ -34,15 +35,19 @@ def add_frontends(parent, reactor, server_name, settings, health, factory_class=
     @param settings: the server's L{dreamraid.config.ServerSettings}.
     @param factory_class: the client factory, built with the server's name,
         settings, liveness and then C{services}.
-    @return: the client factory.
+    @return: the client factory (its C{metrics}, when on, take more watches).
     """
     FrozenHeap().setServiceParent(parent)
     liveness = Liveness(reactor, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
     liveness.setServiceParent(parent)
     factory = factory_class(server_name, settings, liveness, *services)
+    if settings.metrics == "on":
+        factory.metrics = Metrics(reactor, server_name)
+        factory.metrics.setServiceParent(parent)
+        factory.metrics.watch("dreamraid_connections", "Client connections open", "gauge", lambda: len(liveness))
     clients = StreamServerEndpointService(serverFromString(reactor, settings.listen), factory)
     clients.setServiceParent(parent)
-    web = Site(http_root(health))
+    web = Site(http_root(health, factory.metrics))
     web.noisy = False
     StreamServerEndpointService(serverFromString(reactor, settings.http_listen), web).setServiceParent(parent)
     return factory

@@ -68,9 +68,22 @@ def makeService(options, reactor=None):
     host.setServiceParent(top)
     matchmaker.setServiceParent(top)
     UDPServer(game.udp_port, RealtimeProtocol(host, game.public_host), interface=game.udp_interface).setServiceParent(top)
-    add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking, parties,
-                  matchmaker, host)
+    factory = add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking,
+                            parties, matchmaker, host)
+    if factory.metrics is not None:
+        _watch_game(factory.metrics, router, players, host)
     return top
+
+
+def _watch_game(metrics, router, players, host):
+    metrics.watch_router(router)
+    metrics.watch("dreamraid_players", "Authenticated players on this process", "gauge", lambda: len(players))
+    metrics.watch("dreamraid_raids", "Raids hosted by this process", "gauge", lambda: len(host))
+    metrics.watch("dreamraid_udp_datagrams_received", "Raid datagrams accepted", "counter",
+                  lambda: host.counters["received"])
+    metrics.watch("dreamraid_udp_datagrams_sent", "Raid datagrams sent", "counter", lambda: host.counters["sent"])
+    metrics.watch("dreamraid_udp_datagrams_dropped", "Raid datagrams dropped, by reason", "counter",
+                  lambda: {r: host.counters[r] for r in ("forged", "replayed", "unknown", "unsent")}, "reason")
 
 
 def _tcp_port(listen):

@@ -53,12 +53,18 @@ def makeService(options, reactor=None):
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     world = World(verifier, live, MysqlProfileStore(database), queue,
                   settings.session.game_servers, secure_random, settings.sync.session_ttl)
-    SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync).setServiceParent(top)
+    sync = SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync)
+    sync.setServiceParent(top)
     BoardLoader(Ranking(router, settings.sync.ranking_prefix), database, reactor, settings.session.board_check_interval).setServiceParent(top)
 
     health = Health(reactor, {
         "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),
         "mysql": (database.ping, settings.mysql.connect_timeout * 2),
     })
-    add_frontends(top, reactor, "dreamraid-session", settings.session, health, SessionFactory, accounts, world)
+    factory = add_frontends(top, reactor, "dreamraid-session", settings.session, health, SessionFactory, accounts,
+                            world)
+    if factory.metrics is not None:
+        factory.metrics.watch_router(router)
+        factory.metrics.watch("dreamraid_sync", "The sync worker's batches, users written, jobs acknowledged...",
+                              "counter", lambda: dict(sync.counters), "kind")
     return top

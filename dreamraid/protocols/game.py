@@ -77,6 +77,8 @@ class GameProtocol(ServerProtocol):
         message, encode = _PUSHES[event]
         if self.connected:
             self.transport.write(message.encode(0, encode(body)))
+            if self.factory.metrics is not None:
+                self.factory.metrics.replied(message)
 
     @handles(packets.AUTHENTICATE, needs_auth=False)
     async def authenticate(self, body):

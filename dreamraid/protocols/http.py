@@ -1,10 +1,12 @@
 """
 The HTTP side of each server: C{/health} answers 200 when every dependency
-answers and 503 naming those that do not, as JSON.
+answers and 503 naming those that do not, as JSON; C{/metrics} serves the
+Prometheus metrics.
 """
 
 import json
 
+from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -50,8 +52,10 @@ class HealthResource(Resource):
             request.finish()
 
 
-def http_root(health):
-    """The resource tree of a server's HTTP port."""
+def http_root(health, metrics=None):
+    """The resource tree of a server's HTTP port: C{/health}, and C{/metrics} with a L{Metrics}."""
     root = Resource()
     root.putChild(b"health", HealthResource(health))
+    if metrics is not None:
+        root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     return root

@@ -91,11 +91,14 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         if needs_auth and not self.state.authenticated:
             self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
             return
+        metrics = self.factory.metrics
+        if metrics is not None:
+            timer, started = metrics.request(message), metrics.now()
         try:
             result = getattr(self, method)(body)
         except Exception:
             self._request_failed(Failure(), request_id, message)
-            return
+            result = None
         if inspect.iscoroutine(result):
             result = defer.Deferred.fromCoroutine(result)
         if isinstance(result, defer.Deferred):
@@ -103,8 +106,12 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
                 self._reply, self._request_failed,
                 callbackArgs=(request_id,), errbackArgs=(request_id, message),
             )
-        else:
-            self._reply(result, request_id)
+            if metrics is not None:
+                result.addBoth(lambda _: timer.observe(metrics.now() - started))
+            return
+        self._reply(result, request_id)
+        if metrics is not None:
+            timer.observe(metrics.now() - started)
 
     def codecErrorReceived(self, error):
         self.factory.liveness.heard(self.state)
@@ -123,12 +130,16 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         if result is not None and self.connected:
             message, body = result
             self.transport.write(message.encode(request_id, body))
+            if self.factory.metrics is not None:
+                self.factory.metrics.replied(message)
             if self.close_after_reply:
                 self.transport.loseConnection()
 
     def _reply_error(self, request_id, code, detail=None):
         if self.connected:
             self.transport.write(packets.error_frame(request_id, code, detail))
+            if self.factory.metrics is not None:
+                self.factory.metrics.refused(code)
 
     def _request_failed(self, failure, request_id, message):
         if failure.check(RequestRefused):
@@ -169,6 +180,7 @@ class ServerFactory(Factory):
     """Builds L{ServerProtocol}s that share one server's liveness and limits."""
 
     protocol = ServerProtocol
+    metrics = None  # or the server's L{dreamraid.services.metrics.Metrics}
 
     def __init__(self, server_name, settings, liveness):
         self.server_name = server_name

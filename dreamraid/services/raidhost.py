@@ -100,7 +100,7 @@ class RaidHost(Service):
         self._ticks = 0
         self._keeps = 0
         self.udp = None
-        self.counters = dict.fromkeys(("forged", "replayed", "unknown", "relayed", "unsent"), 0)
+        self.counters = dict.fromkeys(("received", "sent", "forged", "replayed", "unknown", "relayed", "unsent"), 0)
 
     def startService(self):
         super().startService()
@@ -305,6 +305,7 @@ class RaidHost(Service):
             return
         hosted.last_sequence[member] = sequence
         hosted.addresses[member] = address
+        self.counters["received"] += 1
         if event == "hello":
             self._send_hp(hosted, [member])
         else:
@@ -321,6 +322,7 @@ class RaidHost(Service):
             return
         for member in hosted.addresses if members is None else members:
             hosted.sent += 1
+            self.counters["sent"] += 1
             self.udp.send(hosted.addresses[member], event, hosted.key, hosted.number, member, hosted.sent, body)
 
     def _relay_tick(self):

@@ -371,6 +371,7 @@ class RedisCluster(Service):
         self._idle_dedicated = {}
         self._subscriptions = set()
         self.counters = collections.Counter()
+        self.latency = None  # or a histogram to observe each reply's seconds on
 
     @classmethod
     def from_settings(cls, clock, random, settings):
@@ -535,6 +536,8 @@ class RedisCluster(Service):
         replies.get().addCallback(self._replied, call, node)
 
     def _replied(self, reply, call, node):
+        if self.latency is not None:
+            self.latency.observe(self.clock.seconds() - call.sent_at)
         node.in_flight -= 1
         call.connection = None
         if node.waiting:

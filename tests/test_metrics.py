@@ -1,0 +1,80 @@
+"""/metrics on both servers after a scripted session: the counters moved by exactly what the session did."""
+
+import random
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.web.client import Agent, readBody
+
+from dreamraid import game_tap
+from dreamraid.client import RemoteError, SessionClient
+from dreamraid.client.game import GameClient
+from dreamraid.errors import ErrorCode
+
+from tests.support import RunningServer
+from tests.test_client_library import ServersCase
+
+
+async def fetch(server, path):
+    """C{(status, body bytes)} of a GET on a server's HTTP port."""
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{server.http_port}{path}".encode())
+    return response.code, await readBody(response)
+
+
+async def scrape(server):
+    """C{{(sample name, labels as a sorted tuple): value}} of a server's /metrics."""
+    status, body = await fetch(server, "/metrics")
+    assert status == 200, status
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+class MetricsTests(ServersCase):
+
+    async def test_counters_after_a_scripted_session(self):
+        game_before, session_before = await scrape(self.game), await scrape(self.session)
+
+        session = await SessionClient.connect(reactor, "127.0.0.1", self.session.port)
+        self.addCleanup(session.close)
+        name = f"m_{random.getrandbits(40):x}"
+        await session.register(name, "correct horse")
+        login = await session.login(name, "correct horse")
+        with self.assertRaises(RemoteError):
+            await session.login(name, "wrong password")
+        world = await session.enter_world(login.token)
+        game = await GameClient.login(reactor, world.host, world.port, login.token)
+        self.addCleanup(game.close)
+        await game.hunt(1)
+        with self.assertRaises(RemoteError) as raised:
+            await game.hunt(1)
+        self.assertEqual(raised.exception.code, ErrorCode.HUNT_COOLDOWN)
+        await game.inventory()
+
+        game_after, session_after = await scrape(self.game), await scrape(self.session)
+
+        def moved(before, after, name, **labels):
+            key = (name, tuple(sorted(labels.items())))
+            return after.get(key, 0) - before.get(key, 0)
+
+        for message, count in (("authenticate", 1), ("hunt", 2), ("list_inventory", 1)):
+            self.assertEqual(moved(game_before, game_after, "dreamraid_messages_received_total", message=message), count)
+            self.assertEqual(moved(game_before, game_after, "dreamraid_request_seconds_count", message=message), count)
+        for message, count in (("authenticated", 1), ("hunted", 1), ("inventory", 1)):
+            self.assertEqual(moved(game_before, game_after, "dreamraid_messages_sent_total", message=message), count)
+        self.assertEqual(moved(game_before, game_after, "dreamraid_errors_total", code="HUNT_COOLDOWN"), 1)
+        self.assertEqual(game_after[("dreamraid_players", ())], 1)
+        self.assertEqual(game_after[("dreamraid_connections", ())], 1)
+        self.assertGreater(moved(game_before, game_after, "dreamraid_redis_call_seconds_count"), 0)
+
+        for message, count in (("register", 1), ("login", 2), ("enter_world", 1)):
+            self.assertEqual(moved(session_before, session_after, "dreamraid_messages_received_total",
+                                   message=message), count)
+        self.assertEqual(moved(session_before, session_after, "dreamraid_errors_total", code="WRONG_CREDENTIALS"), 1)
+        self.assertEqual(moved(session_before, session_after, "dreamraid_messages_sent_total", message="logged_in"), 1)
+
+    async def test_metrics_off_serves_no_metrics(self):
+        server = RunningServer(game_tap, "game", ["--tokens-public-key", self.public_key, "--game-metrics", "off"])
+        server.start(self)
+        await server.part("Players").when_listening()
+        status, _ = await fetch(server, "/metrics")
+        self.assertEqual(status, 404)
