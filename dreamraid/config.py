@@ -127,7 +127,7 @@ class ServerSettings:
     """The client-facing side of a server process."""
 
     listen: str = setting(_server_endpoint, "client TCP endpoint")
-    http_listen: str = setting(_server_endpoint, "HTTP endpoint serving /health")
+    http_listen: str = setting(_server_endpoint, "HTTP endpoint serving /health and /metrics")
     max_frame_size: int = setting(
         _number(int, 16, 65535), "largest frame accepted, in bytes after the length"
     )

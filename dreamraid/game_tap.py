@@ -71,12 +71,21 @@ def makeService(options, reactor=None):
     factory = add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking,
                             parties, matchmaker, host)
     if factory.metrics is not None:
-        _watch_game(factory.metrics, router, players, host)
+        _watch_game(factory.metrics, router, players, host, matchmaker)
     return top
 
 
-def _watch_game(metrics, router, players, host):
+def _watch_game(metrics, router, players, host, matchmaker):
     metrics.watch_router(router)
+    matchmaker.waited = metrics.histogram("dreamraid_matchmaking_wait_seconds",
+                                          "Seconds the tickets of raids formed here waited, by level group", ["group"])
+    queues = metrics.gauge("dreamraid_matchmaking_queue", "Tickets waiting for a raid, by level group (all servers)",
+                           ["group"])
+
+    async def matchmaking_queues():
+        for group, count in (await matchmaker.queue_lengths()).items():
+            queues.labels(str(group)).set(count)
+    metrics.every(matchmaking_queues)
     metrics.watch("dreamraid_players", "Authenticated players on this process", "gauge", lambda: len(players))
     metrics.watch("dreamraid_raids", "Raids hosted by this process", "gauge", lambda: len(host))
     metrics.watch("dreamraid_udp_datagrams_received", "Raid datagrams accepted", "counter",

@@ -32,7 +32,7 @@ def makeService(options, reactor=None):
     settings = options["settings"]
     secure_random = random.SystemRandom()
     top = InOrder()
-    database = Database(settings.mysql)
+    database = Database(settings.mysql, reactor)
     database.setServiceParent(top)
     redis = settings.redis
     router = RedisCluster.from_settings(reactor, random.Random(), redis)
@@ -67,4 +67,15 @@ def makeService(options, reactor=None):
         factory.metrics.watch_router(router)
         factory.metrics.watch("dreamraid_sync", "The sync worker's batches, users written, jobs acknowledged...",
                               "counter", lambda: dict(sync.counters), "kind")
+        database.latency = factory.metrics.histogram("dreamraid_mysql_query_seconds",
+                                                     "Seconds a MySQL call took, queueing for a connection included")
+        jobs = factory.metrics.gauge("dreamraid_sync_backlog", "Sync jobs not yet acknowledged (every shard)")
+        oldest = factory.metrics.gauge("dreamraid_sync_oldest_job_seconds",
+                                       "Age of the oldest sync job not yet acknowledged, 0 with none")
+
+        async def sync_backlog():
+            count, age = await queue.backlog()
+            jobs.set(count)
+            oldest.set(age)
+        factory.metrics.every(sync_backlog)
     return top

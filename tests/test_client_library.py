@@ -9,6 +9,8 @@ from dreamraid.client import RemoteError, SessionClient, play
 from dreamraid.client.results import Member, RankEntry, SlotItem
 from dreamraid.errors import ErrorCode
 from dreamraid.services.accounts import LoginThrottle
+from dreamraid.services.deferreds import gather
+from dreamraid.services.matchmaking import matchmaking_keys
 from tests.storage import SessionServicesCase
 from tests.support import RunningServer
 
@@ -22,8 +24,11 @@ class ServersCase(SessionServicesCase):
         await self.router.execute("DEL", LoginThrottle.address_key("127.0.0.1"))
         shared = ["--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
                   "--sync-ranking-prefix", self.settings.sync.ranking_prefix]
+        matchmaking = f"testmm{random.getrandbits(40):x}"
+        self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in matchmaking_keys(matchmaking)]))
         self.game = RunningServer(game_tap, "game", [*shared, "--game-dev-grant", "on", "--raids-boss-hp", "4",
-                                                     "--raids-hit-interval", "0", "--raids-match-interval", "0.1"])
+                                                     "--raids-hit-interval", "0", "--raids-match-interval", "0.1",
+                                                     "--raids-matchmaking-prefix", matchmaking])
         self.game.start(self)
         await self.game.part("Players").when_listening()
         self.session = RunningServer(session_tap, "session", [

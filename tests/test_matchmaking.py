@@ -9,6 +9,8 @@ ticket withdrawn when the party changes or its leader drops.
 
 import random
 
+from prometheus_client import CollectorRegistry, Histogram
+
 from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
@@ -100,6 +102,23 @@ class MatchmakerTests(MatchmakerCase):
         await matchmaker.enqueue(far_high)
         self.clock.advance(300)
         self.assertEqual(await matchmaker.run_pass(), [])
+
+    async def test_queue_lengths_and_waits_by_group(self):
+        """The queues' lengths by group, and how long a formed raid's tickets waited, in seconds by group."""
+        matchmaker = self.matchmaker()
+        registry = CollectorRegistry()
+        matchmaker.waited = Histogram("waited", "", ["group"], registry=registry)
+        first, second, third = await self.new_user(1), await self.new_user(2), await self.new_user(4)
+        await matchmaker.enqueue(first)
+        self.clock.advance(3)
+        await matchmaker.enqueue(second)
+        await matchmaker.enqueue(third)
+        self.assertEqual(await matchmaker.queue_lengths(), {1: 2, 2: 1, 3: 0, 4: 0, 5: 0, 6: 0})
+        self.clock.advance(1)
+        await matchmaker.run_pass()
+        self.assertEqual(await matchmaker.queue_lengths(), {1: 0, 2: 1, 3: 0, 4: 0, 5: 0, 6: 0})
+        self.assertEqual(registry.get_sample_value("waited_count", {"group": "1"}), 2)
+        self.assertEqual(registry.get_sample_value("waited_sum", {"group": "1"}), 4 + 1)
 
     async def test_players_are_free_again_when_the_raid_is_over(self):
         """A raid's players cannot queue during its longest life; after it they can."""

@@ -71,6 +71,11 @@ class MetricsTests(ServersCase):
                                    message=message), count)
         self.assertEqual(moved(session_before, session_after, "dreamraid_errors_total", code="WRONG_CREDENTIALS"), 1)
         self.assertEqual(moved(session_before, session_after, "dreamraid_messages_sent_total", message="logged_in"), 1)
+        # register, two logins (each finds the user, the right one records it) and enter_world's load
+        self.assertGreaterEqual(moved(session_before, session_after, "dreamraid_mysql_query_seconds_count"), 5)
+        self.assertIn(("dreamraid_sync_backlog", ()), session_after)
+        self.assertIn(("dreamraid_sync_oldest_job_seconds", ()), session_after)
+        self.assertEqual(game_after[("dreamraid_matchmaking_queue", (("group", "1"),))], 0)
 
     async def test_metrics_off_serves_no_metrics(self):
         server = RunningServer(game_tap, "game", ["--tokens-public-key", self.public_key, "--game-metrics", "off"])

@@ -6,12 +6,12 @@ a MariaDB outage, checkpoints and a thousand logouts at once.
 
 import random
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 from dreamraid.services.database import MYSQL_UNAVAILABLE
 from dreamraid.services.livestore import Item, Profile, data_keys, session_key
 from dreamraid.services.loading import thd_load_profile
-from dreamraid.services.sync import GROUP, MysqlSnapshotStore, SyncWorker, thd_write_snapshots
+from dreamraid.services.sync import GROUP, MysqlSnapshotStore, SyncQueue, SyncWorker, thd_write_snapshots
 from tests.storage import SessionServicesCase, sql, test_settings
 from tests.support import eventually, stack
 
@@ -109,6 +109,33 @@ class SyncTests(SyncCase):
         self.assertEqual(await self.pending(), 0)
         self.assertEqual(await self.router.execute("ZSCORE", self.queue.live_sets[self.queue.shard_of(user_id)],
                                                    user_id), None)
+
+    async def test_backlog_counts_unread_and_unacknowledged_jobs_and_ages_the_oldest(self):
+        """Jobs count until acknowledged, read or not; the oldest's age comes from its stream id."""
+        self.assertEqual(await self.queue.backlog(), (0, 0.0))
+        for stream in self.queue.streams:
+            await self.router.execute("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
+        self.assertEqual(await self.queue.backlog(), (0, 0.0))
+        for user_id in (1, 2, 3):  # three shards
+            await self.queue.enqueue(user_id, "logout")
+        [oldest] = await self.router.execute("XRANGE", self.queue.streams[self.queue.shard_of(1)], "-", "+", "COUNT", 1)
+        queued_at = int(oldest[0].split(b"-")[0]) / 1000
+        clock = task.Clock()
+        clock.advance(queued_at + 7)
+        backlog = SyncQueue(self.router, clock, self.settings.sync.shards, self.settings.sync.prefix).backlog
+        jobs, age = await backlog()
+        self.assertEqual(jobs, 3)
+        self.assertAlmostEqual(age, 7.0, places=3)
+        stream = self.queue.streams[self.queue.shard_of(1)]
+        [[_, [(entry, _)]]] = await self.router.execute("XREADGROUP", "GROUP", GROUP, "test", "COUNT", 1,
+                                                        "STREAMS", stream, ">")
+        jobs, age = await backlog()
+        self.assertEqual(jobs, 3)  # read, not acknowledged: still counted, still the oldest
+        self.assertAlmostEqual(age, 7.0, places=3)
+        await self.router.execute("XACK", stream, GROUP, entry)
+        jobs, age = await backlog()
+        self.assertEqual(jobs, 2)
+        self.assertLessEqual(age, 7.0 + 1e-6)  # the next job may share the first one's millisecond
 
     async def test_stale_snapshot_never_overwrites(self):
         """A snapshot older than MySQL's version is skipped, whatever order the writes come in."""

@@ -165,13 +165,13 @@ class MysqlAccountStore:
         self._database = database
 
     def create(self, name, password_hash):
-        return self._database.pool.runWithConnection(thd_create_user, name, password_hash)
+        return self._database.run(thd_create_user, name, password_hash)
 
     def find(self, name):
-        return self._database.pool.runWithConnection(thd_find_user, name)
+        return self._database.run(thd_find_user, name)
 
     def record_login(self, user_id):
-        return self._database.pool.runWithConnection(thd_record_login, user_id)
+        return self._database.run(thd_record_login, user_id)
 
 
 class Accounts:

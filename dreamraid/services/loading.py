@@ -59,7 +59,7 @@ class MysqlProfileStore:
         self._database = database
 
     def load(self, user_id):
-        return self._database.pool.runWithConnection(thd_load_profile, user_id)
+        return self._database.run(thd_load_profile, user_id)
 
 
 class World:

@@ -116,7 +116,7 @@ return {1, unpack(members)}
 # ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan, server
 # id, lease ms.
 # Frees the players of raids past their time, then forms at most one raid:
-# {0}, or {1, raid id, members...}.
+# {0}, or {1, raid id, "group:waited ms ..." of its tickets, members...}.
 _MATCH = _LIBRARY + """
 local now, size, widen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 for _, raid in ipairs(redis.call('ZRANGEBYSCORE', UNTIL, '-inf', now, 'LIMIT', 0, 100)) do
@@ -149,8 +149,9 @@ for i, anchor in ipairs(tickets) do
     end
   end
   if total == size then
-    local members = {}
+    local members, waits = {}, {}
     for _, t in ipairs(chosen) do
+      waits[#waits + 1] = t.group .. ':' .. (now - t.at)
       for _, m in ipairs(drop_ticket(t.id)) do
         members[#members + 1] = m
         redis.call('HSET', PLAYERS, m, 'r:' .. ARGV[4])
@@ -160,7 +161,7 @@ for i, anchor in ipairs(tickets) do
     redis.call('HSET', MEMBERS, ARGV[4], table.concat(members, ' '))
     redis.call('HSET', HOSTS, ARGV[4], ARGV[7])
     redis.call('ZADD', LEASES, 'GT', now + tonumber(ARGV[8]), ARGV[7])
-    return {1, ARGV[4], unpack(members)}
+    return {1, ARGV[4], table.concat(waits, ' '), unpack(members)}
   end
 end
 return {0}
@@ -233,6 +234,7 @@ class Matchmaker(Service):
         self._lease_ms = int(settings.host_lease * 1000)
         self._on_formed = on_formed
         self._keys = matchmaking_keys(settings.matchmaking_prefix)
+        self.waited = None  # or a histogram, labelled by group, of the seconds formed raids' tickets waited
         self._enqueue = Script(router, _ENQUEUE)
         self._cancel = Script(router, _CANCEL)
         self._match = Script(router, _MATCH)
@@ -298,6 +300,11 @@ class Matchmaker(Service):
         except RedisClusterError as e:
             self._log.warn("user {user_id} left, but their ticket may still wait: {error}", user_id=user_id, error=e)
 
+    async def queue_lengths(self):
+        """C{{level group: tickets waiting}}, every group."""
+        counts = await gather([self._router.execute("ZCARD", key) for key in self._keys[:GROUPS]])
+        return dict(zip(range(1, GROUPS + 1), counts))
+
     async def release(self, raid_id):
         """The raid ended: its players may queue again."""
         await self._release(self._keys, [raid_id])
@@ -322,8 +329,12 @@ class Matchmaker(Service):
                                                    self._lasts_ms, SCAN, self._presence.server_id, self._lease_ms])
             if reply[0] != 1:
                 return formed
-            raid = Formed(reply[1].decode(), [int(m) for m in reply[2:]])
+            raid = Formed(reply[1].decode(), [int(m) for m in reply[3:]])
             formed.append(raid)
+            if self.waited is not None:
+                for wait in reply[2].split():
+                    group, waited_ms = wait.split(b":")
+                    self.waited.labels(group.decode()).observe(int(waited_ms) / 1000)
             self._on_formed(raid)
 
     async def _pass_logged(self):

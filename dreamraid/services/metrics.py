@@ -4,18 +4,22 @@ A server's Prometheus metrics, served at C{/metrics} on its HTTP port.
 The hot paths count into prometheus_client's own counters and histograms
 (a label's child looked up once and kept); what the services already count
 themselves (the Redis router, the raid host, liveness) is read when
-Prometheus scrapes, by a collector, so it costs nothing in between.  The
-reactor's lag is how late a timer set every half second fires.
+Prometheus scrapes, by a collector, so it costs nothing in between.  What
+takes Redis calls to know (the sync backlog, the matchmaking queues) is
+sampled every few seconds.  The reactor's lag is how late a timer set every
+half second fires.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode
 
 LAG_INTERVAL = 0.5
+SAMPLE_INTERVAL = 5.0
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -26,6 +30,8 @@ class Metrics(Service):
     read at each scrape: C{function()} returns C{{labels tuple: value}} or a
     number.
     """
+
+    _log = Logger()
 
     def __init__(self, clock, server):
         self._clock = clock
@@ -45,6 +51,30 @@ class Metrics(Service):
         self.registry.register(self._watched)
         self._children = {}
         self._lagging = None
+        self._samplers = []
+
+    def histogram(self, name, documentation, labels=()):
+        """A histogram of seconds in this server's registry."""
+        return Histogram(name, documentation, list(labels), buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def gauge(self, name, documentation, labels=()):
+        """A gauge in this server's registry."""
+        return Gauge(name, documentation, list(labels), registry=self.registry)
+
+    def every(self, function):
+        """
+        Call the coroutine function C{function()} (which sets gauges) every
+        SAMPLE_INTERVAL while the server runs; a failed sample is logged and
+        taken again next time, the gauges keeping their values.
+        """
+        async def take():
+            try:
+                await function()
+            except Exception as e:
+                self._log.warn("metrics: cannot sample {what}: {error}", what=function.__name__, error=e)
+        loop = task.LoopingCall(lambda: defer.ensureDeferred(take()))
+        loop.clock = self._clock
+        self._samplers.append(loop)
 
     def watch(self, name, documentation, kind, function, label=None):
         """Report C{function()} at each scrape as C{name} (C{kind} "counter" or "gauge")."""
@@ -86,11 +116,14 @@ class Metrics(Service):
         self._lagging = task.LoopingCall(fired)
         self._lagging.clock = self._clock
         self._lagging.start(LAG_INTERVAL, now=False)
+        for loop in self._samplers:
+            loop.start(SAMPLE_INTERVAL)
 
     def stopService(self):
         super().stopService()
-        if self._lagging is not None and self._lagging.running:
-            self._lagging.stop()
+        for loop in [self._lagging, *self._samplers]:
+            if loop is not None and loop.running:
+                loop.stop()
 
 
 class _Watched:

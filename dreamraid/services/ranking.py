@@ -162,7 +162,7 @@ class BoardLoader(Service):
                 return 0
             loaded, after = 0, 0
             while True:
-                rows = await self._database.pool.runInteraction(thd_best_scores, after, self._chunk)
+                rows = await self._database.interact(thd_best_scores, after, self._chunk)
                 if not rows:
                     break
                 await self._ranking.record(rows)

@@ -57,6 +57,31 @@ class SyncQueue:
         self.live_sets = [f"{prefix}:live:{{{tag}}}" for tag in self.tags]
         self.checkpoint_locks = [f"{prefix}:checkpoint:{{{tag}}}" for tag in self.tags]
 
+    async def backlog(self):
+        """C{(jobs not yet acknowledged, age in seconds of the oldest, or 0)} over every shard."""
+        jobs, oldest_ms = 0, None
+        for stream in self.streams:
+            if not await self._router.execute("EXISTS", stream):
+                continue
+            replies = await self._router.execute("XINFO", "GROUPS", stream, route=stream)
+            groups = [dict(zip(g[::2], g[1::2])) for g in replies]
+            info = next((g for g in groups if g[b"name"] == GROUP.encode()), None)
+            if info is None:
+                continue
+            pending, lag = info[b"pending"], info.get(b"lag") or 0
+            jobs += pending + lag
+            first = None
+            if pending:
+                first = (await self._router.execute("XPENDING", stream, GROUP))[1]
+            elif lag:
+                entries = await self._router.execute("XRANGE", stream, b"(" + info[b"last-delivered-id"], "+", "COUNT", 1)
+                first = entries[0][0] if entries else None
+            if first is not None:
+                ms = int(first.split(b"-")[0])
+                oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
+        age = 0.0 if oldest_ms is None else max(0.0, self._clock.seconds() - oldest_ms / 1000)
+        return jobs, age
+
     def shard_of(self, user_id):
         return user_id % len(self.tags)
 
@@ -159,7 +184,7 @@ class MysqlSnapshotStore:
 
     def write(self, profiles):
         """A Deferred of the ids written (see L{thd_write_snapshots})."""
-        return self._database.pool.runWithConnection(thd_write_snapshots, profiles)
+        return self._database.run(thd_write_snapshots, profiles)
 
 
 class SyncWorker(Service):
