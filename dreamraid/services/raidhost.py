@@ -197,6 +197,8 @@ class RaidHost(Service):
             "raid_number": number, "member": index, "key": key.hex(), "members": members})
             for index, u in enumerate(members)])
         hosted.raid.start()
+        self._log.info("raid {raid_id} hosted for users {user_ids} (raid number {number})",
+                       raid_id=raid_id, user_ids=list(members), number=number)
 
     # -- requests -----------------------------------------------------------------
 
@@ -254,6 +256,9 @@ class RaidHost(Service):
             await self._ranking.record([(u, hosted.names[u], result.scores[u])
                                         for u in hosted.members if result.scores[u] > 0])
         await self._forget(hosted)
+        self._log.info("raid {raid_id} ended: {outcome}, team score {team_score}, scores {scores}",
+                       raid_id=raid_id, outcome="cleared" if result.cleared else "failed",
+                       team_score=result.team_score, scores={str(u): s for u, s in result.scores.items()})
         for user_id in hosted.members:
             rewarded = paid.get(user_id)
             body = {"raid_id": raid_id, "cleared": result.cleared, "score": result.scores[user_id],
