@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/raid_load.py --quick
 	$(BIN)/python bench/ccu.py --quick
 	$(BIN)/python bench/load.py --quick
+	$(BIN)/python bench/metrics_overhead.py --quick
 
 clean:
 	rm -rf $(VENV) _trial_temp* *.egg-info twisted/plugins/dropin.cache

@@ -95,8 +95,8 @@ class Load(protocol.Protocol):
         self._next += 1
 
 
-async def generate(reactor, arguments):
-    """A load generator process: connect, report ready, run from "go" for the given seconds, report replies."""
+async def generate(reactor, arguments, connection=Load):
+    """A load generator process: connect C{connection}s, report ready, run from "go" for the given seconds, report replies."""
     tokens = json.load(open(arguments.tokens)) if arguments.tokens else [None] * arguments.connections
     if arguments.mode == "move":
         requests, reply = MOVES, MOVED
@@ -105,7 +105,7 @@ async def generate(reactor, arguments):
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", arguments.port, timeout=10)
     loads = []
     for token in tokens:
-        load = Load(token, requests, len(reply))
+        load = connection(token, requests, len(reply))
         load.expected_id = reply[2:4]
         await connectProtocol(endpoint, load)
         loads.append(load)
