@@ -78,7 +78,7 @@ def makeService(options, reactor=None):
 def _watch_game(metrics, router, players, host, matchmaker):
     metrics.watch_router(router)
     matchmaker.waited = metrics.histogram("dreamraid_matchmaking_wait_seconds",
-                                          "Seconds the tickets of raids formed here waited, by level group", ["group"])
+                                          "Seconds the tickets of raids formed here waited, by level group", "group")
     queues = metrics.gauge("dreamraid_matchmaking_queue", "Tickets waiting for a raid, by level group (all servers)",
                            ["group"])
 

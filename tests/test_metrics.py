@@ -2,14 +2,19 @@
 
 import random
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
 from dreamraid import game_tap
 from dreamraid.client import RemoteError, SessionClient
 from dreamraid.client.game import GameClient
 from dreamraid.errors import ErrorCode
+from dreamraid.protocols import packets
+from dreamraid.services.metrics import Metrics
 
 from tests.support import RunningServer
 from tests.test_client_library import ServersCase
@@ -83,3 +88,23 @@ class MetricsTests(ServersCase):
         await server.part("Players").when_listening()
         status, _ = await fetch(server, "/metrics")
         self.assertEqual(status, 404)
+
+
+class BucketsTests(TestCase):
+    """The lock-free histograms, as Prometheus reads them."""
+
+    def test_exposed_as_a_cumulative_histogram(self):
+        metrics = Metrics(Clock(), "test")
+        timer = metrics.request(packets.PING)
+        for seconds in (0.0002, 0.003, 0.003, 7.0):
+            timer.observe(seconds)
+        samples = {(s.name, s.labels.get("le")): s.value
+                   for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+                   for s in family.samples if s.labels.get("message") == "ping"}
+        self.assertEqual(samples[("dreamraid_request_seconds_bucket", "0.0005")], 1)
+        self.assertEqual(samples[("dreamraid_request_seconds_bucket", "0.005")], 3)
+        self.assertEqual(samples[("dreamraid_request_seconds_bucket", "2.5")], 3)
+        self.assertEqual(samples[("dreamraid_request_seconds_bucket", "+Inf")], 4)
+        self.assertEqual(samples[("dreamraid_request_seconds_count", None)], 4)
+        self.assertAlmostEqual(samples[("dreamraid_request_seconds_sum", None)], 7.0062)
+        self.assertEqual(samples[("dreamraid_messages_received_total", None)], 1)
