@@ -43,26 +43,23 @@ import resource
 import shutil
 import struct
 import sys
-import tempfile
 import time
 
 from twisted.internet import defer, protocol, stdio, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.protocols.basic import IntNStringReceiver, LineReceiver
 
-from bench.children import ROOT, Players, start
+from bench.children import ROOT, live_players, start
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client import RemoteError
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import LiveStore, Profile, data_keys, session_key
+from dreamraid.services.livestore import data_keys, session_key
 from dreamraid.services.matchmaking import matchmaking_keys
 from dreamraid.services.presence import presence_key
-from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import SyncQueue
-from dreamraid.services.tokens import TokenIssuer, create_key_pair
 
 STEP = 2000
 # Steps below the first full one: a server that fails at 2,000 still says how many it holds.
@@ -333,31 +330,6 @@ def start_generator(reactor, *args):
     return generator
 
 
-async def live_users(reactor, settings, count, chunk=2000):
-    """
-    L{bench.children.live_players} without items, a chunk at a time: that
-    one sends every call at once, and past about 10,000 users the last
-    ones queued outlast the router's command deadline.
-    """
-    work = tempfile.mkdtemp(prefix="dreamraid-bench-")
-    private, public = os.path.join(work, "token.pem"), os.path.join(work, "token.pub")
-    create_key_pair(private, public)
-    tokens = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"),
-                           {("tokens", "private_key"): private, ("tokens", "public_key"): public}).tokens
-    issuer = TokenIssuer(tokens, reactor, random.SystemRandom())
-    router = RedisCluster.from_settings(reactor, random.Random(1), settings.redis)
-    router.startService()
-    await router.refresh()
-    live = LiveStore(router)
-    users = [random.randrange(10**15, 10**16) for _ in range(count)]
-    issued = [issuer.issue(u) for u in users]
-    for first in range(0, count, chunk):
-        part = slice(first, first + chunk)
-        await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, {})) for u in users[part]])
-        await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users[part], issued[part])])
-    return Players(router, work, public, users, issued)
-
-
 def rss_bytes(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -455,7 +427,7 @@ async def main(reactor, quick, fd_limit):
     if not steps or steps[-1] != cap:
         steps.append(cap)
     generator_count = max(len(os.sched_getaffinity(0)), math.ceil(cap / PER_GENERATOR))
-    router, work, public, users, issued = await live_users(reactor, settings, cap)
+    router, work, public, users, issued = await live_players(reactor, settings, cap, {})
     shares = []
     for i in range(generator_count):
         shares.append(os.path.join(work, f"tokens{i}.json"))

@@ -76,10 +76,12 @@ class Players(NamedTuple):
     issued: list
 
 
-async def live_players(reactor, settings, count, items):
+async def live_players(reactor, settings, count, items, chunk=2000):
     """
     C{count} users with C{items} loaded live in Redis, each with a login
     token (of a fresh key pair) that is their live session; L{Players}.
+    They are loaded C{chunk} at a time: with every call sent at once, past
+    about 10,000 users the last ones queued outlast the router's deadline.
     """
     work = tempfile.mkdtemp(prefix="dreamraid-bench-")
     private, public = os.path.join(work, "token.pem"), os.path.join(work, "token.pub")
@@ -93,6 +95,8 @@ async def live_players(reactor, settings, count, items):
     live = LiveStore(router)
     users = [random.randrange(10**15, 10**16) for _ in range(count)]
     issued = [issuer.issue(u) for u in users]
-    await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, dict(items))) for u in users])
-    await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users, issued)])
+    for first in range(0, count, chunk):
+        part = slice(first, first + chunk)
+        await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, dict(items))) for u in users[part]])
+        await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users[part], issued[part])])
     return Players(router, work, public, users, issued)

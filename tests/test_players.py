@@ -12,7 +12,7 @@ from dreamraid.errors import ErrorCode
 from dreamraid.services.players import RENEWAL_SLICES, IPlayerConnection, Players
 from dreamraid.services.presence import Presence
 
-TTL = 30.0
+TTL = 300.0
 
 
 class RecordingPresence:

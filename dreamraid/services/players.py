@@ -29,9 +29,9 @@ class IPlayerConnection(Interface):
 
 
 # Each connection's session and presence are renewed every third of the
-# presence TTL, a tenth of the connections at a time: renewing them all at
+# presence TTL, a hundredth of the connections at a time: renewing them all at
 # once held every request up behind thousands of Redis calls.
-RENEWAL_SLICES = 10
+RENEWAL_SLICES = 100
 
 
 class Players(Service):
