@@ -31,9 +31,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics(Service):
     """
     The metrics of one server process, in a registry of its own (tests run
-    several servers in one process).  C{watch(name, function)} adds a value
-    read at each scrape: C{function()} returns C{{labels tuple: value}} or a
-    number.
+    several servers in one process).  C{watch(...)} adds a value read at
+    each scrape: C{function()} returns C{{label value: number}} or a number.
     """
 
     _log = Logger()
@@ -61,7 +60,6 @@ class Metrics(Service):
         self._watched.add_histogram("dreamraid_reactor_lag_seconds",
                                     "How late a timer fires: time the reactor was busy", self.lag)
         self.registry.register(self._watched)
-        self._children = {}
         self._lagging = None
         self._samplers = []
 
@@ -102,12 +100,8 @@ class Metrics(Service):
 
     def request(self, message):
         """A request of C{message} arrived: counted; the L{Buckets} to time it on."""
-        name = message.name
-        self.received[name] += 1
-        buckets = self._children.get(name)
-        if buckets is None:
-            buckets = self._children[name] = self.latency.labels(name)
-        return buckets
+        self.received[message.name] += 1
+        return self.latency.labels(message.name)
 
     def replied(self, message):
         self.sent[message.name] += 1
