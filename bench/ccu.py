@@ -49,7 +49,7 @@ from twisted.internet import defer, protocol, stdio, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.protocols.basic import IntNStringReceiver, LineReceiver
 
-from bench.children import ROOT, live_players, start
+from bench.children import ROOT, live_players, start, write_shares
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client import RemoteError
@@ -428,11 +428,7 @@ async def main(reactor, quick, fd_limit):
         steps.append(cap)
     generator_count = max(len(os.sched_getaffinity(0)), math.ceil(cap / PER_GENERATOR))
     router, work, public, users, issued = await live_players(reactor, settings, cap, {})
-    shares = []
-    for i in range(generator_count):
-        shares.append(os.path.join(work, f"tokens{i}.json"))
-        with open(shares[-1], "w") as f:
-            json.dump([t.token for t in issued[i::generator_count]], f)
+    shares = write_shares(work, "tokens", [t.token for t in issued], generator_count)
 
     echo_port, game_port = free_port(), free_port()
     echo = start(reactor, os.path.abspath(__file__), "--echo", str(echo_port), reports=False)

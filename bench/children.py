@@ -100,3 +100,16 @@ async def live_players(reactor, settings, count, items, chunk=2000):
         await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, dict(items))) for u in users[part]])
         await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users[part], issued[part])])
     return Players(router, work, public, users, issued)
+
+
+def write_shares(work, name, values, count):
+    """
+    Deal C{values} into C{count} shares (every C{count}th one), each written
+    as JSON to C{work/NAME<i>.json} for a child process; their paths.
+    """
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(work, f"{name}{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(values[i::count], f)
+    return paths

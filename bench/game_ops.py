@@ -31,7 +31,7 @@ import sys
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, live_players, say, start
+from bench.children import ROOT, live_players, say, start, write_shares
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
@@ -189,39 +189,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+async def restore_sessions(reactor, router, users, issued):
+    """
+    Put every user back as a measurement starts: a game connection that
+    closes ends its session, and the raw phase moves items, so each phase
+    starts from the same live state, once the game server has let the last
+    phase's users go (their leave would end the sessions claimed here).
+    """
+    for _ in range(300):
+        if not sum(await gather([router.execute("EXISTS", presence_key(u)) for u in users])):
+            break
+        await task.deferLater(reactor, 0.1, lambda: None)
+    else:
+        raise RuntimeError("the game server did not let the users go")
+    await gather([router.transaction([("HDEL", tab_key(u, 2), 1), ("HSET", tab_key(u, 2), 0, "301:0:1")])
+                  for u in users])
+    live = LiveStore(router)
+    await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users, issued)])
+
+
 async def main(reactor, quick):
     settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"))
     clients = 1000 if quick else 2000
     seconds = 5.0 if quick else 15.0
     router, work, public, users, issued = await live_players(reactor, settings, clients, {(2, 0): Item(301, 0, 1)})
-    live = LiveStore(router)
-    tokens = [i.token for i in issued]
-
-    async def claim_sessions():
-        # A game connection that closes ends its session, and the raw phase
-        # moves items: every phase starts from the same live state, once the
-        # game server has let the last phase's users go (their leave would
-        # end the sessions claimed here).
-        for _ in range(300):
-            if not sum(await gather([router.execute("EXISTS", presence_key(u)) for u in users])):
-                break
-            await task.deferLater(reactor, 0.1, lambda: None)
-        else:
-            raise RuntimeError("the game server did not let the users go")
-        await gather([router.transaction([("HDEL", tab_key(u, 2), 1), ("HSET", tab_key(u, 2), 0, "301:0:1")])
-                      for u in users])
-        await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users, issued)])
     # One server process per core on every side, each with its share of the
     # clients, driven by a load generator of its own.
     cores = len(os.sched_getaffinity(0))
-    shares = []
-    for i in range(cores):
-        share = {"tokens": tokens[i::cores], "users": users[i::cores]}
-        for name, data in share.items():
-            share[name] = os.path.join(work, f"{name}{i}.json")
-            with open(share[name], "w") as f:
-                json.dump(data, f)
-        shares.append(share)
+    shares = [{"tokens": tokens, "users": users_file} for tokens, users_file in zip(
+        write_shares(work, "tokens", [i.token for i in issued], cores), write_shares(work, "users", users, cores))]
     me = [os.path.abspath(__file__)]
 
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -243,12 +239,12 @@ async def main(reactor, quick):
                 for port, share in zip(ports, shares)]
 
     results = {"echo_ping": await rate(reactor, generators(echo_ports, "ping", False), seconds)}
-    await claim_sessions()
+    await restore_sessions(reactor, router, users, issued)
     results["game_ping"] = await rate(reactor, generators(game_ports, "ping", True), seconds)
-    await claim_sessions()
+    await restore_sessions(reactor, router, users, issued)
     results["raw_move"] = await rate(reactor, [
         start(reactor, *me, "--raw", "--users", share["users"], "--seconds", str(seconds)) for share in shares], seconds)
-    await claim_sessions()
+    await restore_sessions(reactor, router, users, issued)
     results["game_move"] = await rate(reactor, generators(game_ports, "move", True), seconds)
     for process in servers:
         process.transport.signalProcess("TERM")

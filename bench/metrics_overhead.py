@@ -31,12 +31,12 @@ import sys
 
 from twisted.internet import defer, task
 
-from bench.children import ROOT, live_players, start
-from bench.game_ops import Load, free_port, generate, listening, rate
+from bench.children import ROOT, live_players, start, write_shares
+from bench.game_ops import Load, free_port, generate, listening, rate, restore_sessions
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import Item, LiveStore, data_keys, session_key, tab_key
+from dreamraid.services.livestore import Item, data_keys, session_key
 from dreamraid.services.presence import presence_key
 from dreamraid.services.sync import SyncQueue
 
@@ -78,28 +78,8 @@ async def main(reactor, quick):
     seconds = 5.0 if quick else 15.0
     rounds = 3
     router, work, public, users, issued = await live_players(reactor, settings, clients, {(2, 0): Item(301, 0, 1)})
-    live = LiveStore(router)
-
-    async def claim_sessions():
-        # As in bench/game_ops.py: every measurement starts from the same
-        # live state, once the last one's users have left their server.
-        for _ in range(300):
-            if not sum(await gather([router.execute("EXISTS", presence_key(u)) for u in users])):
-                break
-            await task.deferLater(reactor, 0.1, lambda: None)
-        else:
-            raise RuntimeError("the game server did not let the users go")
-        await gather([router.transaction([("HDEL", tab_key(u, 2), 1), ("HSET", tab_key(u, 2), 0, "301:0:1")])
-                      for u in users])
-        await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users, issued)])
-
     cores = len(os.sched_getaffinity(0))
-    shares = []
-    for i in range(cores):
-        path = os.path.join(work, f"tokens{i}.json")
-        with open(path, "w") as f:
-            json.dump([t.token for t in issued[i::cores]], f)
-        shares.append(path)
+    shares = write_shares(work, "tokens", [i.token for i in issued], cores)
 
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     prefix = f"bench{random.getrandbits(32):x}"
@@ -119,7 +99,7 @@ async def main(reactor, quick):
             # A first, unrecorded round warms both sides up: the first load a server meets runs slow.
             for r in range(-1, rounds):
                 for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
-                    await claim_sessions()
+                    await restore_sessions(reactor, router, users, issued)
                     measured = await rate(reactor, [
                         start(reactor, ME, "--generate", "--port", str(port), "--mode", mode,
                               "--seconds", str(seconds if r >= 0 else 2.0), "--tokens", tokens)

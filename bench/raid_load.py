@@ -26,7 +26,7 @@ import time
 from twisted.internet import defer, protocol, reactor as global_reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, live_players, say, start
+from bench.children import ROOT, live_players, say, start, write_shares
 from bench.game_ops import free_port, listening
 from dreamraid.client.game import GameClient, RaidChannel
 from dreamraid.config import load_settings
@@ -274,12 +274,7 @@ async def main(reactor, quick, raids=None):
     players = 2 * raids
     router, work, public, users, issued = await live_players(reactor, settings, players, {(0, 0): Item(101, 0, 1)})
     generators_count = max(1, len(os.sched_getaffinity(0)))
-    shares = []
-    for g in range(generators_count):
-        path = os.path.join(work, f"tokens{g}.json")
-        with open(path, "w") as f:
-            json.dump([i.token for i in issued[g::generators_count]], f)
-        shares.append(path)
+    shares = write_shares(work, "tokens", [i.token for i in issued], generators_count)
     me = os.path.abspath(__file__)
     prefix, mm = f"bench{random.getrandbits(32):x}", f"benchmm{random.getrandbits(32):x}"
     game_port = free_port()
