@@ -49,17 +49,13 @@ from twisted.internet import defer, protocol, stdio, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.protocols.basic import IntNStringReceiver, LineReceiver
 
-from bench.children import ROOT, live_players, start, write_shares
+from bench.children import ROOT, forget_players, live_players, start, write_shares
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client import RemoteError
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import data_keys, session_key
-from dreamraid.services.matchmaking import matchmaking_keys
-from dreamraid.services.presence import presence_key
-from dreamraid.services.sync import SyncQueue
 
 STEP = 2000
 # Steps below the first full one: a server that fails at 2,000 still says how many it holds.
@@ -453,12 +449,7 @@ async def main(reactor, quick, fd_limit):
         for i, share in enumerate(shares)], steps, seconds)
     game.transport.signalProcess("TERM")
     await game.exited
-    for first in range(0, len(users), STEP):
-        await gather([router.execute("DEL", session_key(u), presence_key(u), *data_keys(u))
-                      for u in users[first:first + STEP]])
-    await gather([router.execute("DEL", key) for key in matchmaking_keys(mm)])
-    await gather([router.execute("DEL", s) for s in SyncQueue(router, reactor, settings.sync.shards, prefix).streams])
-    await router.stopService()
+    await forget_players(reactor, router, settings, users, prefix, mm)
     shutil.rmtree(work)
 
     good, stopped = verdict(measured)

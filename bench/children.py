@@ -15,8 +15,11 @@ from twisted.internet import defer, protocol
 
 from dreamraid.config import load_settings
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import LiveStore, Profile
+from dreamraid.services.livestore import LiveStore, Profile, data_keys, raid_mark_key, session_key
+from dreamraid.services.matchmaking import matchmaking_keys
+from dreamraid.services.presence import presence_key
 from dreamraid.services.rediscluster import RedisCluster
+from dreamraid.services.sync import SyncQueue
 from dreamraid.services.tokens import TokenIssuer, create_key_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,3 +116,18 @@ def write_shares(work, name, values, count):
         with open(paths[-1], "w") as f:
             json.dump(values[i::count], f)
     return paths
+
+
+async def forget_players(reactor, router, settings, users, sync_prefix, matchmaking_prefix=None):
+    """
+    Delete what a benchmark's users left in Redis (sessions, presence, raid
+    marks, data), its sync streams and, if given, its matchmaking keys, a
+    chunk at a time; then stop the router.
+    """
+    for first in range(0, len(users), 2000):
+        await gather([router.execute("DEL", session_key(u), presence_key(u), raid_mark_key(u), *data_keys(u))
+                      for u in users[first:first + 2000]])
+    if matchmaking_prefix is not None:
+        await gather([router.execute("DEL", key) for key in matchmaking_keys(matchmaking_prefix)])
+    await gather([router.execute("DEL", s) for s in SyncQueue(router, reactor, settings.sync.shards, sync_prefix).streams])
+    await router.stopService()

@@ -31,14 +31,13 @@ import sys
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, live_players, say, start, write_shares
+from bench.children import ROOT, forget_players, live_players, say, start, write_shares
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.inventory import Inventory
-from dreamraid.services.livestore import Item, LiveStore, data_keys, session_key, tab_key
+from dreamraid.services.livestore import Item, LiveStore, data_keys, tab_key
 from dreamraid.services.presence import presence_key
-from dreamraid.services.sync import SyncQueue
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.tables import load_tables
 
@@ -249,9 +248,7 @@ async def main(reactor, quick):
     for process in servers:
         process.transport.signalProcess("TERM")
     await gather([process.exited for process in servers])
-    await gather([router.execute("DEL", session_key(u), presence_key(u), *data_keys(u)) for u in users])
-    await gather([router.execute("DEL", s) for s in SyncQueue(router, reactor, settings.sync.shards, prefix).streams])
-    await router.stopService()
+    await forget_players(reactor, router, settings, users, prefix)
 
     ping_ratio = results["game_ping"] / results["echo_ping"]
     move_ratio = results["game_move"] / results["raw_move"]

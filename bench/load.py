@@ -65,7 +65,7 @@ from collections import Counter, defaultdict
 from twisted.internet import defer, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from bench.children import ROOT, Child, live_players, say, start
+from bench.children import ROOT, Child, forget_players, live_players, say, start
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client.connection import RemoteError, connect
@@ -74,10 +74,7 @@ from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.protocols.framing import FrameReceiver
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import Item, data_keys, session_key
-from dreamraid.services.matchmaking import matchmaking_keys
-from dreamraid.services.presence import presence_key
-from dreamraid.services.sync import SyncQueue
+from dreamraid.services.livestore import Item
 
 MATERIALS_TAB = 2
 # Two stacks of different materials in slots 0 and 1: a move between them always swaps.
@@ -494,12 +491,7 @@ async def run_with_own_server(reactor, arguments, work_dir):
     finally:
         game.transport.signalProcess("TERM")
         await game.exited
-        router = players.router
-        await gather([router.execute("DEL", session_key(u), presence_key(u), *data_keys(u)) for u in players.users])
-        await gather([router.execute("DEL", key) for key in matchmaking_keys(mm_prefix)])
-        await gather([router.execute("DEL", stream)
-                      for stream in SyncQueue(router, reactor, settings.sync.shards, sync_prefix).streams])
-        await router.stopService()
+        await forget_players(reactor, players.router, settings, players.users, sync_prefix, mm_prefix)
 
 
 async def main(reactor, arguments):

@@ -31,14 +31,12 @@ import sys
 
 from twisted.internet import defer, task
 
-from bench.children import ROOT, live_players, start, write_shares
+from bench.children import ROOT, forget_players, live_players, start, write_shares
 from bench.game_ops import Load, free_port, generate, listening, rate, restore_sessions
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import Item, data_keys, session_key
-from dreamraid.services.presence import presence_key
-from dreamraid.services.sync import SyncQueue
+from dreamraid.services.livestore import Item
 
 ME = os.path.abspath(__file__)
 TARGET = 0.95
@@ -113,9 +111,7 @@ async def main(reactor, quick):
         for process in servers:
             process.transport.signalProcess("TERM")
         await gather([process.exited for process in servers])
-    await gather([router.execute("DEL", session_key(u), presence_key(u), *data_keys(u)) for u in users])
-    await gather([router.execute("DEL", s) for s in SyncQueue(router, reactor, settings.sync.shards, prefix).streams])
-    await router.stopService()
+    await forget_players(reactor, router, settings, users, prefix)
 
     summary = {}
     for mode, sides in rates.items():

@@ -26,16 +26,13 @@ import time
 from twisted.internet import defer, protocol, reactor as global_reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, live_players, say, start, write_shares
+from bench.children import ROOT, forget_players, live_players, say, start, write_shares
 from bench.game_ops import free_port, listening
 from dreamraid.client.game import GameClient, RaidChannel
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import Item, data_keys, raid_mark_key, session_key
-from dreamraid.services.matchmaking import matchmaking_keys
-from dreamraid.services.presence import presence_key
-from dreamraid.services.sync import SyncQueue
+from dreamraid.services.livestore import Item
 
 HITS_PER_SECOND, MOVES_PER_SECOND = 5, 10
 # The baseline's frames: a hit (request number) in, a datagram of a boss-HP's size out.
@@ -305,11 +302,7 @@ async def main(reactor, quick, raids=None):
                                    for _ in shares], echo.transport.pid, seconds)
     echo.transport.signalProcess("TERM")
     await echo.exited
-    await gather([router.execute("DEL", session_key(u), presence_key(u), raid_mark_key(u), *data_keys(u))
-                  for u in users])
-    await gather([router.execute("DEL", key) for key in matchmaking_keys(mm)])
-    await gather([router.execute("DEL", s) for s in SyncQueue(router, reactor, settings.sync.shards, prefix).streams])
-    await router.stopService()
+    await forget_players(reactor, router, settings, users, prefix, mm)
 
     print(json.dumps({"raids": raids, "players": players, "seconds": seconds, "raid": raid, "echo": baseline},
                      indent=1))
