@@ -49,7 +49,7 @@ from twisted.internet import defer, protocol, stdio, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.protocols.basic import IntNStringReceiver, LineReceiver
 
-from bench.children import ROOT, forget_players, live_players, start, write_shares
+from bench.children import ROOT, UNLIMITED_GAME, forget_players, live_players, start, write_shares
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client import RemoteError
@@ -437,7 +437,7 @@ async def main(reactor, quick, fd_limit):
 
     prefix, mm = f"bench{random.getrandbits(32):x}", f"benchmm{random.getrandbits(32):x}"
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    game = start(reactor, "-n", "--pidfile=", "dreamraid-game", "--game-listen",
+    game = start(reactor, "-n", "--pidfile=", "dreamraid-game", *UNLIMITED_GAME, "--game-listen",
                  f"tcp:{game_port}:interface=127.0.0.1", "--game-http-listen", f"tcp:{free_port()}:interface=127.0.0.1",
                  "--game-udp-port", "0", "--tokens-public-key", public, "--sync-prefix", prefix,
                  "--raids-matchmaking-prefix", mm, "--game-ping-interval", "1", "--game-idle-timeout", "15",

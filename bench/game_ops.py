@@ -31,7 +31,7 @@ import sys
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, forget_players, live_players, say, start, write_shares
+from bench.children import ROOT, UNLIMITED_GAME, forget_players, live_players, say, start, write_shares
 from dreamraid.config import load_settings
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
@@ -63,7 +63,7 @@ class Load(protocol.Protocol):
         self.replies = 0
         self.running = False
         self._pending = b""
-        self._next = 0
+        self.sent = 0  # requests sent; the next one is requests[sent % len(requests)]
 
     def connectionMade(self):
         if self.token is None:
@@ -90,12 +90,12 @@ class Load(protocol.Protocol):
                 self.send()
 
     def send(self):
-        self.transport.write(self.requests[self._next % len(self.requests)])
-        self._next += 1
+        self.transport.write(self.requests[self.sent % len(self.requests)])
+        self.sent += 1
 
 
-async def generate(reactor, arguments, connection=Load):
-    """A load generator process: connect C{connection}s, report ready, run from "go" for the given seconds, report replies."""
+async def connect_loads(reactor, arguments, connection=Load):
+    """A generator's C{connection}s, connected and (given tokens) authenticated, for C{arguments.mode}."""
     tokens = json.load(open(arguments.tokens)) if arguments.tokens else [None] * arguments.connections
     if arguments.mode == "move":
         requests, reply = MOVES, MOVED
@@ -109,6 +109,12 @@ async def generate(reactor, arguments, connection=Load):
         await connectProtocol(endpoint, load)
         loads.append(load)
     await gather([load.ready for load in loads])
+    return loads
+
+
+async def generate(reactor, arguments):
+    """A load generator process: connect, report ready, run from "go" for the given seconds, report replies."""
+    loads = await connect_loads(reactor, arguments)
     print("ready", flush=True)
     await threads.deferToThread(sys.stdin.readline)
     for load in loads:
@@ -222,7 +228,7 @@ async def main(reactor, quick):
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     prefix = f"bench{random.getrandbits(32):x}"
     game_ports, echo_ports = [free_port() for _ in range(cores)], [free_port() for _ in range(cores)]
-    servers = [start(reactor, "-n", "--pidfile=", "dreamraid-game", "--game-listen",
+    servers = [start(reactor, "-n", "--pidfile=", "dreamraid-game", *UNLIMITED_GAME, "--game-listen",
                      f"tcp:{port}:interface=127.0.0.1", "--game-http-listen", f"tcp:{free_port()}:interface=127.0.0.1",
                      "--tokens-public-key", public, "--sync-prefix", prefix, "--game-udp-port", "0",
                      # No ping pushes during a run: replies are then all of one size.

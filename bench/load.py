@@ -65,7 +65,7 @@ from collections import Counter, defaultdict
 from twisted.internet import defer, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from bench.children import ROOT, Child, forget_players, live_players, say, start
+from bench.children import ROOT, UNLIMITED_GAME, Child, forget_players, live_players, say, start
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client.connection import RemoteError, connect
@@ -479,7 +479,7 @@ async def run_with_own_server(reactor, arguments, work_dir):
     sync_prefix, mm_prefix = f"bench{random.getrandbits(32):x}", f"benchmm{random.getrandbits(32):x}"
     game_port = free_port()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    game = start(reactor, "-n", "--pidfile=", "dreamraid-game",
+    game = start(reactor, "-n", "--pidfile=", "dreamraid-game", *UNLIMITED_GAME,
                  "--game-listen", f"tcp:{game_port}:interface=127.0.0.1",
                  "--game-http-listen", f"tcp:{free_port()}:interface=127.0.0.1", "--game-udp-port", "0",
                  "--tokens-public-key", players.public_key, "--sync-prefix", sync_prefix,

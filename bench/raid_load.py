@@ -26,7 +26,7 @@ import time
 from twisted.internet import defer, protocol, reactor as global_reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from bench.children import ROOT, forget_players, live_players, say, start, write_shares
+from bench.children import ROOT, UNLIMITED_GAME, forget_players, live_players, say, start, write_shares
 from bench.game_ops import free_port, listening
 from dreamraid.client.game import GameClient, RaidChannel
 from dreamraid.config import load_settings
@@ -278,7 +278,7 @@ async def main(reactor, quick, raids=None):
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     # The boss does not fall and time does not run out during the run; the
     # clients keep to 5 hits a second themselves.
-    game = start(reactor, "-n", "--pidfile=", "dreamraid-game", "--game-listen",
+    game = start(reactor, "-n", "--pidfile=", "dreamraid-game", *UNLIMITED_GAME, "--game-listen",
                  f"tcp:{game_port}:interface=127.0.0.1", "--game-http-listen", f"tcp:{free_port()}:interface=127.0.0.1",
                  "--game-udp-port", "0", "--tokens-public-key", public, "--sync-prefix", prefix,
                  "--raids-matchmaking-prefix", mm, "--raids-boss-hp", "1000000000", "--raids-time-limit", "3600",

@@ -95,6 +95,30 @@ def _host_ports(text, base):
 _host_ports.kind = "host:port,..."
 
 
+def _rates(text, base):
+    """C{*=20/40 hunt=2/4}: requests a second and burst, by message name (C{*}: every other); C{off}: none."""
+    from dreamraid.protocols.packets import MESSAGES_BY_NAME
+    from dreamraid.services.limits import Rate
+
+    if text.strip() == "off":
+        return {}
+    rates = {}
+    for part in text.split():
+        name, sep, rate = part.partition("=")
+        per_second, slash, burst = rate.partition("/")
+        if not sep or not slash:
+            raise ValueError(f"expected name=per_second/burst, got {part!r}")
+        if name != "*" and name not in MESSAGES_BY_NAME:
+            raise ValueError(f"no message is named {name!r}")
+        rates[name] = Rate(_number(float, 0.001, 1e9)(per_second, None), _number(float, 1, 1e9)(burst, None))
+    if not rates:
+        raise ValueError("needs name=per_second/burst pairs, or off")
+    return rates
+
+
+_rates.kind = "name=per_second/burst ...|off"
+
+
 def _path(text, base):
     if not text:
         raise ValueError("must not be empty")
@@ -139,6 +163,19 @@ class ServerSettings:
         _number(float, 0.1, 3600.0), "seconds a connection may stay unauthenticated"
     )
     metrics: str = setting(_choice("on", "off"), "Prometheus metrics at /metrics on the HTTP endpoint (on or off)")
+    rate_limits: dict = setting(_rates, "requests a second and burst a connection may send, by message (or off)")
+    rate_limited_drop: int = setting(
+        _number(int, 1, 1_000_000), "rate-limited requests in a row after which a connection is closed"
+    )
+    connections_per_address: int = setting(
+        _number(int, 0, 1_000_000), "connections one client address may hold (0: no cap)"
+    )
+    slow_reader_timeout: float = setting(
+        _number(float, 0.1, 3600.0), "seconds a connection may leave its replies unread before it is dropped"
+    )
+    write_buffer_limit: int = setting(
+        _number(int, 1024, 2**31), "bytes written to a connection that reads nothing before it is dropped"
+    )
 
     def check(self):
         if self.idle_timeout <= self.ping_interval:

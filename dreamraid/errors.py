@@ -22,6 +22,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL_ERROR = 10
     SHUTTING_DOWN = 11
     UNAVAILABLE = 12
+    RATE_LIMITED = 13
+    TOO_MANY_CONNECTIONS = 14
 
     TOKEN_MALFORMED = 20
     TOKEN_SIGNATURE = 21
@@ -77,6 +79,8 @@ ERROR_TEXT = {
     ErrorCode.INTERNAL_ERROR: "the server failed to handle the request; it was logged",
     ErrorCode.SHUTTING_DOWN: "the server is shutting down",
     ErrorCode.UNAVAILABLE: "a store the request needs (MySQL or Redis) is unavailable; try again later",
+    ErrorCode.RATE_LIMITED: "too many requests of this kind on this connection; slow down (a flood of them closes it)",
+    ErrorCode.TOO_MANY_CONNECTIONS: "this address holds as many connections as the server allows; this one is closed",
     ErrorCode.TOKEN_MALFORMED: "the token is not a JWT, or lacks a required claim",
     ErrorCode.TOKEN_SIGNATURE: "the token's signature or algorithm is not the server's",
     ErrorCode.TOKEN_EXPIRED: "the token has expired; log in again",

@@ -48,6 +48,8 @@ class SessionServerTests(TestCase):
             "--tokens-private-key", self.private_key,
             "--tokens-public-key", self.public_key,
             "--session-game-servers", "127.0.0.1:9999",
+            # These tests register and log in as fast as they are answered; tests/test_limits.py tests the limits.
+            "--session-rate-limits", "off",
         ]).start(self)
         self.client = await self.server.client(self)
         self.router = cluster.router()

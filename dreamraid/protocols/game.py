@@ -76,7 +76,7 @@ class GameProtocol(ServerProtocol):
     def push(self, event, body):
         message, encode = _PUSHES[event]
         if self.connected:
-            self.transport.write(message.encode(0, encode(body)))
+            self.write_frame(message.encode(0, encode(body)))
             if self.factory.metrics is not None:
                 self.factory.metrics.replied(message)
 

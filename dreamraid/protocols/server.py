@@ -3,6 +3,12 @@ What both servers' client protocols share: dispatching requests to handlers,
 replies that echo the request id, error replies for bad frames, pings and
 pongs, hello/welcome, and the liveness hooks.
 
+Limits: a connection's requests go through its token buckets (past them,
+C{RATE_LIMITED}; a flood of those closes it), an address holds at most so
+many connections (C{TOO_MANY_CONNECTIONS}), and a client that leaves its
+replies unread (the transport's buffer full) is no longer read from, then
+dropped after C{slow_reader_timeout} or C{write_buffer_limit} more bytes.
+
 A handler takes the decoded body and returns C{(message, body)} to reply,
 C{None} for no reply, or a Deferred or coroutine of either.  A handler that
 raises L{RequestRefused} gets an error reply with its code; anything else is
@@ -10,10 +16,11 @@ logged and answered with C{INTERNAL_ERROR}.  The game and session protocols
 add their handlers to L{ServerProtocol.handlers}.
 """
 
+import collections
 import inspect
 
-from twisted.internet import defer
-from twisted.internet.protocol import Factory
+from twisted.internet import defer, interfaces
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -22,6 +29,7 @@ import dreamraid
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.protocols.framing import FrameReceiver
+from dreamraid.services.limits import AddressCap, RequestBuckets
 from dreamraid.services.liveness import IPeer
 
 
@@ -50,32 +58,81 @@ class HandlerTable(type):
         cls.handlers = table
 
 
-@implementer(IPeer)
+@implementer(IPeer, interfaces.IPushProducer)
 class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
-    """One client connection of a server."""
+    """One client connection of a server; the producer of its replies, so the transport says when they back up."""
 
     _log = Logger()
     state = None
+    address = None  # the client's host, counted against the per-address cap
+    buckets = None  # its L{RequestBuckets}, if requests are limited
     # A handler sets this to close the connection once its reply is written.
     close_after_reply = False
+    _limited_in_row = 0
+    _unread_since = None  # the timer that drops a client not reading its replies
+    _unread_bytes = 0
 
     def connectionMade(self):
         self.MAX_LENGTH = self.factory.max_frame_size
+        if self.factory.rate_limits:
+            self.buckets = RequestBuckets(self.factory.clock, self.factory.rate_limits)
+        self.transport.registerProducer(self, True)
         self.state = self.factory.liveness.connected(self)
 
     def connectionLost(self, reason):
         self.connected = False
+        self.stopProducing()
+        if self.address is not None:
+            self.factory.addresses.release(self.address)
         if self.state is not None:
             self.factory.liveness.disconnected(self.state)
+
+    def write_frame(self, data):
+        """Send one encoded frame; a client that reads none of them is dropped past the unread bytes allowed."""
+        self.transport.write(data)
+        if self._unread_since is not None:
+            self._unread_bytes += len(data)
+            if self._unread_bytes > self.factory.write_buffer_limit:
+                self._drop_slow_reader(f"{self._unread_bytes} bytes unread")
+
+    # -- IPushProducer: the transport's write buffer --------------------------------
+
+    def pauseProducing(self):
+        """The client is not reading its replies: read no more of its requests for now."""
+        if self._unread_since is None and self.connected:
+            self.transport.pauseProducing()
+            self._unread_bytes = 0
+            self._unread_since = self.factory.clock.callLater(
+                self.factory.slow_reader_timeout, self._drop_slow_reader,
+                f"replies unread for {self.factory.slow_reader_timeout} s")
+
+    def resumeProducing(self):
+        """The client caught up: read its requests again."""
+        if self._unread_since is not None:
+            self._unread_since.cancel()
+            self._unread_since = None
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        if self._unread_since is not None:
+            if self._unread_since.active():
+                self._unread_since.cancel()
+            self._unread_since = None
+
+    def _drop_slow_reader(self, why):
+        self._log.info("dropping {peer}: a slow reader, {why}", peer=self.transport.getPeer(), why=why)
+        self.factory.limited["slow_reader"] += 1
+        self.stopProducing()
+        self.transport.abortConnection()
 
     # -- IPeer --------------------------------------------------------------------
 
     def send_ping(self, nonce):
-        self.transport.write(packets.PING.encode(0, {"nonce": nonce}))
+        self.write_frame(packets.PING.encode(0, {"nonce": nonce}))
 
     def drop(self, code):
         self._log.info("dropping {peer}: {code}", peer=self.transport.getPeer(), code=code.name)
-        self.transport.write(packets.error_frame(0, code))
+        self.write_frame(packets.error_frame(0, code))
         self.transport.loseConnection()
 
     # -- frames -------------------------------------------------------------------
@@ -83,6 +140,8 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     def frameReceived(self, frame):
         self.factory.liveness.heard(self.state)
         message, request_id, body = frame
+        if self.buckets is not None and not self._within_rate(message.name, request_id):
+            return
         entry = self.handlers.get(message.id)
         if entry is None:
             self._reply_error(request_id, ErrorCode.NOT_ACCEPTED, f"{message.name} is not accepted here")
@@ -93,7 +152,7 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             return
         metrics = self.factory.metrics
         if metrics is not None:
-            timer, started = metrics.request(message), metrics.now()
+            started = metrics.now()
         try:
             result = getattr(self, method)(body)
         except Exception:
@@ -107,14 +166,33 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
                 callbackArgs=(request_id,), errbackArgs=(request_id, message),
             )
             if metrics is not None:
-                result.addBoth(lambda _: timer.observe(metrics.now() - started))
+                result.addBoth(metrics.answered, message, started)
             return
         self._reply(result, request_id)
         if metrics is not None:
-            timer.observe(metrics.now() - started)
+            metrics.answered(None, message, started)
+
+    def _within_rate(self, name, request_id):
+        """
+        Whether a request of C{name} is within the connection's rate; if
+        not it is refused, and a connection refused C{rate_limited_drop}
+        times in a row is closed.
+        """
+        if self.buckets.allow(name):
+            self._limited_in_row = 0
+            return True
+        self._limited_in_row += 1
+        self.factory.limited["requests"] += 1
+        if self._limited_in_row >= self.factory.rate_limited_drop:
+            self.drop(ErrorCode.RATE_LIMITED)
+        else:
+            self._reply_error(request_id, ErrorCode.RATE_LIMITED)
+        return False
 
     def codecErrorReceived(self, error):
         self.factory.liveness.heard(self.state)
+        if self.buckets is not None and not self._within_rate("*", error.request_id):
+            return
         self._log.debug("bad frame from {peer}: {error}", peer=self.transport.getPeer(), error=error)
         self._reply_error(error.request_id, error.code, str(error))
 
@@ -123,13 +201,13 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             "frame of {length} bytes from {peer}: over {limit}, closing",
             length=length, peer=self.transport.getPeer(), limit=self.MAX_LENGTH,
         )
-        self.transport.write(packets.error_frame(0, ErrorCode.FRAME_TOO_LARGE))
+        self.write_frame(packets.error_frame(0, ErrorCode.FRAME_TOO_LARGE))
         self.transport.loseConnection()
 
     def _reply(self, result, request_id):
         if result is not None and self.connected:
             message, body = result
-            self.transport.write(message.encode(request_id, body))
+            self.write_frame(message.encode(request_id, body))
             if self.factory.metrics is not None:
                 self.factory.metrics.replied(message)
             if self.close_after_reply:
@@ -137,7 +215,7 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
 
     def _reply_error(self, request_id, code, detail=None):
         if self.connected:
-            self.transport.write(packets.error_frame(request_id, code, detail))
+            self.write_frame(packets.error_frame(request_id, code, detail))
             if self.factory.metrics is not None:
                 self.factory.metrics.refused(code)
 
@@ -176,14 +254,40 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         }
 
 
+class _Refusal(Protocol):
+    """A connection over its address's cap: told why, then closed."""
+
+    def connectionMade(self):
+        self.transport.write(packets.error_frame(0, ErrorCode.TOO_MANY_CONNECTIONS))
+        self.transport.loseConnection()
+
+
 class ServerFactory(Factory):
     """Builds L{ServerProtocol}s that share one server's liveness and limits."""
 
     protocol = ServerProtocol
     metrics = None  # or the server's L{dreamraid.services.metrics.Metrics}
+    _log = Logger()
 
     def __init__(self, server_name, settings, liveness):
         self.server_name = server_name
         self.max_frame_size = settings.max_frame_size
         self.ping_interval = settings.ping_interval
         self.liveness = liveness
+        self.clock = liveness.clock
+        self.rate_limits = settings.rate_limits
+        self.rate_limited_drop = settings.rate_limited_drop
+        self.slow_reader_timeout = settings.slow_reader_timeout
+        self.write_buffer_limit = settings.write_buffer_limit
+        self.addresses = AddressCap(settings.connections_per_address)
+        self.limited = collections.Counter()  # what the limits refused: requests, connections, slow readers
+
+    def buildProtocol(self, address):
+        host = getattr(address, "host", None)
+        if host is not None and not self.addresses.admit(host):
+            self.limited["connections"] += 1
+            self._log.debug("refusing a connection from {host}: at its cap", host=host)
+            return _Refusal()
+        protocol = super().buildProtocol(address)
+        protocol.address = host
+        return protocol

@@ -61,7 +61,7 @@ class Liveness(Service):
     _log = Logger()
 
     def __init__(self, clock, ping_interval, idle_timeout, auth_timeout):
-        self._clock = clock
+        self.clock = clock
         self._ping_interval = ping_interval
         self._idle_timeout = idle_timeout
         self._auth_timeout = auth_timeout
@@ -86,8 +86,8 @@ class Liveness(Service):
 
     def connected(self, peer):
         """Start watching C{peer}; returns its L{PeerState}."""
-        state = PeerState(peer, self._clock.seconds())
-        state._auth_deadline = self._clock.callLater(self._auth_timeout, self._auth_expired, state)
+        state = PeerState(peer, self.clock.seconds())
+        state._auth_deadline = self.clock.callLater(self._auth_timeout, self._auth_expired, state)
         # Round the slices, so connections that arrive together are swept apart.
         self._connections += 1
         state._slice = self._slices[(self._ticks + self._connections - 1) % SLICES]
@@ -104,7 +104,7 @@ class Liveness(Service):
 
     def heard(self, state):
         """Something arrived from the peer: it is not idle."""
-        state.last_heard = self._clock.seconds()
+        state.last_heard = self.clock.seconds()
 
     def authenticated(self, state):
         """
@@ -120,7 +120,7 @@ class Liveness(Service):
     def pong(self, state, nonce):
         """A pong arrived; if it answers the last ping, record the round trip."""
         if state.ping_sent_at is not None and nonce == state.nonce:
-            state.rtt = self._clock.seconds() - state.ping_sent_at
+            state.rtt = self.clock.seconds() - state.ping_sent_at
             state.ping_sent_at = None
 
     def _sweep_slices(self, count):
@@ -132,7 +132,7 @@ class Liveness(Service):
 
     def sweep(self, peers):
         """Drop the idle among C{peers}; ping those not heard from for an interval."""
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         for state in list(peers):
             silent = now - state.last_heard
             if silent >= self._idle_timeout:

@@ -39,8 +39,8 @@ class Metrics(Service):
 
     def __init__(self, clock, server):
         self._clock = clock
+        self.now = clock.seconds
         self.registry = CollectorRegistry()
-        self.received = collections.Counter()  # message name -> requests
         self.sent = collections.Counter()  # message name -> replies and pushes
         self.errors = collections.Counter()  # error code name -> error replies
         self.latency = LabelledBuckets()  # message name -> seconds to reply
@@ -48,8 +48,9 @@ class Metrics(Service):
         self.lag = Buckets()
         Gauge("dreamraid_server_info", "This server process", ["server"], registry=self.registry).labels(server).set(1)
         self._watched = _Watched()
-        self._watched.add("dreamraid_messages_received", "Requests received, by message", "counter",
-                          lambda: self.received, "message")
+        self._watched.add("dreamraid_messages_received", "Requests received and answered, by message", "counter",
+                          lambda: {name: buckets.total() for name, buckets in self.latency.children.items()},
+                          "message")
         self._watched.add("dreamraid_messages_sent", "Replies and pushes sent, by message", "counter",
                           lambda: self.sent, "message")
         self._watched.add("dreamraid_errors", "Error replies sent, by code", "counter", lambda: self.errors, "code")
@@ -98,10 +99,13 @@ class Metrics(Service):
         self.watch("dreamraid_redis_events", "Redis router events: moved, ask, retries, refreshes, errors...",
                    "counter", lambda: dict(router.counters), "kind")
 
-    def request(self, message):
-        """A request of C{message} arrived: counted; the L{Buckets} to time it on."""
-        self.received[message.name] += 1
-        return self.latency.labels(message.name)
+    def answered(self, result, message, started):
+        """
+        A request of C{message} that arrived at C{started} was answered: it
+        is counted and timed, and C{result} passed on (a Deferred callback).
+        """
+        self.latency.labels(message.name).observe(self.now() - started)
+        return result
 
     def replied(self, message):
         self.sent[message.name] += 1
@@ -109,9 +113,6 @@ class Metrics(Service):
     def refused(self, code):
         """An error reply with C{code} went out."""
         self.errors[_code_name(code)] += 1
-
-    def now(self):
-        return self._clock.seconds()
 
     def startService(self):
         super().startService()
@@ -147,6 +148,9 @@ class Buckets:
     def observe(self, seconds):
         self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
         self.sum += seconds
+
+    def total(self):
+        return sum(self.counts)
 
     def cumulative(self):
         """C{[(le, count up to it)]}, +Inf last, as the exposition wants."""
