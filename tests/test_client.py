@@ -100,9 +100,17 @@ class RaidChannelTests(TestCase):
         self.sent = []
         self.channel.transport = FakeDatagramTransport(self.sent)
 
+    def receive(self, message, sequence, body):
+        """The host's C{message} with datagram sequence C{sequence}, sealed with the player's key; its bytes."""
+        data = packets.seal_datagram(self.key, message, 7, 1, sequence, body)
+        self.channel.datagramReceived(data, ("127.0.0.1", 5000))
+        return data
+
     def hp(self, hp, sequence):
-        self.channel.datagramReceived(packets.seal_datagram(
-            self.key, packets.BOSS_HP, 7, 1, sequence, {"hp": hp, "hp_sequence": sequence}), ("127.0.0.1", 5000))
+        self.receive(packets.BOSS_HP, sequence, {"hp": hp, "hp_sequence": sequence})
+
+    def positions(self, sequence, x):
+        return self.receive(packets.POSITIONS, sequence, {"players": [{"member": 0, "x": x, "y": 0.0, "state": 0}]})
 
     def test_greet_repeats_the_hello_until_answered(self):
         """A lost hello is sent again every interval; the first HP answers it and the hellos stop."""
@@ -132,6 +140,46 @@ class RaidChannelTests(TestCase):
         self.hp(20, 5)
         self.hp(25, 3)
         self.assertEqual((self.channel.hp, self.channel.hp_sequence), (20, 5))
+
+    def test_replayed_datagrams_are_dropped(self):
+        """
+        A positions or boss_hp datagram whose sequence is not above the
+        highest heard of its message (a capture sent again, or one overtaken
+        on the way) is dropped and counted as replayed: the positions do not
+        go back, the HP callback does not fire again.
+        """
+        heard = []
+        self.channel.on_hp = lambda hp, sequence: heard.append((hp, sequence))
+        old = self.positions(2, 1.0)
+        self.positions(4, 2.0)
+        self.channel.datagramReceived(old, ("127.0.0.1", 5000))
+        self.positions(3, 3.0)
+        self.positions(4, 4.0)
+        self.assertEqual(self.channel.positions, {0: (2.0, 0.0, 0)})
+
+        hp = self.receive(packets.BOSS_HP, 5, {"hp": 30, "hp_sequence": 0})
+        self.channel.datagramReceived(hp, ("127.0.0.1", 5000))
+        self.assertEqual(heard, [(30, 0)])
+        self.assertEqual((self.channel.replayed, self.channel.dropped), (4, 0))
+
+    def test_sequences_are_kept_per_message(self):
+        """
+        The host numbers its datagrams to a player in one sequence: a
+        positions datagram behind a newer boss_hp is still news, and the
+        other way round.
+        """
+        self.hp(30, 6)
+        self.positions(5, 1.0)
+        self.hp(25, 7)
+        self.positions(8, 2.0)
+        self.assertEqual((self.channel.hp, self.channel.positions), (25, {0: (2.0, 0.0, 0)}))
+        self.assertEqual(self.channel.replayed, 0)
+
+    def test_datagrams_under_another_key_are_dropped(self):
+        """A datagram sealed with another member's key (or any other) is dropped as not verifying."""
+        self.channel.datagramReceived(packets.seal_datagram(
+            bytes(16), packets.BOSS_HP, 7, 1, 9, {"hp": 0, "hp_sequence": 99}), ("127.0.0.1", 5000))
+        self.assertEqual((self.channel.hp, self.channel.dropped, self.channel.replayed), (None, 1, 0))
 
 
 class FakeDatagramTransport:

@@ -149,7 +149,10 @@ class MatchmakerTests(MatchmakerCase):
 class MatchmakingOverTcpTests(GameServerCase):
 
     async def test_players_on_two_processes_are_matched(self):
-        """Two players on two game server processes queue; both are told of the same raid and its host."""
+        """
+        Two players on two game server processes queue; both are told of the
+        same raid and its host, each with a UDP key of its own.
+        """
         prefix = ["--raids-matchmaking-prefix", f"testmm{random.getrandbits(40):x}"]
         first, second = await gather([self.game_process(*prefix), self.game_process(*prefix)])
         clients = []
@@ -161,8 +164,10 @@ class MatchmakingOverTcpTests(GameServerCase):
             _, queued = await client.request(packets.QUEUE_RAID, {})
             self.assertEqual(queued, {"group": 1})
         found = [await client.next_push("raid_found") for client, _ in clients]
-        same = ("raid_id", "host", "udp", "raid_number", "key", "members")
+        same = ("raid_id", "host", "udp", "raid_number", "members")
         self.assertEqual([{k: f[k] for k in same} for f in found][0], {k: found[1][k] for k in same})
+        self.assertNotEqual(found[0]["key"], found[1]["key"])
+        self.assertEqual([len(bytes.fromhex(f["key"])) for f in found], [16, 16])
         self.assertEqual(sorted(m["user_id"] for m in found[0]["members"]), sorted(u for _, u in clients))
         self.assertEqual(sorted(f["member"] for f in found), [0, 1])
         self.assertIn(found[0]["host"], (f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"))

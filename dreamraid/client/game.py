@@ -258,6 +258,11 @@ class RaidChannel(DatagramProtocol):
     A player's UDP channel to a raid (from its C{raid_found} push): sends
     the hello and positions with rising sequence numbers, keeps the boss's
     HP by the highest HP sequence heard, and the others' latest positions.
+    Every datagram either way is signed with this player's own key.  A
+    datagram from the host that does not verify is dropped (counted in
+    C{dropped}); one whose sequence is not above the highest heard for its
+    message, a replay or one overtaken on the way, is dropped too (counted
+    in C{replayed}).
     """
 
     def __init__(self, found):
@@ -267,7 +272,8 @@ class RaidChannel(DatagramProtocol):
         self.sequence = 0
         self.hp = self.hp_sequence = None
         self.positions = {}
-        self.dropped = 0
+        self.dropped = self.replayed = 0
+        self._heard = {}  # message -> highest datagram sequence heard of it
         self._hp_waiters = []
         self.on_hp = None  # or a callable(hp, hp_sequence), for each newer HP heard
 
@@ -311,6 +317,10 @@ class RaidChannel(DatagramProtocol):
         except packets.CodecError:
             self.dropped += 1
             return
+        if datagram.sequence <= self._heard.get(datagram.message, 0):
+            self.replayed += 1
+            return
+        self._heard[datagram.message] = datagram.sequence
         if datagram.message is packets.BOSS_HP:
             if self.hp_sequence is not None and datagram.body["hp_sequence"] < self.hp_sequence:
                 return

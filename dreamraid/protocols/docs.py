@@ -99,10 +99,11 @@ def render():
         f"u16 message id | u32 raid id | u8 member | u32 sequence | body | {packets.MAC_SIZE}-byte MAC",
         "```",
         "",
-        f"The MAC is keyed BLAKE2b with a {packets.MAC_SIZE}-byte digest, under the raid's key "
-        "(handed out over TCP), of everything before it. A datagram is at most "
-        f"{packets.MAX_DATAGRAM_SIZE} bytes. Forged, replayed (sequence not above the last "
-        "seen) and unknown datagrams are dropped and counted.",
+        f"The MAC is keyed BLAKE2b with a {packets.MAC_SIZE}-byte digest, under the key of the member "
+        "the datagram is from or to (each member's own, from raid_found), of everything before it. "
+        f"A datagram is at most {packets.MAX_DATAGRAM_SIZE} bytes. The host drops and counts forged, "
+        "replayed (sequence not above its member's last) and unknown datagrams; a client drops a "
+        "datagram from the host whose sequence is not above the last of its message.",
         "",
     ]
     for message in sorted(packets.DATAGRAMS.values(), key=lambda m: m.id):

@@ -14,7 +14,8 @@ A UDP datagram is::
 
     u16 message id | u32 raid id | u8 member | u32 sequence | body | 16-byte MAC
 
-where the MAC is keyed BLAKE2b-128, under the raid's key, of everything before it.
+where the MAC is keyed BLAKE2b-128 of everything before it, under the key of
+the member the datagram is from or to (each member of a raid has its own).
 
 Construct is the schema, and the reference codec: every message also gets a
 codec generated from its construct fields (one C{struct} call per run of
@@ -704,8 +705,9 @@ RAID_FOUND = message(
     "Push to every player of a raid just formed, from its host: the raid's id; the host's client "
     "address (host:port) and a handoff ticket, single use and short-lived, for a player connected "
     "to another game server to authenticate_handoff there (the client library moves by itself); "
-    "the UDP channel: address, raid number, this player's member number and the raid's key (hex) "
-    "for the datagrams' MAC; and the players in member-number order.",
+    "the UDP channel: address, raid number, this player's member number and this player's own "
+    "16-byte key (hex) for the MAC of the datagrams it sends and is sent (each member has a "
+    "different key, so none can sign datagrams as another); and the players in member-number order.",
     "raid_id" / String, "host" / String, "ticket" / String,
     "udp" / String, "raid_number" / Int32ul, "member" / Int8ul, "key" / String,
     "members" / records(Int8ul, PARTY_MEMBER),

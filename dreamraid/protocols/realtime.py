@@ -2,12 +2,14 @@
 The raid UDP socket of a game server: checks and decodes players'
 datagrams for the raid host, and signs and sends the host's.
 
-A datagram is dropped, and counted, when it is malformed or its MAC does
-not verify under its raid's key (forged), names no raid hosted here
-(unknown), or repeats or precedes a sequence its member already sent
-(replayed; the host checks that).  A datagram the kernel will not take
-now (its send buffer is full) is dropped and counted as unsent, as the
-network would drop it: the HP goes out again soon.
+A datagram is dropped, and counted, when it is malformed, names a member
+its raid does not have or its MAC does not verify under the key of the
+member it names (forged: each member holds only its own key, so none can
+speak for another), names no raid hosted here (unknown), or repeats or
+precedes a sequence its member already sent (replayed; the host checks
+that).  A datagram the kernel will not take now (its send buffer is full)
+is dropped and counted as unsent, as the network would drop it: the HP
+goes out again soon.
 """
 
 from twisted.internet.protocol import DatagramProtocol
@@ -46,9 +48,9 @@ class RealtimeProtocol(DatagramProtocol):
         if channel is None:
             return
         try:
-            if member >= channel.members:
+            if member >= len(channel.keys):
                 raise packets.CodecError("no such member")
-            datagram = packets.open_datagram(channel.key, data)
+            datagram = packets.open_datagram(channel.keys[member], data)
             event = _EVENTS[datagram.message]
         except (packets.CodecError, KeyError):
             self.host.forged()
@@ -56,7 +58,7 @@ class RealtimeProtocol(DatagramProtocol):
         self.host.datagram(number, member, sequence, event, datagram.body, address)
 
     def send(self, address, event, key, number, member, sequence, body):
-        """Sign and send the host's C{event} to a player."""
+        """Sign C{event} with C{key}, the player's own, and send it to the player."""
         try:
             self._sendto(packets.seal_datagram(key, _MESSAGES[event], number, member, sequence, body), address)
         except OSError as e:

@@ -4,12 +4,15 @@ formed a raid runs its fight in memory (L{dreamraid.services.raids.Raid}).
 
 At forming, each player gets (through whichever process holds them) where
 the raid is hosted, a handoff ticket to move there, and the raid's UDP
-channel: its number, their member number and the key that signs the
-datagrams.  Players ready and hit over TCP on the host; the boss's HP goes
-out over UDP after every change and at least once a second, and the
-players' positions are relayed ten times a second.  At the end every
-player hears the result, a clear pays (exp, drops, best score, the ranking
-board), and the players are free to queue again.
+channel: its number, their member number and their own key, which signs
+the datagrams they send and those sent to them.  Each member's key is
+derived from a secret the host keeps (L{member_keys}), so a member knows
+only its own and cannot sign datagrams as another.  Players ready and hit
+over TCP on the host; the boss's HP goes out over UDP after every change
+and at least once a second, and the players' positions are relayed ten
+times a second.  At the end every player hears the result, a clear pays
+(exp, drops, best score, the ranking board), and the players are free to
+queue again.
 
 While a raid runs, its players' data stays live in Redis (a raid mark in
 their slot keeps the sync from unloading it), so a player who dropped is
@@ -17,6 +20,7 @@ still paid at the end.
 """
 
 import functools
+import hashlib
 import json
 from typing import NamedTuple
 
@@ -41,15 +45,27 @@ HANDOFF_TTL = 30.0
 # milliseconds rather than everything at once.
 RELAY_INTERVAL = 0.1
 BUCKETS = 10
+# Bytes of a raid's secret and of each member's key (the MAC key of its datagrams).
+KEY_SIZE = 16
+
+
+def member_keys(secret, count):
+    """
+    The datagram keys of a raid's C{count} members: member C{m}'s is keyed
+    BLAKE2b of the byte C{m} under the raid's C{secret}, which never leaves
+    the host.
+    """
+    return tuple(hashlib.blake2b(bytes([member]), key=secret, digest_size=KEY_SIZE).digest()
+                 for member in range(count))
 
 
 class _Hosted:
     """One raid on this host: the fight, and its UDP channel."""
 
-    def __init__(self, raid, number, key, members, names):
+    def __init__(self, raid, number, keys, members, names):
         self.raid = raid
         self.number = number
-        self.key = key
+        self.keys = keys  # member number -> that member's datagram key
         self.members = members  # user ids; a player's index is their member number
         self.names = names
         self.addresses = {}  # member number -> UDP address bound by its hello
@@ -60,10 +76,9 @@ class _Hosted:
 
 
 class Channel(NamedTuple):
-    """What the UDP protocol needs to check and answer a raid's datagrams."""
+    """What the UDP protocol needs to check a raid's datagrams: each member's key, by member number."""
 
-    key: bytes
-    members: int
+    keys: tuple
 
 
 class RaidHost(Service):
@@ -186,15 +201,15 @@ class RaidHost(Service):
         number = self._random.getrandbits(32)
         while number in self._by_number:
             number = self._random.getrandbits(32)
-        key = self._random.getrandbits(128).to_bytes(16, "big")
+        keys = member_keys(self._random.getrandbits(8 * KEY_SIZE).to_bytes(KEY_SIZE, "big"), len(members))
         hosted = _Hosted(Raid(raid_id, damage, settings, self._clock, functools.partial(self._event, raid_id)),
-                         number, key, list(members), names)
+                         number, keys, list(members), names)
         self._raids[raid_id] = self._by_number[number] = self._buckets[number % BUCKETS][raid_id] = hosted
         tickets = {u: f"{self._random.getrandbits(128):032x}" for u in members}
         await gather([self._presence.offer_handoff(u, tickets[u], HANDOFF_TTL) for u in members])
         await gather([self._presence.tell([u], RAID_FOUND, {
             "raid_id": raid_id, "host": self.address, "ticket": tickets[u], "udp": self.udp_address,
-            "raid_number": number, "member": index, "key": key.hex(), "members": members})
+            "raid_number": number, "member": index, "key": keys[index].hex(), "members": members})
             for index, u in enumerate(members)])
         hosted.raid.start()
         self._log.info("raid {raid_id} hosted for users {user_ids} (raid number {number})",
@@ -286,7 +301,7 @@ class RaidHost(Service):
         if hosted is None:
             self.counters["unknown"] += 1
             return None
-        return Channel(hosted.key, len(hosted.members))
+        return Channel(hosted.keys)
 
     def forged(self):
         """A datagram whose MAC did not verify was dropped."""
@@ -328,7 +343,8 @@ class RaidHost(Service):
         for member in hosted.addresses if members is None else members:
             hosted.sent += 1
             self.counters["sent"] += 1
-            self.udp.send(hosted.addresses[member], event, hosted.key, hosted.number, member, hosted.sent, body)
+            self.udp.send(hosted.addresses[member], event, hosted.keys[member], hosted.number, member,
+                          hosted.sent, body)
 
     def _relay_tick(self):
         self._ticks += 1
