@@ -451,9 +451,9 @@ class DatagramAttackTests(SecurityCase):
 
     async def test_a_member_cannot_speak_for_another(self):
         """
-        A raid member sealing datagrams as another member (the key is the
-        raid's) is dropped as forged: the other member's position, address
-        and sequence stay theirs.
+        A raid member sealing datagrams as another member (with its own key,
+        the only one it has) is dropped as forged: the other member's
+        position, address and sequence stay theirs.
         """
         server = await self.game_server()
         host = server.part("RaidHost")
