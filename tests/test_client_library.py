@@ -18,6 +18,8 @@ from tests.support import RunningServer
 class ServersCase(SessionServicesCase):
     """A session server that sends players to a game server (dev grant on), both on this test's keys and prefixes."""
 
+    game_options = ()  # more options for the game server
+
     async def setUp(self):
         await super().setUp()
         # Every test logs in from 127.0.0.1, some with wrong passwords on purpose: start each with a clean count.
@@ -28,7 +30,8 @@ class ServersCase(SessionServicesCase):
         self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in matchmaking_keys(matchmaking)]))
         self.game = RunningServer(game_tap, "game", [*shared, "--game-dev-grant", "on", "--raids-boss-hp", "4",
                                                      "--raids-hit-interval", "0", "--raids-match-interval", "0.1",
-                                                     "--raids-matchmaking-prefix", matchmaking])
+                                                     "--raids-matchmaking-prefix", matchmaking,
+                                                     *self.game_options])
         self.game.start(self)
         await self.game.part("Players").when_listening()
         self.session = RunningServer(session_tap, "session", [

@@ -105,6 +105,8 @@ class GameProtocol(ServerProtocol):
 
     @handles(packets.LOGOUT)
     async def logout(self, body):
+        # Frames after this one (a pipelined hunt, say) are no longer this player's.
+        self.state.authenticated = False
         await self._leave_game(self.user_id)
         await self.factory.players.leave(self)
         self.user_id = None
@@ -190,14 +192,16 @@ class GameProtocol(ServerProtocol):
 
     @handles(packets.LEAVE_PARTY)
     async def leave_party(self, body):
-        await self.factory.matchmaker.cancel_if_queued(self.user_id)
-        await self.factory.parties.leave(self.user_id)
+        user_id = self.user_id  # a logout while this runs sets it to None
+        await self.factory.matchmaker.cancel_if_queued(user_id)
+        await self.factory.parties.leave(user_id)
         return packets.PARTY_LEFT, {}
 
     @handles(packets.KICK_MEMBER)
     async def kick_member(self, body):
-        party = await self.factory.parties.kick(self.user_id, body["user_id"])
-        await self.factory.matchmaker.cancel_if_queued(self.user_id)
+        user_id = self.user_id  # a logout while this runs sets it to None
+        party = await self.factory.parties.kick(user_id, body["user_id"])
+        await self.factory.matchmaker.cancel_if_queued(user_id)
         return packets.PARTY, _party(party)
 
     @handles(packets.MY_PARTY)
