@@ -1,14 +1,10 @@
 """
 Mutation fuzzing against a running game server: a player's session replayed
-as 10,000 corrupted frames on authenticated connections, and 100,000
+as 100,000 corrupted frames on authenticated connections, and 100,000
 corrupted or forged raid datagrams at its UDP port, while an honest player
 keeps playing.  Nothing may be logged as unhandled (trial fails a test on a
 logged error), every datagram must be dropped and counted, and the honest
 player's requests must keep being answered.
-
-The frame count is 10,000, not the 100,000 issue 9 asks for: with this
-seed, a run of 100,000 stalled (a batch's closing ping went unanswered
-while the connection stayed open), not yet explained.
 """
 
 import random
@@ -22,7 +18,7 @@ from tests.mutations import fuzzed_datagrams, fuzzed_frames
 from tests.support import eventually
 from tests.test_client_library import ServersCase
 
-FRAMES = 10_000
+FRAMES = 100_000
 DATAGRAMS = 100_000
 BATCH = 500
 DATAGRAM_BATCH = 100
@@ -33,12 +29,15 @@ class _Fuzzer(protocol.Protocol):
 
     def __init__(self):
         self.authenticated = defer.Deferred()  # fires with the reply to authenticate
+        self.lost = False
         self._waiting = None
         self._nonce = None
         self._buffer = b""
 
     def send(self, frames, nonce):
         """Write C{frames} and a ping; fires with True once its pong is back, False if the server closed first."""
+        if self.lost:  # closed after the last batch's pong: a logout's reply comes after the pong that follows it
+            return defer.succeed(False)
         self._nonce, self._waiting = nonce, defer.Deferred()
         self.transport.write(b"".join(frames) + packets.PING.encode(0, {"nonce": nonce}))
         return self._waiting
@@ -56,6 +55,7 @@ class _Fuzzer(protocol.Protocol):
                 self._waiting.callback(True)
 
     def connectionLost(self, reason):
+        self.lost = True
         if self._waiting is not None and not self._waiting.called:
             self._waiting.callback(False)
 
@@ -84,7 +84,7 @@ class FuzzTests(ServersCase):
         return fuzzer
 
     async def test_corrupted_frames(self):
-        """10,000 corrupted frames of a replayed session: each answered or dropped, none unhandled, the honest player served."""
+        """100,000 corrupted frames of a replayed session: each answered or dropped, none unhandled, the honest player served."""
         honest = await self.player()
         before = await honest.inventory()
         frames = fuzzed_frames(random.Random(9), FRAMES)
