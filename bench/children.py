@@ -25,7 +25,7 @@ from dreamraid.services.tokens import TokenIssuer, create_key_pair
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A bench's thousands of clients come from one address and send as fast as
 # they are answered: its game servers run without the abuse limits.
-UNLIMITED_GAME = ("--game-rate-limits", "off", "--game-connections-per-address", "0")
+UNLIMITED_GAME = ("--game-rate-limits", "off", "--game-frame-rate", "off", "--game-connections-per-address", "0")
 
 
 class Child(protocol.ProcessProtocol):

@@ -119,6 +119,21 @@ def _rates(text, base):
 _rates.kind = "name=per_second/burst ...|off"
 
 
+def _rate(text, base):
+    """C{per_second/burst}, or C{off}: None."""
+    from dreamraid.services.limits import Rate
+
+    if text.strip() == "off":
+        return None
+    per_second, slash, burst = text.partition("/")
+    if not slash:
+        raise ValueError(f"expected per_second/burst or off, got {text!r}")
+    return Rate(_number(float, 0.001, 1e9)(per_second, None), _number(float, 1, 1e9)(burst, None))
+
+
+_rate.kind = "per_second/burst|off"
+
+
 def _path(text, base):
     if not text:
         raise ValueError("must not be empty")
@@ -164,6 +179,9 @@ class ServerSettings:
     )
     metrics: str = setting(_choice("on", "off"), "Prometheus metrics at /metrics on the HTTP endpoint (on or off)")
     rate_limits: dict = setting(_rates, "requests a second and burst a connection may send, by message (or off)")
+    frame_rate: object = setting(
+        _rate, "frames a second and burst a connection is read at; past it reading waits for the budget (or off)"
+    )
     rate_limited_drop: int = setting(
         _number(int, 1, 1_000_000), "rate-limited requests in a row after which a connection is closed"
     )

@@ -12,6 +12,14 @@
 #   scripts/stack.sh reset         down, then delete var/redis and var/mysql
 set -euo pipefail
 
+# The daemons started here must not inherit a caller's open files: a test
+# run under flock(1) that restarts MariaDB would otherwise leave the lock
+# held by mariadbd for as long as it runs.
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    [ "$fd" -gt 2 ] 2>/dev/null && [ "$fd" -lt 255 ] && eval "exec $fd>&-" 2>/dev/null || true
+done
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VAR=${DREAMRAID_VAR:-$ROOT/var}
 PY=${PYTHON:-$ROOT/.venv/bin/python}

@@ -64,7 +64,7 @@ class FuzzTests(ServersCase):
     """The game server under corrupted traffic, its limits off so every frame reaches decoding and the handlers."""
 
     timeout = 300
-    game_options = ("--game-rate-limits", "off")
+    game_options = ("--game-rate-limits", "off", "--game-frame-rate", "off")
 
     async def fuzzer(self):
         """A raw connection authenticated as a new player."""

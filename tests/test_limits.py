@@ -146,7 +146,7 @@ class ProtocolLimitsTests(TestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_rate_limits_off(self):
-        settings = make_settings(game_rate_limits="off").game
+        settings = make_settings(game_rate_limits="off", game_frame_rate="off").game
         factory = ServerFactory("dreamraid-test", settings, self.liveness)
         server = factory.buildProtocol(address("10.0.0.1"))
         transport = StringTransport()
@@ -154,6 +154,42 @@ class ProtocolLimitsTests(TestCase):
         for request_id in range(500):
             self.ping(server, request_id)
         self.assertEqual({r[0] for r in Replies(transport).take()}, {"pong"})
+
+    def test_frame_budget_delays_reading(self):
+        """Past its frame budget a connection is not read until the budget refills: every frame is answered, later."""
+        factory = ServerFactory("dreamraid-test", make_settings(
+            game_rate_limits="off", game_frame_rate="10/4").game, self.liveness)
+        server = factory.buildProtocol(address("10.0.0.1"))
+        transport = StringTransport()
+        server.makeConnection(transport)
+        replies = Replies(transport)
+        server.dataReceived(b"".join(packets.PING.encode(i, {"nonce": i}) for i in range(1, 11)))
+        self.assertEqual([r[1] for r in replies.take()], [1, 2, 3, 4])
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(0.1)
+        self.assertEqual([r[1] for r in replies.take()], [5])
+        self.clock.pump([0.1] * 10)
+        self.assertEqual([r[1] for r in replies.take()], [6, 7, 8, 9, 10])
+        self.assertEqual(transport.producerState, "producing")
+        self.assertGreater(factory.limited["frame_budget"], 0)
+
+    def test_frame_budget_waits_for_a_slow_reader(self):
+        """A refilled budget does not read a client whose replies are still backed up."""
+        factory = ServerFactory("dreamraid-test", make_settings(
+            game_rate_limits="off", game_frame_rate="10/1", game_slow_reader_timeout="30").game, self.liveness)
+        server = factory.buildProtocol(address("10.0.0.1"))
+        transport = StringTransport()
+        server.makeConnection(transport)
+        self.liveness.authenticated(server.state)
+        server.dataReceived(b"".join(packets.PING.encode(i, {"nonce": i}) for i in range(1, 4)))
+        server.pauseProducing()  # the transport: its buffer is full
+        self.clock.advance(1)  # the budget refills: pings 2 and then 3 are taken, which spends it again
+        self.assertEqual(transport.producerState, "paused")
+        server.resumeProducing()  # the replies drained, but the budget is spent
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(0.1)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual([r[1] for r in Replies(transport).take()], [1, 2, 3])
 
     def test_connections_per_address(self):
         """An address over its cap is told TOO_MANY_CONNECTIONS and closed; one closing lets another in."""
@@ -220,7 +256,7 @@ class SlowReaderOverTcpTests(TestCase):
     """A real client that sends and never reads is dropped; the server does not buffer without bound."""
 
     async def test_dropped(self):
-        settings = make_settings(game_rate_limits="off", game_slow_reader_timeout="0.5",
+        settings = make_settings(game_rate_limits="off", game_frame_rate="off", game_slow_reader_timeout="0.5",
                                  game_write_buffer_limit="65536").game
         liveness = Liveness(reactor, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
         factory = ServerFactory("dreamraid-test", settings, liveness)

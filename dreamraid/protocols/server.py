@@ -3,11 +3,14 @@ What both servers' client protocols share: dispatching requests to handlers,
 replies that echo the request id, error replies for bad frames, pings and
 pongs, hello/welcome, and the liveness hooks.
 
-Limits: a connection's requests go through its token buckets (past them,
-C{RATE_LIMITED}; a flood of those closes it), an address holds at most so
-many connections (C{TOO_MANY_CONNECTIONS}), and a client that leaves its
-replies unread (the transport's buffer full) is no longer read from, then
-dropped after C{slow_reader_timeout} or C{write_buffer_limit} more bytes.
+Limits: a connection is read at most C{frame_rate} frames a second (past
+its budget the server stops reading it until the budget refills, so a flood
+waits in TCP's buffers, not in the server's time); its requests go through
+token buckets by message (past them, C{RATE_LIMITED}; a run of those closes
+it); an address holds at most so many connections (C{TOO_MANY_CONNECTIONS});
+and a client that leaves its replies unread (the transport's buffer full)
+is no longer read from, then dropped after C{slow_reader_timeout} or
+C{write_buffer_limit} more bytes.
 
 A handler takes the decoded body and returns C{(message, body)} to reply,
 C{None} for no reply, or a Deferred or coroutine of either.  A handler that
@@ -31,6 +34,11 @@ from dreamraid.protocols import packets
 from dreamraid.protocols.framing import FrameReceiver
 from dreamraid.services.limits import AddressCap, RequestBuckets
 from dreamraid.services.liveness import IPeer
+
+
+# How long a connection over its frame budget goes unread: long enough that
+# it is then read many frames at a time, not woken for each one.
+BUDGET_WAIT = 0.1
 
 
 def handles(message, needs_auth=True):
@@ -71,17 +79,26 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     _limited_in_row = 0
     _unread_since = None  # the timer that drops a client not reading its replies
     _unread_bytes = 0
+    frame_budget = None  # a L{RequestBuckets} of all frames together, if reading is limited
+    _over_budget = None  # the timer that reads the connection again once its frame budget refills
+    _held = None  # the frame that found the budget spent
+    _reading = True
 
     def connectionMade(self):
         self.MAX_LENGTH = self.factory.max_frame_size
         if self.factory.rate_limits:
             self.buckets = RequestBuckets(self.factory.clock, self.factory.rate_limits)
+        if self.factory.frame_rate is not None:
+            self.frame_budget = RequestBuckets(self.factory.clock, {"*": self.factory.frame_rate})
         self.transport.registerProducer(self, True)
         self.state = self.factory.liveness.connected(self)
 
     def connectionLost(self, reason):
         self.connected = False
         self.stopProducing()
+        if self._over_budget is not None:
+            self._over_budget.cancel()
+            self._over_budget = None
         if self.address is not None:
             self.factory.addresses.release(self.address)
         if self.state is not None:
@@ -100,24 +117,54 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     def pauseProducing(self):
         """The client is not reading its replies: read no more of its requests for now."""
         if self._unread_since is None and self.connected:
-            self.transport.pauseProducing()
             self._unread_bytes = 0
             self._unread_since = self.factory.clock.callLater(
                 self.factory.slow_reader_timeout, self._drop_slow_reader,
                 f"replies unread for {self.factory.slow_reader_timeout} s")
+            self._read_or_not()
 
     def resumeProducing(self):
         """The client caught up: read its requests again."""
         if self._unread_since is not None:
             self._unread_since.cancel()
             self._unread_since = None
-            self.transport.resumeProducing()
+            self._read_or_not()
 
     def stopProducing(self):
         if self._unread_since is not None:
             if self._unread_since.active():
                 self._unread_since.cancel()
             self._unread_since = None
+
+    def _read_or_not(self):
+        """Read the socket unless the client's replies are backed up or its frame budget is spent."""
+        reading = self._unread_since is None and self._over_budget is None
+        if reading != self._reading and self.connected:
+            self._reading = reading
+            (self.transport.resumeProducing if reading else self.transport.pauseProducing)()
+
+    # -- the frame budget -----------------------------------------------------------
+
+    def stringReceived(self, payload):
+        if self.frame_budget is not None and not self.frame_budget.allow("*"):
+            # Over budget: this frame and the rest already read wait (the framing loop stops), the socket is not read.
+            self._held = payload
+            self.paused = True
+            self.factory.limited["frame_budget"] += 1
+            self._over_budget = self.factory.clock.callLater(
+                max(BUDGET_WAIT, 1 / self.factory.frame_rate.per_second), self._budget_refilled)
+            self._read_or_not()
+            return
+        super().stringReceived(payload)
+
+    def _budget_refilled(self):
+        self._over_budget = None
+        self.paused = False
+        held, self._held = self._held, None
+        self.stringReceived(held)
+        if not self.paused:
+            self._read_or_not()
+            self.dataReceived(b"")  # the frames read before the pause
 
     def _drop_slow_reader(self, why):
         self._log.info("dropping {peer}: a slow reader, {why}", peer=self.transport.getPeer(), why=why)
@@ -193,7 +240,6 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         self.factory.liveness.heard(self.state)
         if self.buckets is not None and not self._within_rate("*", error.request_id):
             return
-        self._log.debug("bad frame from {peer}: {error}", peer=self.transport.getPeer(), error=error)
         self._reply_error(error.request_id, error.code, str(error))
 
     def lengthLimitExceeded(self, length):
@@ -277,6 +323,7 @@ class ServerFactory(Factory):
         self.clock = liveness.clock
         self.rate_limits = settings.rate_limits
         self.rate_limited_drop = settings.rate_limited_drop
+        self.frame_rate = settings.frame_rate
         self.slow_reader_timeout = settings.slow_reader_timeout
         self.write_buffer_limit = settings.write_buffer_limit
         self.addresses = AddressCap(settings.connections_per_address)
@@ -286,7 +333,6 @@ class ServerFactory(Factory):
         host = getattr(address, "host", None)
         if host is not None and not self.addresses.admit(host):
             self.limited["connections"] += 1
-            self._log.debug("refusing a connection from {host}: at its cap", host=host)
             return _Refusal()
         protocol = super().buildProtocol(address)
         protocol.address = host
