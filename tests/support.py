@@ -1,7 +1,7 @@
 """
 Helpers for the tests: settings from the shipped configuration, the local
 stack (which `make test` starts and announces with DREAMRAID_STACK=1), free
-ports, HTTP GETs and running the stack script.
+ports, HTTP GETs, running the stack script and watching the log.
 """
 
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 from hypothesis import settings as hypothesis_settings
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import Agent, readBody
 
@@ -84,6 +85,33 @@ async def eventually(probe, timeout=30.0, interval=0.1):
         if reactor.seconds() > deadline:
             raise AssertionError(f"gave up after {timeout} s waiting for {probe}")
         await task.deferLater(reactor, interval, lambda: None)
+
+
+def log_lines(testcase):
+    """A list that collects the text of every log event from now until the test ends."""
+    lines = []
+
+    def observe(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
+def when_logged(testcase, text):
+    """A Deferred that fires with the text of the first log event from now on that contains C{text}."""
+    seen = defer.Deferred()
+
+    def observe(event):
+        if not seen.called:
+            line = formatEvent(event)
+            if text in line:
+                seen.callback(line)
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return seen
 
 
 def _free_ports(section, port, http_port):

@@ -1,7 +1,8 @@
 """
 Enter world and the sync back to MySQL, against the real Redis Cluster and
 MariaDB: exact loading, write-back, eviction rules, versions, dead consumers,
-a MariaDB outage, checkpoints and a thousand logouts at once.
+a MariaDB outage, a consumer group Redis lost, an error reply in a batch,
+checkpoints and a thousand logouts at once.
 """
 
 import random
@@ -13,7 +14,7 @@ from dreamraid.services.livestore import Item, Profile, data_keys, session_key
 from dreamraid.services.loading import thd_load_profile
 from dreamraid.services.sync import GROUP, MysqlSnapshotStore, SyncQueue, SyncWorker, thd_write_snapshots
 from tests.storage import SessionServicesCase, sql, test_settings
-from tests.support import eventually, stack
+from tests.support import eventually, stack, when_logged
 
 
 class SyncCase(SessionServicesCase):
@@ -224,6 +225,72 @@ class SyncTests(SyncCase):
         self.assertLessEqual(worker.largest_batch, 200)
         stored = await defer.gatherResults([self.mysql_profile(u) for u in users])
         self.assertEqual(stored, expected)
+
+
+class RedisErrorReplyTests(SyncCase):
+
+    async def logged_out(self, user_id):
+        """Change the user's live data and log them out, as a game server would; their snapshot."""
+        jti = await self.enter(user_id)
+        await self.change(user_id, 7, 3, {(0, 5): Item(55, 2, 1)})
+        live = await self.live.snapshot(user_id)
+        await self.live.end_session(user_id, jti)
+        await self.queue.enqueue(user_id, "logout")
+        return live
+
+    async def test_a_destroyed_consumer_group_is_created_again(self):
+        """The group is destroyed (as a flush or a failover can) while the worker runs; a later logout still lands."""
+        worker = self.worker()
+
+        async def groups_made():  # XGROUP CREATE ... MKSTREAM makes the stream and its group at once
+            return all([await self.router.execute("EXISTS", stream) for stream in self.queue.streams])
+
+        await eventually(groups_made)
+        for stream in self.queue.streams:
+            self.assertEqual(await self.router.execute("XGROUP", "DESTROY", stream, GROUP), 1)
+        user_id = await self.new_user()
+        live = await self.logged_out(user_id)
+        await eventually(lambda: defer.succeed(worker.counters["evicted"] >= 1))
+        self.assertEqual(await self.mysql_profile(user_id), live)
+        self.assertGreaterEqual(worker.counters["groups_recreated"], 1)
+        self.assertEqual(await self.pending(), 0)
+
+    async def test_backlog_counts_the_jobs_of_a_lost_group(self):
+        """
+        With no consumer group every job in the stream counts; so it does
+        once the group is made again, when Redis cannot tell its lag.
+        """
+        stream = self.queue.streams[self.queue.shard_of(1)]
+        entries = [await self.queue.enqueue(user_id, "logout") for user_id in (1, 7, 13)]  # one shard
+        self.assertEqual([self.queue.shard_of(u) for u in (7, 13)], [self.queue.shard_of(1)] * 2)
+        self.assertEqual((await self.queue.backlog())[0], 3)
+        await self.router.execute("XDEL", stream, entries[1])
+        await self.router.execute("XGROUP", "CREATE", stream, GROUP, "0")
+        [group] = await self.router.execute("XINFO", "GROUPS", stream, route=stream)
+        self.assertIsNone(dict(zip(group[::2], group[1::2]))[b"lag"])
+        clock = task.Clock()
+        clock.advance(int(entries[0].split(b"-")[0]) / 1000 + 3)
+        jobs, age = await SyncQueue(self.router, clock, self.settings.sync.shards, self.settings.sync.prefix).backlog()
+        self.assertEqual(jobs, 2)
+        self.assertAlmostEqual(age, 3.0, places=3)
+
+    async def test_a_batch_that_gets_an_error_reply_stays_pending(self):
+        """
+        A job whose user's profile key has the wrong type (WRONGTYPE) leaves
+        its batch pending and logged; the worker goes on syncing later jobs.
+        """
+        bad = random.randrange(10**15, 10**16)
+        await self.router.execute("SET", data_keys(bad)[0], "not a hash")
+        self.addCleanup(lambda: self.router.execute("DEL", data_keys(bad)[0]))
+        await self.queue.enqueue(bad, "logout")
+        logged = when_logged(self, "sync: a batch failed")
+        worker = self.worker()
+        self.assertIn("WRONGTYPE", await logged)
+        user_id = await self.new_user()
+        live = await self.logged_out(user_id)
+        await eventually(lambda: defer.succeed(worker.counters["evicted"] >= 1))
+        self.assertEqual(await self.mysql_profile(user_id), live)
+        self.assertEqual((worker.counters["batches_failed"], await self.pending()), (1, 1))
 
 
 class OutageTests(SyncCase):

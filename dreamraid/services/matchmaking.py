@@ -37,6 +37,7 @@ from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
+from dreamraid.services.failurelog import FailureLog
 from dreamraid.services.livestore import profile_key
 from dreamraid.services.rediscluster import LUA_SPLIT, RedisClusterError, Script
 
@@ -242,6 +243,7 @@ class Matchmaker(Service):
         self._renew = Script(router, _RENEW)
         self._reap = Script(router, _REAP)
         self._passes = None
+        self._failures = FailureLog(self._log, clock)
 
     def startService(self):
         super().startService()
@@ -338,7 +340,8 @@ class Matchmaker(Service):
             self._on_formed(raid)
 
     async def _pass_logged(self):
+        """A pass from the timer or after a ticket: a failure is logged and the next pass tries again."""
         try:
             await self.run_pass()
-        except RedisClusterError as e:
-            self._log.warn("matchmaking pass failed: {error}", error=e)
+        except Exception:
+            self._failures.failed("matchmaking: a pass failed")

@@ -11,6 +11,7 @@ from zope.interface import Attribute, Interface
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
+from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.health import Unhealthy
 from dreamraid.services.rediscluster import RedisClusterError
 
@@ -50,6 +51,7 @@ class Players(Service):
         self._ticks = 0
         self._renewals = None
         self._kicks = None
+        self._failures = FailureLog(self._log, clock)
 
     def __len__(self):
         return len(self._connections)
@@ -59,8 +61,7 @@ class Players(Service):
         self._kicks = self._presence.listen(self.taken_over, self.notified)
         self._renewals = task.LoopingCall.withCount(self._renew_slices)
         self._renewals.clock = self._clock
-        self._renewals.start(self._presence_ttl / 3 / RENEWAL_SLICES, now=False).addErrback(
-            lambda f: self._log.failure("presence renewal stopped", f))
+        self._renewals.start(self._presence_ttl / 3 / RENEWAL_SLICES, now=False)
 
     def stopService(self):
         super().stopService()
@@ -148,27 +149,35 @@ class Players(Service):
         try:
             if await self._presence.leave(user_id, connection.jti):
                 await self._queue.enqueue(user_id, "logout")
-        except RedisClusterError as e:
+        except REDIS_ERRORS as e:
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
 
     async def _renew_slices(self, count):
-        """The timer's tick: renew the slice due now, and those of any ticks missed."""
+        """
+        The timer's tick: renew the slice due now, and those of any ticks
+        missed.  A slice that fails is logged and tried again at its next turn.
+        """
         for _ in range(min(count, RENEWAL_SLICES)):
             self._ticks += 1
-            await self._renew(list(self._slices[self._ticks % RENEWAL_SLICES].values()))
+            try:
+                await self._renew(list(self._slices[self._ticks % RENEWAL_SLICES].values()))
+            except Exception:
+                self._failures.failed("presence renewal: a slice failed")
         self._ticks += max(0, count - RENEWAL_SLICES)
 
     async def _renew(self, connections):
-        """Renew these connections' sessions and presence, a thousand at a time; close those no longer live."""
+        """
+        Renew these connections' sessions and presence, a thousand at a
+        time; close those no longer live.  A user whose renewal failed is
+        logged and left for their next turn.
+        """
         for start in range(0, len(connections), 1000):
             chunk = connections[start:start + 1000]
-            try:
-                live = await gather([self._presence.renew(c.user_id, c.jti) for c in chunk])
-            except RedisClusterError as e:
-                self._log.warn("cannot renew the presence of {count} users: {error}", count=len(connections) - start,
-                               error=e)
-                return
-            for connection, still in zip(chunk, live):
-                if not still:
+            outcomes = await defer.DeferredList([self._presence.renew(c.user_id, c.jti) for c in chunk],
+                                                consumeErrors=True)
+            for connection, (renewed, live) in zip(chunk, outcomes):
+                if not renewed:
+                    self._failures.failed("presence renewal: cannot renew a user's presence", live)
+                elif not live:
                     connection.kick(ErrorCode.SESSION_NOT_LIVE)

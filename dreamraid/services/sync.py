@@ -12,9 +12,12 @@ them and they have not changed since (L{LiveStore.evict}).  Each user's data
 carries a version, so an older snapshot never overwrites a newer one.
 
 A worker that dies leaves its jobs pending; others claim them with
-C{XAUTOCLAIM} once they have been idle C{claim_idle} seconds.  While MySQL is
-down a batch is retried with backoff and nothing is acknowledged, so nothing
-is lost.  Every C{checkpoint_interval} one session server per shard enqueues
+C{XAUTOCLAIM} once they have been idle C{claim_idle} seconds.  While MySQL or
+Redis is unavailable a batch is retried with backoff and nothing is
+acknowledged, so nothing is lost; a batch that fails otherwise (an error
+reply, a bug) is left pending for such a claim.  A consumer group Redis lost
+(C{NOGROUP}: a flush, a failover to a replica that missed it) is created
+again.  Every C{checkpoint_interval} one session server per shard enqueues
 every live user of it (C{sync:live:{tag}}), which writes long sessions back
 without ending them and sweeps up users whose game server died (their
 session expires, and the next sync removes their keys).
@@ -22,16 +25,20 @@ session expires, and the next sync removes their keys).
 
 import socket
 
+import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from dreamraid.services.database import MYSQL_UNAVAILABLE
 from dreamraid.services.deferreds import gather, pass_after
+from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.livestore import EVICTED
 from dreamraid.services.rediscluster import SLOTS, RedisClusterError, key_slot
 
 GROUP = "sync"
+# What the sync retries with backoff: the stores are out of reach for now.
+UNAVAILABLE = (RedisClusterError, *MYSQL_UNAVAILABLE)
 
 
 def shard_tags(count):
@@ -66,16 +73,24 @@ class SyncQueue:
             replies = await self._router.execute("XINFO", "GROUPS", stream, route=stream)
             groups = [dict(zip(g[::2], g[1::2])) for g in replies]
             info = next((g for g in groups if g[b"name"] == GROUP.encode()), None)
-            if info is None:
-                continue
-            pending, lag = info[b"pending"], info.get(b"lag") or 0
-            jobs += pending + lag
             first = None
-            if pending:
-                first = (await self._router.execute("XPENDING", stream, GROUP))[1]
-            elif lag:
-                entries = await self._router.execute("XRANGE", stream, b"(" + info[b"last-delivered-id"], "+", "COUNT", 1)
+            if info is None:
+                # The group is gone (until a worker creates it again): every entry waits.
+                jobs += await self._router.execute("XLEN", stream)
+                entries = await self._router.execute("XRANGE", stream, "-", "+", "COUNT", 1)
                 first = entries[0][0] if entries else None
+            else:
+                pending, lag = info[b"pending"], info.get(b"lag")
+                # Redis cannot always tell how many wait unread (before 7.0, or with entries deleted past
+                # the group's position, as after the group is made again): then every entry counts, since
+                # acknowledged ones are deleted.
+                jobs += pending + lag if lag is not None else await self._router.execute("XLEN", stream)
+                if pending:
+                    first = (await self._router.execute("XPENDING", stream, GROUP))[1]
+                elif lag != 0:
+                    entries = await self._router.execute("XRANGE", stream, b"(" + info[b"last-delivered-id"], "+",
+                                                         "COUNT", 1)
+                    first = entries[0][0] if entries else None
             if first is not None:
                 ms = int(first.split(b"-")[0])
                 oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
@@ -191,9 +206,12 @@ class SyncWorker(Service):
     """
     One session server's sync consumer: reads every shard, writes batches,
     acknowledges, evicts, claims jobs of dead consumers and checkpoints.
+    Every loop carries on after a failure (L{FailureLog}).
 
     @ivar counters: batches, users written, jobs acknowledged, users
-        evicted, retries, jobs claimed.
+        evicted, retries, jobs claimed, checkpoint jobs queued, consumer
+        groups created again after Redis lost them, batches left pending
+        after an error.
     """
 
     _log = Logger()
@@ -207,8 +225,10 @@ class SyncWorker(Service):
         self._settings = settings
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.counters = dict.fromkeys(
-            ("batches", "written", "acked", "evicted", "retries", "claimed", "checkpoints"), 0)
+            ("batches", "written", "acked", "evicted", "retries", "claimed", "checkpoints", "groups_recreated",
+             "batches_failed"), 0)
         self.largest_batch = 0
+        self._failures = FailureLog(self._log, clock, (*REDIS_ERRORS, *MYSQL_UNAVAILABLE))
         self._loop = None
         self._sleeping = None
         self._next_claim = 0.0
@@ -221,8 +241,7 @@ class SyncWorker(Service):
         self._loop.addErrback(lambda f: self._log.failure("sync worker stopped by an error", f))
         self._checkpoints = task.LoopingCall(self._checkpoint)
         self._checkpoints.clock = self._clock
-        self._checkpoints.start(self._settings.checkpoint_interval, now=False).addErrback(
-            lambda f: self._log.failure("checkpointer stopped by an error", f))
+        self._checkpoints.start(self._settings.checkpoint_interval, now=False)
 
     def stopService(self):
         super().stopService()
@@ -241,11 +260,11 @@ class SyncWorker(Service):
         user in two batches at once is safe: the older snapshot loses on
         version, and only the newest can unload the user.
         """
-        await self._until_done("create the consumer group", self._create_groups)
+        await self._until_done("sync: cannot create the consumer groups", self._create_groups, Exception)
         in_flight = set()
         try:
             while self.running:
-                jobs = await self._until_done("read sync jobs", self._read)
+                jobs = await self._until_done("sync: cannot read jobs", self._read, Exception)
                 if jobs is None:
                     return
                 if not jobs and not await self._sleep(self._settings.batch_wait):
@@ -269,20 +288,24 @@ class SyncWorker(Service):
         for start in range(0, len(users), size):
             yield {job: user for user in users[start:start + size] for job, user in by_user[user].items()}
 
-    async def _until_done(self, what, work):
-        """C{await work()} until it succeeds, pausing longer after each failure; C{None} once stopped."""
+    async def _until_done(self, what, work, retried=UNAVAILABLE):
+        """
+        C{await work()} until it succeeds, pausing longer after each failure
+        of a C{retried} kind (others are raised); C{None} once stopped.
+        """
         failures = 0
         while self.running:
             try:
                 return await work()
-            except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
+            except retried:
+                if not self.running:
+                    return None
                 failures += 1
                 self.counters["retries"] += 1
-                pause = min(self._settings.retry_backoff_max, self._settings.retry_backoff * 2 ** (failures - 1))
-                self._log.warn("sync: cannot {what} ({error}); again in {pause:.2f} s",
-                               what=what, error=e, pause=pause)
-                if not await self._sleep(pause):
-                    return None
+                self._failures.failed(what)
+            pause = min(self._settings.retry_backoff_max, self._settings.retry_backoff * 2 ** (failures - 1))
+            if not await self._sleep(pause):
+                return None
         return None
 
     async def _sleep(self, seconds):
@@ -300,12 +323,28 @@ class SyncWorker(Service):
         for stream in self._queue.streams:
             try:
                 await self._router.execute("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
-            except Exception as e:
-                if "BUSYGROUP" not in str(e):
+            except txredisapi.ResponseError as e:
+                if not str(e).startswith("BUSYGROUP"):
                     raise
 
     async def _read(self):
-        """C{{(shard, entry id): user id}} of new jobs, and of claimed ones when a claim is due."""
+        """
+        C{{(shard, entry id): user id}} of new jobs, and of claimed ones when
+        a claim is due.  If Redis lost the consumer group (C{NOGROUP}), it
+        is created again and nothing is returned this time; jobs other shards
+        delivered meanwhile are claimed after C{claim_idle}.
+        """
+        try:
+            return await self._read_jobs()
+        except txredisapi.ResponseError as e:
+            if not str(e).startswith("NOGROUP"):
+                raise
+            self._failures.failed("sync: the consumer group is gone, creating it again")
+        await self._create_groups()
+        self.counters["groups_recreated"] += 1
+        return {}
+
+    async def _read_jobs(self):
         per_shard = -(-self._settings.batch_users // len(self._queue.streams))
         reads = [self._router.execute("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", per_shard,
                                       "STREAMS", stream, ">") for stream in self._queue.streams]
@@ -332,16 +371,25 @@ class SyncWorker(Service):
     # -- one batch -----------------------------------------------------------------
 
     async def _sync(self, jobs):
-        """Write the users of C{jobs} in one transaction, then acknowledge and evict."""
+        """
+        Write the users of C{jobs} in one transaction, then acknowledge and
+        evict.  Unavailability is retried; any other failure leaves the jobs
+        pending, for a claim after C{claim_idle} to try again.
+        """
         users = sorted({user for user in jobs.values() if user is not None})
-        written = await self._until_done("write a batch to MySQL", lambda: self._write(users))
-        if written is None:
+        try:
+            written = await self._until_done("sync: cannot write a batch to MySQL", lambda: self._write(users))
+            if written is None:
+                return
+            profiles, ids = written
+            self.counters["batches"] += 1
+            self.counters["written"] += len(ids)
+            self.largest_batch = max(self.largest_batch, len(users))
+            await self._until_done("sync: cannot acknowledge jobs", lambda: self._acknowledge(jobs))
+        except Exception:
+            self.counters["batches_failed"] += 1
+            self._failures.failed("sync: a batch failed; its jobs stay pending until claimed")
             return
-        profiles, ids = written
-        self.counters["batches"] += 1
-        self.counters["written"] += len(ids)
-        self.largest_batch = max(self.largest_batch, len(users))
-        await self._until_done("acknowledge sync jobs", lambda: self._acknowledge(jobs))
         await self._evict(users, profiles)
 
     async def _write(self, users):
@@ -375,23 +423,42 @@ class SyncWorker(Service):
                 by_shard.setdefault(self._queue.shard_of(user), []).append(user)
             await gather([self._queue.forget_live(shard, ids) for shard, ids in by_shard.items()])
             self.counters["evicted"] += len(gone)
-        except RedisClusterError as e:
-            self._log.warn("sync: cannot evict synced users ({error}); the next checkpoint will", error=e)
+        except Exception:
+            self._failures.failed("sync: cannot evict synced users (the next checkpoint will)")
 
     # -- checkpoints ---------------------------------------------------------------
 
     async def _checkpoint(self):
-        """Enqueue every live user of each shard whose checkpoint lock this worker wins."""
+        """Enqueue every live user of each shard whose checkpoint lock this worker wins; a failed shard is skipped."""
         hold_ms = max(1, int(self._settings.checkpoint_interval * 1000 * 0.9))
-        try:
-            for shard, lock in enumerate(self._queue.checkpoint_locks):
+        for shard, lock in enumerate(self._queue.checkpoint_locks):
+            try:
                 if await self._router.execute("SET", lock, self.consumer, "NX", "PX", hold_ms) is None:
                     continue
                 users = await self._router.execute("ZRANGE", self._queue.live_sets[shard], 0, -1)
-                await gather([self._queue.enqueue(int(user), "checkpoint") for user in users])
-                self.counters["checkpoints"] += len(users)
-        except RedisClusterError as e:
-            self._log.warn("sync: checkpoint skipped ({error})", error=e)
+                await self._enqueue_checkpoints(users)
+            except Exception:
+                self._failures.failed("sync: checkpoint of a shard skipped")
+
+    async def _enqueue_checkpoints(self, users):
+        """
+        A checkpoint job for each of C{users} (of one shard, so one master),
+        half the router's in-flight cap at a time, so a large shard neither
+        overflows the master's waiting line nor crowds out other calls.  A
+        chunk that fails in part is logged and the round goes on; one that
+        fails entirely ends the shard's round.
+        """
+        chunk = max(1, self._router.max_in_flight // 2)
+        for start in range(0, len(users), chunk):
+            outcomes = await defer.DeferredList(
+                [self._queue.enqueue(int(user), "checkpoint") for user in users[start:start + chunk]],
+                consumeErrors=True)
+            failures = [outcome for queued, outcome in outcomes if not queued]
+            self.counters["checkpoints"] += len(outcomes) - len(failures)
+            if failures:
+                self._failures.failed("sync: checkpoint jobs not queued", failures[0])
+                if len(failures) == len(outcomes):
+                    return
 
 
 def _jobs(shard, entries):
