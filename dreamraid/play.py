@@ -417,7 +417,7 @@ class Terminal:
     @verb(("grant CODE [COUNT]", "items from nowhere by item code (development servers only)"))
     async def _grant(self, item, count="1"):
         changed = await self.client.grant(_number(item), _number(count))
-        self.screen.say(f"Granted: {self._gained_text(changed) or 'nothing (no room?)'}.")
+        self.screen.say(f"Granted: {self._gained_text(changed)}.")
 
     # -- parties and raids ------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """
-Hunting and the inventory scripts against the real Redis Cluster: the rules
-with a seeded random source and a driven clock, the enhancement chances over
-10,000 rolls a level, and atomicity under concurrent requests from two
-processes.
+Hunting, the inventory scripts and a raid's pay against the real Redis
+Cluster: the rules with a seeded random source and a driven clock, grants
+all or nothing, what a full inventory is told, a pay called again after a
+lost reply paying once, the enhancement chances over 10,000 rolls a level,
+and atomicity under concurrent requests from two processes.
 """
 
 import collections
@@ -16,7 +17,8 @@ from twisted.trial.unittest import TestCase
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.inventory import Inventory, SlotItem
-from dreamraid.services.livestore import Item, LiveStore, Profile, data_keys, tab_key
+from dreamraid.services.livestore import (
+    Item, LiveStore, Profile, data_keys, raid_mark_key, raid_receipt_key, tab_key)
 from dreamraid.tables import load_tables
 from tests import cluster
 from tests.support import ROOT, require_stack, spawn
@@ -130,13 +132,33 @@ class InventoryTests(InventoryCase):
         self.assertEqual(await self.inventory.list(user_id), [SlotItem(1, 0, 201, 0, 20), SlotItem(1, 2, 201, 0, 5)])
 
     async def test_full_tab_and_unloaded_user(self):
-        """A grant beyond the tab's room is refused after filling it; a user whose data is gone is refused."""
+        """A grant beyond the tab's room is refused and changes nothing; a user whose data is gone is refused."""
         user_id = await self.new_user()
         await self.refused(ErrorCode.INVENTORY_FULL, self.inventory.grant(user_id, 101, TABLES.slots + 1))
-        self.assertEqual(len(await self.inventory.list(user_id)), TABLES.slots)
+        self.assertEqual(await self.inventory.list(user_id), [])
+        self.assertEqual(len(await self.inventory.grant(user_id, 101, TABLES.slots)), TABLES.slots)
+        await self.refused(ErrorCode.INVENTORY_FULL, self.inventory.grant(user_id, 101, 1))
         await self.router.execute("DEL", *data_keys(user_id))
         await self.refused(ErrorCode.SESSION_NOT_LIVE, self.inventory.grant(user_id, 101, 1))
         self.assertEqual(await self.router.execute("EXISTS", *data_keys(user_id)), 0)
+
+    async def test_a_grant_that_does_not_fit_changes_nothing(self):
+        """
+        All or nothing: a grant beyond the room left (the stacks of its code
+        topped up, then free slots) is refused and changes nothing, not even
+        the version; one that just fits is stored whole.
+        """
+        items = {(1, s): Item(201, 0, 20) for s in range(1, TABLES.slots - 1)}
+        items[1, 0] = Item(201, 0, 15)
+        user_id = await self.new_user(items=items)
+        before = await self.inventory.list(user_id)
+        await self.refused(ErrorCode.INVENTORY_FULL, self.inventory.grant(user_id, 201, 5 + 20 + 1))
+        await self.refused(ErrorCode.INVENTORY_FULL, self.inventory.grant(user_id, 202, 11))
+        self.assertEqual((await self.inventory.list(user_id), await self.version(user_id)), (before, 0))
+        self.assertEqual(await self.inventory.grant(user_id, 201, 5 + 20),
+                         [SlotItem(1, 0, 201, 0, 20), SlotItem(1, TABLES.slots - 1, 201, 0, 20)])
+        await self.refused(ErrorCode.INVENTORY_FULL, self.inventory.grant(user_id, 202, 1))
+        self.assertEqual(await self.version(user_id), 1)
 
     async def test_enhancement_rate_over_ten_thousand_rolls_a_level(self):
         """At each level, 10,000 rolls succeed at the table's rate (within 4.5 standard deviations); +10 is refused."""
@@ -158,6 +180,54 @@ class InventoryTests(InventoryCase):
             self.assertLessEqual(abs(successes - 10_000 * chance), 4.5 * sigma + 0.5, f"level {level}")
         await self.router.execute("HSET", tab_key(user_id, 0), 0, f"101:{TABLES.max_enhancement}:1")
         await self.refused(ErrorCode.MAX_ENHANCEMENT, self.inventory.enhance(user_id, 0))
+
+
+class RaidPayTests(InventoryCase):
+
+    async def marked(self, raid_id, items=None):
+        """A live user whose raid mark names C{raid_id}."""
+        user_id = await self.new_user(items=items)
+        self.addCleanup(lambda: self.router.execute("DEL", raid_mark_key(user_id), raid_receipt_key(user_id)))
+        await self.router.execute("SET", raid_mark_key(user_id), raid_id, "PX", 60_000)
+        return user_id
+
+    async def test_a_pay_called_again_after_a_lost_reply_pays_once(self):
+        """
+        A raid pays a player only while their raid mark names it, and takes
+        the mark off as it pays: called again, as after an OutcomeUnknown,
+        it answers what it paid and pays nothing more; another raid pays
+        nothing, and neither does a call after the answer is no longer kept.
+        """
+        user_id = await self.marked("raid-a", {(2, 0): Item(301, 0, 90)})
+        self.assertIsNone(await self.inventory.reward(user_id, "raid-b", 7, 60))
+        self.assertEqual(await self.version(user_id), 0)
+        paid = await self.inventory.reward(user_id, "raid-a", 7, 60)
+        self.assertEqual((paid.exp_gained, paid.exp, paid.level, paid.best), (7, 7, 5, 7))
+        self.assertIn(SlotItem(2, 0, 301, 0, 93), paid.changed)
+        self.assertEqual(await self.router.execute("EXISTS", raid_mark_key(user_id)), 0)
+        self.assertEqual(await self.inventory.reward(user_id, "raid-a", 7, 60), paid)
+        self.assertIsNone(await self.inventory.reward(user_id, "raid-b", 7, 60))
+        profile = await self.live.snapshot(user_id)
+        self.assertEqual((profile.exp, profile.best, profile.version), (7, 7, 1))
+        self.assertEqual(await self.inventory.list(user_id), sorted(
+            {(i.tab, i.slot): i for i in [SlotItem(2, 0, 301, 0, 90), *paid.changed]}.values()))
+        await self.router.execute("DEL", raid_receipt_key(user_id))
+        self.assertIsNone(await self.inventory.reward(user_id, "raid-a", 7, 60))
+        self.assertEqual(await self.version(user_id), 1)
+
+    async def test_drops_that_do_not_fit_are_neither_stored_nor_told(self):
+        """
+        A full materials tab: a raid's drops top up what they can and the
+        rest is lost; the reply lists exactly the slots that changed, as
+        stored.
+        """
+        items = {(2, s): Item(302, 0, 99) for s in range(1, TABLES.slots)}
+        items[2, 0] = Item(301, 0, 98)
+        user_id = await self.marked("raid-a", items)
+        before = await self.inventory.list(user_id)
+        paid = await self.inventory.reward(user_id, "raid-a", 3, 60)
+        self.assertEqual(paid.changed, [SlotItem(2, 0, 301, 0, 99)])
+        self.assertEqual(await self.inventory.list(user_id), [SlotItem(2, 0, 301, 0, 99), *before[1:]])
 
 
 class AtomicityTests(InventoryCase):

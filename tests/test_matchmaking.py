@@ -2,7 +2,8 @@
 Matchmaking against the real Redis Cluster: first come first served within
 a level group, a party as one ticket, raids of four, cancelling, widening
 to the neighbouring group on a driven clock, players freed when a raid's
-time is up, two matchers never putting a player in two raids, and over TCP
+time is up, two matchers never putting a player in two raids, the timer outliving an
+error reply from Redis, and over TCP
 two game server processes matching their players together, and a party's
 ticket withdrawn when the party changes or its leader drops.
 """
@@ -10,16 +11,18 @@ ticket withdrawn when the party changes or its leader drops.
 import random
 
 from prometheus_client import CollectorRegistry, Histogram
+from twisted.internet import defer, task
 
 from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.matchmaking import Matchmaker, level_group, matchmaking_keys
+from dreamraid.services.matchmaking import GROUPS, Matchmaker, level_group, matchmaking_keys
 from dreamraid.services.parties import Parties
 from dreamraid.services.presence import Presence
 from tests import cluster
 from tests.storage import test_settings
+from tests.support import eventually, when_logged
 from tests.test_game import GameServerCase
 from tests.test_inventory import InventoryCase
 
@@ -35,12 +38,12 @@ class MatchmakerCase(InventoryCase):
         self.presence = Presence(self.router, "test-matchmaking", 30, 900)
         self.formed = []
 
-    def matchmaker(self, raid_size=2, router=None, seed=1):
+    def matchmaker(self, raid_size=2, router=None, seed=1, clock=None):
         raids = test_settings(raids_matchmaking_prefix=self.prefix, raids_widen_after="30",
                               raids_raid_size=str(raid_size)).raids
         router = router or self.router
         parties = Parties(router, self.presence, random.Random(seed), raid_size)
-        return Matchmaker(router, self.presence, parties, self.clock, random.Random(seed), raids, 200,
+        return Matchmaker(router, self.presence, parties, clock or self.clock, random.Random(seed), raids, 200,
                           self.formed.append)
 
 
@@ -144,6 +147,28 @@ class MatchmakerTests(MatchmakerCase):
         members = [u for formed in results for raid in formed for u in raid.members]
         self.assertEqual(sorted(members), sorted(players))
         self.assertEqual(len({raid.raid_id for formed in results for raid in formed}), 20)
+
+    async def test_the_timer_carries_on_after_an_error_reply(self):
+        """
+        A timed pass that Redis answers with an error (WRONGTYPE: a key of
+        the wrong type) is logged; once the key is right, the next timed
+        pass forms the raid.
+        """
+        raid_until = matchmaking_keys(self.prefix)[GROUPS + 2]
+        await self.router.execute("SET", raid_until, "not a sorted set")
+        queuer = self.matchmaker(clock=task.Clock())  # its own passes never run
+        for user_id in [await self.new_user(), await self.new_user()]:
+            await queuer.enqueue(user_id)
+        matchmaker = self.matchmaker()
+        matchmaker.startService()
+        self.addCleanup(matchmaker.stopService)
+        logged = when_logged(self, "matchmaking: a pass failed")
+        self.clock.advance(1.0)
+        self.assertIn("WRONGTYPE", await logged)
+        self.assertEqual(self.formed, [])
+        await self.router.execute("DEL", raid_until)
+        self.clock.advance(1.0)
+        await eventually(lambda: defer.succeed(self.formed))
 
 
 class MatchmakingOverTcpTests(GameServerCase):

@@ -3,16 +3,27 @@ A raid's fight on a driven clock: the wait for ready with its grace, hits
 with the minimum interval and server damage, the killing hit scoring only
 what was left, clear and time-out, and (as a property) that HP never goes
 below zero, its sequence only rises and the scores add up to the damage
-done.
+done; and a host ending a cleared raid through Redis failures, against the
+real Redis Cluster.
 """
 
+import random
+
 from hypothesis import given, strategies as st
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.deferreds import gather
+from dreamraid.services.inventory import SlotItem
+from dreamraid.services.livestore import profile_key, raid_mark_key, raid_receipt_key
+from dreamraid.services.presence import Presence, presence_key
+from dreamraid.services.raidhost import RETRY_MAX, RaidHost
 from dreamraid.services.raids import Hit, Raid, Result, Stage, hit_damage
-from tests.support import make_settings
+from dreamraid.services.ranking import Ranking
+from tests.storage import test_settings
+from tests.support import eventually, log_lines, make_settings
+from tests.test_matchmaking import MatchmakerCase
 
 SETTINGS = make_settings().raids
 
@@ -116,3 +127,97 @@ class RaidTests(SynchronousTestCase):
         self.assertLessEqual(len(ended), 1)
         if ended and ended[0].cleared:
             self.assertEqual(ended[0].team_score, SETTINGS.boss_hp)
+
+
+class NobodyHere:
+    """The host's players when none is connected to its process: results go out through presence only."""
+
+    def connection_of(self, user_id):
+        return None
+
+
+class RaidEndTests(MatchmakerCase):
+    """A host on a driven clock, against the real Redis Cluster: its lease loop and the end of a raid."""
+
+    def raid_host(self, presence, ranking, matchmaker):
+        settings = test_settings(raids_matchmaking_prefix=self.prefix, raids_hit_interval="0").raids
+        host = RaidHost(self.router, presence, NobodyHere(), self.inventory, ranking, matchmaker, self.clock,
+                        random.Random(3), settings, "127.0.0.1:9090")
+        host.startService()
+        self.addCleanup(host.stopService)
+        return host
+
+    async def test_the_lease_loop_carries_on_after_an_error_reply(self):
+        """
+        A lease renewal that Redis answers with an error (WRONGTYPE: the
+        leases key has the wrong type) is logged; once the key is right, the
+        next tick renews the lease.
+        """
+        lines = log_lines(self)
+        leases = f"{{{self.prefix}}}:leases"
+        await self.router.execute("SET", leases, "not a sorted set")
+        self.raid_host(self.presence, Ranking(self.router, "testranking-unused"), self.matchmaker())
+        await eventually(lambda: defer.succeed(any("cannot renew the lease" in line for line in lines)))
+        await self.router.execute("DEL", leases)
+        self.clock.advance(1)
+        await eventually(lambda: self.router.execute("ZSCORE", leases, self.presence.server_id))
+
+    async def test_a_pay_refused_by_redis_is_retried_and_silences_nobody(self):
+        """
+        A raid is cleared while Redis answers one player's pay with an error
+        (their raid mark has the wrong type): the other is paid, and the host
+        tries again after a pause on its clock until Redis takes it.  Each
+        is paid once, the board has both scores, both are free to queue,
+        and a player whose result cannot be pushed keeps nobody else from
+        hearing theirs, which says what is stored.
+        """
+        lines = log_lines(self)
+        presence = Presence(self.router, f"test-raid-end-{random.getrandbits(40):x}", 30, 900)
+        told = []
+        subscription = presence.listen(lambda user_id, jti: None, lambda users, event, body: told.append((event, body)))
+        self.addCleanup(subscription.stop)
+        await subscription.when_subscribed()
+        ranking = Ranking(self.router, f"testranking{random.getrandbits(40):x}")
+        self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in (ranking.board, ranking.names)]))
+        matchmaker = self.matchmaker()
+        refused, unheard = players = [await self.new_user() for _ in range(2)]
+        for user_id in players:
+            self.addCleanup(lambda u=user_id: self.router.execute(
+                "DEL", presence_key(u), raid_mark_key(u), raid_receipt_key(u)))
+            await self.router.execute("SET", presence_key(user_id), presence.server_id)
+            await matchmaker.enqueue(user_id)
+        [formed] = await matchmaker.run_pass()
+        host = self.raid_host(presence, ranking, matchmaker)
+        host.host(formed)
+        await eventually(lambda: defer.succeed(any(f"raid {formed.raid_id} hosted" in line for line in lines)))
+        await self.router.execute("DEL", raid_mark_key(refused))
+        await self.router.execute("HSET", raid_mark_key(refused), "not", "a raid id")
+        await self.router.execute("DEL", presence_key(unheard))
+        await self.router.execute("HSET", presence_key(unheard), "not", "a server id")
+        for user_id in players:
+            host.ready(user_id, formed.raid_id)
+        scores, turn = dict.fromkeys(players, 0), 0
+        while True:
+            hit = host.hit(players[turn % 2], formed.raid_id)
+            scores[players[turn % 2]] += hit.damage
+            if hit.hp == 0:
+                break
+            turn += 1
+
+        await eventually(lambda: defer.succeed(any(f"paying user {refused} failed" in line for line in lines)))
+        await eventually(lambda: self.router.execute("EXISTS", raid_mark_key(unheard)).addCallback(lambda n: n == 0))
+        self.assertEqual(await self.router.execute("HGET", profile_key(refused), "exp"), b"0")
+        await self.router.execute("DEL", raid_mark_key(refused))
+        await self.router.execute("SET", raid_mark_key(refused), formed.raid_id)
+        self.clock.advance(RETRY_MAX)
+        await eventually(lambda: defer.succeed("raid_result" in dict(told)
+                                               and any(f"tell user {unheard}" in line for line in lines)))
+        [result] = [body for event, body in told if event == "raid_result"]
+        self.assertEqual((result["cleared"], result["score"], result["exp_gained"], result["best"]),
+                         (True, scores[refused], scores[refused], scores[refused]))
+        self.assertEqual(sorted(SlotItem(**item) for item in result["changed"]), await self.inventory.list(refused))
+        for user_id in players:
+            profile = await self.live.snapshot(user_id)
+            self.assertEqual((profile.exp, profile.best, profile.version), (scores[user_id],) * 2 + (1,))
+            self.assertEqual((await ranking.own(user_id)).score, scores[user_id])
+            await matchmaker.enqueue(user_id)  # refused (ALREADY_QUEUED) while still in the raid

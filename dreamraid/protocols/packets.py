@@ -612,8 +612,9 @@ ENHANCED = message(
 )
 GRANT = message(
     227, "grant", Sender.CLIENT,
-    "Development only (off unless [game] dev_grant = on): put count of an item into its tab. "
-    "Errors: grant_disabled, unknown_item, inventory_full.",
+    "Development only (off unless [game] dev_grant = on): put count of an item into its tab, all "
+    "or nothing. Errors: grant_disabled, unknown_item, inventory_full (they do not all fit; nothing "
+    "was added).",
     "item_code" / Int32ul, "count" / Int32ul,
 )
 
@@ -748,7 +749,9 @@ RAID_RESULT = message(
     272, "raid_result", Sender.SERVER,
     "Push to every player of a raid at its end: cleared or not, the player's score (0 on a "
     "failure) and the team's, and what a clear paid: exp, the level after, the best score and "
-    "the inventory slots the drops changed.",
+    "the inventory slots the drops changed, as stored (a drop with no room is lost). A clear "
+    "that could not pay the player (the raid outlived its longest life) says level 0 and nothing "
+    "paid; a player whose pay Redis never confirmed is not sent one.",
     "raid_id" / String, "cleared" / Flag, "score" / Int32ul, "team_score" / Int32ul,
     "exp_gained" / Int32ul, "level" / Int8ul, "best" / Int32ul, "changed" / records(Int16ul, SLOT_ITEM),
 )

@@ -7,6 +7,11 @@ The server decides everything: the rolls come from the injected random
 source and go into the scripts as numbers; the client only names slots.
 Every change adds one to the profile's C{version} (see L{livestore}).
 
+What a player is told is what is stored: a reply lists every slot the
+change touched, with what it holds after it.  Drops (a hunt's, a raid's)
+go in as far as they fit, and what has no room is lost and never listed; a
+grant is all or nothing.
+
 Inside the scripts an item is the text C{code:enhancement:count}.
 """
 
@@ -15,12 +20,13 @@ from typing import NamedTuple
 from twisted.internet import defer
 
 from dreamraid.errors import ErrorCode, RequestRefused
-from dreamraid.services.livestore import CONSUMABLES, EQUIPMENT, TABS, data_keys
+from dreamraid.services.livestore import CONSUMABLES, EQUIPMENT, TABS, data_keys, raid_mark_key, raid_receipt_key
 from dreamraid.services.rediscluster import Script
 
-# Shared by the scripts below: parse an item, add items of one code to a tab
-# (first topping up stacks of that code, then the lowest free slots), and
-# report changed slots.  KEYS[1] is always the profile, KEYS[2 + tab] the tabs.
+# Shared by the scripts below: parse an item, count the room for an item in
+# a tab, add items of one code to a tab (first topping up stacks of that
+# code, then the lowest free slots; the count that did not fit is returned),
+# and report changed slots.  KEYS[1] is always the profile, KEYS[2 + tab] the tabs.
 _LIBRARY = """
 local function parse(text)
   local code, enhancement, count = string.match(text, '(%d+):(%d+):(%d+)')
@@ -56,6 +62,18 @@ local function add(tab, code, count, stack, slots)
     end
   end
   return count
+end
+-- How many of an item fit in a tab: the room left in the stacks of its code,
+-- then a full stack in each free slot.
+local function room(tab, code, stack, slots)
+  local all = redis.call('HGETALL', KEYS[2 + tab])
+  local fits = slots * stack
+  for i = 1, #all, 2 do
+    if tonumber(all[i]) < slots then fits = fits - stack end
+    local c, e, n = parse(all[i + 1])
+    if stack > 1 and c == code and n < stack then fits = fits + stack - n end
+  end
+  return fits
 end
 local function changed_version()
   redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -94,23 +112,38 @@ for i = 1, #changed do reply[#reply + 1] = changed[i] end
 return reply
 """
 
-# ARGV: exp, score, max level, slots, #thresholds, thresholds..., then per
-# drop: item code, tab, count, stack.  Raises the best score to the score.
-# {exp, level, levels gained, best, changed...}.
+# KEYS: the user's data keys, then their raid mark and raid receipt.  ARGV:
+# raid id, receipt ttl ms, exp, score, max level, slots, #thresholds,
+# thresholds..., then per drop: item code, tab, count, stack.  Pays only while
+# the mark names this raid, and takes the mark off as it pays: the answer,
+# {exp, level, levels gained, best, changed...}, is kept as the receipt, and
+# a call again (its first reply lost) gets it back without paying twice.
+# {-8} (NOT_MARKED) when the mark names another raid or none and no receipt
+# of this raid is kept.  Drops with no room are lost (see _LIBRARY's add).
 _REWARD = _LIBRARY + """
-local slots, n = tonumber(ARGV[4]), tonumber(ARGV[5])
-local exp, level, gained = gain(tonumber(ARGV[1]), tonumber(ARGV[3]), n, 6)
+local raid = ARGV[1]
+if redis.call('GET', KEYS[5]) ~= raid then
+  local receipt = redis.call('GET', KEYS[6])
+  if receipt and string.sub(receipt, 1, #raid + 1) == raid .. ' ' then
+    return cjson.decode(string.sub(receipt, #raid + 2))
+  end
+  return {-8}
+end
+redis.call('DEL', KEYS[5])
+local slots, n = tonumber(ARGV[6]), tonumber(ARGV[7])
+local exp, level, gained = gain(tonumber(ARGV[3]), tonumber(ARGV[5]), n, 8)
 local best = tonumber(redis.call('HGET', KEYS[1], 'best') or '0')
-if tonumber(ARGV[2]) > best then
-  best = tonumber(ARGV[2])
+if tonumber(ARGV[4]) > best then
+  best = tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], 'best', best)
 end
-for i = 6 + n, #ARGV, 4 do
+for i = 8 + n, #ARGV, 4 do
   add(tonumber(ARGV[i + 1]), tonumber(ARGV[i]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), slots)
 end
 changed_version()
 local reply = {exp, level, gained, best}
 for i = 1, #changed do reply[#reply + 1] = changed[i] end
+redis.call('SET', KEYS[6], raid .. ' ' .. cjson.encode(reply), 'PX', ARGV[2])
 return reply
 """
 
@@ -190,11 +223,16 @@ changed_version()
 return {1, enhancement + 1}
 """
 
-# ARGV: tab, code, count, stack, slots.  {count left over, changed...}.
+# ARGV: tab, code, count, stack, slots.  All or nothing: {how many do not
+# fit} changing nothing, or {0, changed...}.
 _GRANT = _LIBRARY + """
-local left = add(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
-if #changed > 0 then changed_version() end
-return {left, unpack(changed)}
+local tab, code, count, stack, slots = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+                                       tonumber(ARGV[4]), tonumber(ARGV[5])
+local fits = room(tab, code, stack, slots)
+if count > fits then return {count - fits} end
+add(tab, code, count, stack, slots)
+changed_version()
+return {0, unpack(changed)}
 """
 
 # A user's data is live on a game server while its profile exists; scripts on
@@ -204,6 +242,7 @@ _LIVE_CHECK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-9} end
 """
 NOT_LIVE = -9
+NOT_MARKED = -8
 
 
 class SlotItem(NamedTuple):
@@ -271,6 +310,8 @@ def _hunted(reply, exp):
 
 
 def _rewarded(reply, exp):
+    if reply[0] == NOT_MARKED:
+        return None
     return Rewarded(exp, int(reply[1]), int(reply[0]), int(reply[2]), int(reply[3]), _changed(reply[4:]))
 
 
@@ -284,7 +325,7 @@ def _enhanced(reply, slot):
 
 def _granted(reply):
     if reply[0] > 0:
-        raise RequestRefused(ErrorCode.INVENTORY_FULL, f"{reply[0]} did not fit")
+        raise RequestRefused(ErrorCode.INVENTORY_FULL, f"{reply[0]} would not fit")
     return _changed(reply[1:])
 
 
@@ -348,19 +389,25 @@ class Inventory:
                 args += [drop.item, kind.tab, drop.count, kind.stack]
         return self._run("hunt", user_id, args).addCallback(_hunted, exp)
 
-    def reward(self, user_id, score):
+    def reward(self, user_id, raid_id, score, keep):
         """
-        Pay a player of a cleared raid: exp by their score, the table's
-        drops rolled here, and their best score raised; a L{Rewarded}.
+        Pay a player of the cleared raid C{raid_id}: exp by their score, the
+        table's drops rolled here (what does not fit is lost), and their best
+        score raised; a L{Rewarded}.  Pays only while the player's raid mark
+        names the raid, and takes it off: calling again (after a reply was
+        lost) never pays twice, and answers what the raid paid for C{keep}
+        seconds after; C{None} when the raid did not pay them (its mark had
+        expired or names another raid).
         """
         t = self._tables
         exp = score * t.raid_exp_per_score
-        args = [exp, score, t.max_level, t.slots, len(self._thresholds), *self._thresholds]
+        args = [raid_id, int(keep * 1000), exp, score, t.max_level, t.slots, len(self._thresholds), *self._thresholds]
         for drop in t.raid_drops:
             if self._random.randrange(100) < drop.percent:
                 kind = t.items[drop.item]
                 args += [drop.item, kind.tab, drop.count, kind.stack]
-        return self._run("reward", user_id, args).addCallback(_rewarded, exp)
+        keys = [*data_keys(user_id), raid_mark_key(user_id), raid_receipt_key(user_id)]
+        return self.scripts["reward"](keys, args).addCallback(_live).addCallback(_rewarded, exp)
 
     def delete(self, user_id, tab, slot):
         """Empty a slot; the changed slots."""
@@ -385,7 +432,11 @@ class Inventory:
         return self._run("enhance", user_id, args).addCallback(_enhanced, slot)
 
     def grant(self, user_id, item_code, count):
-        """Development only: add C{count} of an item to its tab; the changed slots."""
+        """
+        Development only: add C{count} of an item to its tab, all or nothing;
+        the changed slots.  Refused with INVENTORY_FULL, changing nothing,
+        when they do not all fit.
+        """
         kind = self._tables.items.get(item_code)
         if kind is None or count < 1:
             return defer.fail(RequestRefused(ErrorCode.UNKNOWN_ITEM))

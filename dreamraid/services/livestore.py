@@ -9,6 +9,10 @@ slot changes it atomically:
     {u:<id>}:inv:<tab>  hash per tab (0 equipment, 1 consumables, 2 materials):
                         slot -> "item_code:enhancement:count"
     {u:<id>}:session    the live token id (jti), with a TTL
+    {u:<id>}:raid       the id of the raid the user plays in, until it ends
+                        (a clear takes it off as it pays them)
+    {u:<id>}:raid_paid  "<raid id> <JSON>": what that raid's pay answered,
+                        so a retry after a lost reply gets the same answer
 
 C{version} starts at the MySQL row's C{data_version} and every change of
 the user's data adds one to it, so the sync can tell a newer snapshot from an
@@ -38,6 +42,11 @@ def session_key(user_id):
 def raid_mark_key(user_id):
     """Set while the user is a player of a raid: their data stays live until it pays them."""
     return f"{{u:{user_id}}}:raid"
+
+
+def raid_receipt_key(user_id):
+    """What the last raid that paid the user answered, for a retry whose first reply was lost."""
+    return f"{{u:{user_id}}}:raid_paid"
 
 
 def data_keys(user_id):

@@ -10,17 +10,21 @@ derived from a secret the host keeps (L{member_keys}), so a member knows
 only its own and cannot sign datagrams as another.  Players ready and hit
 over TCP on the host; the boss's HP goes out over UDP after every change
 and at least once a second, and the players' positions are relayed ten
-times a second.  At the end every player hears the result, a clear pays
-(exp, drops, best score, the ranking board), and the players are free to
-queue again.
+times a second.  At the end a clear pays (exp, drops, best score, the
+ranking board), the players are free to queue again, and each hears the
+result.
 
 While a raid runs, its players' data stays live in Redis (a raid mark in
 their slot keeps the sync from unloading it), so a player who dropped is
-still paid at the end.
+still paid at the end.  A player's pay takes their mark off in the same
+script and is paid only while the mark names the raid, so the end can be
+retried through Redis failures (a lost reply included) without paying
+anyone twice.
 """
 
 import functools
 import hashlib
+import itertools
 import json
 from typing import NamedTuple
 
@@ -30,8 +34,9 @@ from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
+from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.livestore import profile_key, raid_mark_key, tab_key
-from dreamraid.services.rediscluster import RedisClusterError
+from dreamraid.services.rediscluster import Script
 from dreamraid.services.raids import Raid, hit_damage, longest_life
 
 RAID_FOUND = "raid_found"
@@ -47,6 +52,19 @@ RELAY_INTERVAL = 0.1
 BUCKETS = 10
 # Bytes of a raid's secret and of each member's key (the MAC key of its datagrams).
 KEY_SIZE = 16
+# Each step of a raid's end (a player's pay, the ranking, freeing the
+# players) is tried again after a Redis failure, after a pause that starts
+# at RETRY_FIRST seconds and doubles up to RETRY_MAX (each with jitter),
+# until the raid's longest life has passed: its raid marks are gone by then.
+RETRY_FIRST = 0.1
+RETRY_MAX = 2.0
+
+# KEYS: a player's raid mark.  ARGV: raid id.  Takes the mark off if it
+# still names this raid (a later raid's is left alone).
+_UNMARK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 
 
 def member_keys(secret, count):
@@ -62,8 +80,9 @@ def member_keys(secret, count):
 class _Hosted:
     """One raid on this host: the fight, and its UDP channel."""
 
-    def __init__(self, raid, number, keys, members, names):
+    def __init__(self, raid, number, keys, members, names, until):
         self.raid = raid
+        self.until = until  # when its raid marks have surely expired, on the host's clock
         self.number = number
         self.keys = keys  # member number -> that member's datagram key
         self.members = members  # user ids; a player's index is their member number
@@ -112,6 +131,10 @@ class RaidHost(Service):
         self._relay = None
         self._keeping = None
         self._finishing = set()  # Deferreds of raids paying their players
+        self._pauses = set()  # Deferreds of the pauses between their retries
+        self._life = longest_life(settings)
+        self._unmark = Script(router, _UNMARK)
+        self._failures = FailureLog(self._log, clock)
         self._ticks = 0
         self._keeps = 0
         self.udp = None
@@ -131,25 +154,35 @@ class RaidHost(Service):
         for loop in (self._relay, self._keeping):
             if loop.running:
                 loop.stop()
+        for pause in list(self._pauses):
+            pause.cancel()
         return defer.ensureDeferred(self._abandon_all())
 
     async def _abandon_all(self):
-        """Shutting down: let raids that ended finish paying, end the rest as failed, free their players and tell them."""
+        """
+        Shutting down: let raids that ended finish paying (each step tried
+        once more), end the rest as failed, free their players and tell them.
+        """
         await gather(list(self._finishing))
         for hosted in list(self._raids.values()):
             hosted.raid.abandon()
+            self._drop(hosted)
+            raid_id = hosted.raid.raid_id
             try:
-                await self._forget(hosted)
-                await self._tell_failed(hosted.raid.raid_id, hosted.members)
-            except RedisClusterError as e:
+                await gather([self._unmark([raid_mark_key(u)], [raid_id]) for u in hosted.members])
+                await self._matchmaker.release(raid_id)
+            except REDIS_ERRORS as e:
                 self._log.warn("raid {raid_id} abandoned at shutdown; its players wait for the lease: {error}",
-                               raid_id=hosted.raid.raid_id, error=e)
+                               raid_id=raid_id, error=e)
+            else:
+                await self._tell_failed(raid_id, hosted.members)
 
     async def _keep(self):
         """
         Every tenth of a second: renew this host's lease with the checkpoints
         of a tenth of its raids (each raid's every second, a little at a
-        time); every second, end the raids of dead hosts.
+        time); every second, end the raids of dead hosts.  A failure is
+        logged, and the next tick tries again.
         """
         self._keeps += 1
         bucket = self._keeps % BUCKETS
@@ -169,13 +202,21 @@ class RaidHost(Service):
                     self._drop(hosted)
                 self._log.warn("raid {raid_id}: its host stopped renewing; ended as failed", raid_id=raid_id)
                 await self._tell_failed(raid_id, members)
-        except RedisClusterError as e:
-            self._log.warn("raid host: cannot renew the lease or check others' ({error})", error=e)
+        except Exception:
+            self._failures.failed("raid host: cannot renew the lease or check others'")
 
-    async def _tell_failed(self, raid_id, members):
-        await gather([self._presence.tell([u], RAID_RESULT, {
+    def _tell_failed(self, raid_id, members):
+        return gather([self._tell(raid_id, u, {
             "raid_id": raid_id, "cleared": False, "score": 0, "team_score": 0, "exp_gained": 0, "level": 0,
             "best": 0, "changed": []}) for u in members])
+
+    async def _tell(self, raid_id, user_id, body):
+        """Push a raid's result to one player; a failure is logged, and the others are told all the same."""
+        try:
+            await self._presence.tell([user_id], RAID_RESULT, body)
+        except REDIS_ERRORS as e:
+            self._log.warn("raid {raid_id}: cannot tell user {user_id} its result: {error}",
+                           raid_id=raid_id, user_id=user_id, error=e)
 
     def __len__(self):
         return len(self._raids)
@@ -196,14 +237,15 @@ class RaidHost(Service):
             enhancement = int(weapon.split(b":")[1]) if weapon else 0
             damage[user_id] = hit_damage(int(level or 1), enhancement)
         names = {u: (name or b"").decode() for u, (name, _) in zip(members, profiles)}
-        await gather([self._router.execute("SET", raid_mark_key(u), raid_id, "PX", int(longest_life(settings) * 1000))
+        until = self._clock.seconds() + self._life
+        await gather([self._router.execute("SET", raid_mark_key(u), raid_id, "PX", int(self._life * 1000))
                       for u in members])
         number = self._random.getrandbits(32)
         while number in self._by_number:
             number = self._random.getrandbits(32)
         keys = member_keys(self._random.getrandbits(8 * KEY_SIZE).to_bytes(KEY_SIZE, "big"), len(members))
         hosted = _Hosted(Raid(raid_id, damage, settings, self._clock, functools.partial(self._event, raid_id)),
-                         number, keys, list(members), names)
+                         number, keys, list(members), names, until)
         self._raids[raid_id] = self._by_number[number] = self._buckets[number % BUCKETS][raid_id] = hosted
         tickets = {u: f"{self._random.getrandbits(128):032x}" for u in members}
         await gather([self._presence.offer_handoff(u, tickets[u], HANDOFF_TTL) for u in members])
@@ -255,38 +297,95 @@ class RaidHost(Service):
                 connection.push(event, body)
 
     async def _finish(self, hosted, result):
-        raid_id = hosted.raid.raid_id
+        """
+        The raid ended.  A clear pays each player (which takes their raid
+        mark off) and puts the scores on the board; a fail takes the marks
+        off.  Then the players are freed, and each is told what the raid
+        paid them.  Each step goes on through Redis failures (L{_retried});
+        a player whose pay never settled is not told.
+        """
+        raid_id, members = hosted.raid.raid_id, hosted.members
         self._send_hp(hosted)
-        paid = {}
         if result.cleared:
-            outcomes = await defer.DeferredList(
-                [self._inventory.reward(u, result.scores[u]) for u in hosted.members], consumeErrors=True)
-            for user_id, (ok, value) in zip(hosted.members, outcomes):
-                if ok:
-                    paid[user_id] = value
-                else:
-                    self._log.error("raid {raid_id}: could not pay user {user_id} (score {score}): {error}",
-                                    raid_id=raid_id, user_id=user_id, score=result.scores[user_id],
-                                    error=value.value)
-            await self._ranking.record([(u, hosted.names[u], result.scores[u])
-                                        for u in hosted.members if result.scores[u] > 0])
-        await self._forget(hosted)
+            paid = await self._pay(hosted, result)
+            scores = [(u, hosted.names[u], result.scores[u]) for u, rewarded in paid.items()
+                      if rewarded is not None and result.scores[u] > 0]
+            await self._retried_or_logged(hosted, "recording its scores", functools.partial(
+                self._ranking.record, scores))
+        else:
+            paid = dict.fromkeys(members)
+            await gather([self._retried_or_logged(hosted, "taking user {user_id}'s raid mark off", functools.partial(
+                self._unmark, [raid_mark_key(u)], [raid_id]), user_id=u) for u in members])
+        self._drop(hosted)
+        await self._retried_or_logged(hosted, "freeing its players", functools.partial(
+            self._matchmaker.release, raid_id))
         self._log.info("raid {raid_id} ended: {outcome}, team score {team_score}, scores {scores}",
                        raid_id=raid_id, outcome="cleared" if result.cleared else "failed",
                        team_score=result.team_score, scores={str(u): s for u, s in result.scores.items()})
-        for user_id in hosted.members:
-            rewarded = paid.get(user_id)
-            body = {"raid_id": raid_id, "cleared": result.cleared, "score": result.scores[user_id],
-                    "team_score": result.team_score, "exp_gained": rewarded.exp_gained if rewarded else 0,
-                    "level": rewarded.level if rewarded else 0, "best": rewarded.best if rewarded else 0,
-                    "changed": [item._asdict() for item in rewarded.changed] if rewarded else []}
-            await self._presence.tell([user_id], RAID_RESULT, body)
+        await gather([self._tell(raid_id, u, {
+            "raid_id": raid_id, "cleared": result.cleared, "score": result.scores[u],
+            "team_score": result.team_score, "exp_gained": rewarded.exp_gained if rewarded else 0,
+            "level": rewarded.level if rewarded else 0, "best": rewarded.best if rewarded else 0,
+            "changed": [item._asdict() for item in rewarded.changed] if rewarded else []})
+            for u, rewarded in paid.items()])
 
-    async def _forget(self, hosted):
-        """The raid is over here: its marks go, its players are free, the host lets it go."""
-        self._drop(hosted)
-        await gather([self._router.execute("DEL", raid_mark_key(u)) for u in hosted.members])
-        await self._matchmaker.release(hosted.raid.raid_id)
+    async def _pay(self, hosted, result):
+        """
+        Pay each player of a cleared raid, each on their own; C{{user id:
+        L{Rewarded} or None}} (None: their mark had gone, the raid did not
+        pay them), leaving out those whose pay never settled.
+        """
+        raid_id, members = hosted.raid.raid_id, hosted.members
+        outcomes = await defer.DeferredList([defer.ensureDeferred(self._retried(
+            hosted, "paying user {user_id}", functools.partial(
+                self._inventory.reward, u, raid_id, result.scores[u], self._life), user_id=u)) for u in members],
+            consumeErrors=True)
+        paid = {}
+        for user_id, (ok, value) in zip(members, outcomes):
+            if ok:
+                paid[user_id] = value
+            else:
+                self._log.error("raid {raid_id}: gave up paying user {user_id} (score {score}), who is not told: "
+                                "{error}", raid_id=raid_id, user_id=user_id, score=result.scores[user_id],
+                                error=value.value)
+        return paid
+
+    async def _retried(self, hosted, step, call, **fields):
+        """
+        C{call()} (a Deferred) until it succeeds; its result.  After a Redis
+        failure it is called again after a jittered pause on the clock, from
+        RETRY_FIRST doubling up to RETRY_MAX; the first failure is logged.
+        Gives up, raising the last failure, once the service has stopped or
+        the raid's longest life would have passed; any other failure is
+        raised at once.  C{step} names the step in the log, with C{fields}.
+        """
+        raid_id = hosted.raid.raid_id
+        for failures in itertools.count():
+            try:
+                return await call()
+            except REDIS_ERRORS as e:
+                pause = min(RETRY_MAX, RETRY_FIRST * 2 ** failures) * (0.5 + self._random.random() / 2)
+                if not self.running or self._clock.seconds() + pause > hosted.until:
+                    raise
+                if not failures:
+                    self._log.warn("raid {raid_id}: " + step + " failed ({error}); trying again",
+                                   raid_id=raid_id, error=e, **fields)
+            pausing = task.deferLater(self._clock, pause)
+            self._pauses.add(pausing)
+            try:
+                await pausing
+            except defer.CancelledError:
+                pass  # the service is stopping: one last try
+            finally:
+                self._pauses.discard(pausing)
+
+    async def _retried_or_logged(self, hosted, step, call, **fields):
+        """L{_retried}, but giving up is logged rather than raised."""
+        try:
+            await self._retried(hosted, step, call, **fields)
+        except REDIS_ERRORS as e:
+            self._log.error("raid {raid_id}: gave up " + step + ": {error}", raid_id=hosted.raid.raid_id, error=e,
+                            **fields)
 
     def _drop(self, hosted):
         self._raids.pop(hosted.raid.raid_id, None)
