@@ -172,7 +172,8 @@ mysql_start() {
             die "mariadb-install-db failed; see $MYSQL_DIR/install.log"
     fi
     rm -f "$MYSQL_SOCK"
-    nohup "$(mariadbd_bin)" --no-defaults --user="$(id -un)" --datadir="$MYSQL_DIR/data" \
+    # A session of its own: a test that restarts it is killed without taking it along.
+    setsid nohup "$(mariadbd_bin)" --no-defaults --user="$(id -un)" --datadir="$MYSQL_DIR/data" \
         --socket="$MYSQL_SOCK" --pid-file="$MYSQL_PID" --bind-address="$MYSQL_HOST" \
         --port="$MYSQL_PORT" --log-error="$MYSQL_DIR/error.log" --skip-name-resolve \
         --innodb-buffer-pool-size=256M --max-connections=500 >/dev/null 2>&1 &
