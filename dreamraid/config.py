@@ -98,19 +98,17 @@ _host_ports.kind = "host:port,..."
 def _rates(text, base):
     """C{*=20/40 hunt=2/4}: requests a second and burst, by message name (C{*}: every other); C{off}: none."""
     from dreamraid.protocols.packets import MESSAGES_BY_NAME
-    from dreamraid.services.limits import Rate
 
     if text.strip() == "off":
         return {}
     rates = {}
     for part in text.split():
         name, sep, rate = part.partition("=")
-        per_second, slash, burst = rate.partition("/")
-        if not sep or not slash:
+        if not sep or rate.strip() == "off":
             raise ValueError(f"expected name=per_second/burst, got {part!r}")
         if name != "*" and name not in MESSAGES_BY_NAME:
             raise ValueError(f"no message is named {name!r}")
-        rates[name] = Rate(_number(float, 0.001, 1e9)(per_second, None), _number(float, 1, 1e9)(burst, None))
+        rates[name] = _rate(rate, base)
     if not rates:
         raise ValueError("needs name=per_second/burst pairs, or off")
     return rates

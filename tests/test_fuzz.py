@@ -12,6 +12,7 @@ import random
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
+from bench.fuzz import Frames
 from dreamraid.client import SessionClient
 from dreamraid.protocols import packets
 from tests.mutations import fuzzed_datagrams, fuzzed_frames
@@ -24,7 +25,7 @@ BATCH = 500
 DATAGRAM_BATCH = 100
 
 
-class _Fuzzer(protocol.Protocol):
+class _Fuzzer(Frames):
     """Writes batches of frames, each ended by a ping, and reads whatever comes back."""
 
     def __init__(self):
@@ -32,7 +33,6 @@ class _Fuzzer(protocol.Protocol):
         self.lost = False
         self._waiting = None
         self._nonce = None
-        self._buffer = b""
 
     def send(self, frames, nonce):
         """Write C{frames} and a ping; fires with True once its pong is back, False if the server closed first."""
@@ -42,17 +42,12 @@ class _Fuzzer(protocol.Protocol):
         self.transport.write(b"".join(frames) + packets.PING.encode(0, {"nonce": nonce}))
         return self._waiting
 
-    def dataReceived(self, data):
-        self._buffer += data
-        while len(self._buffer) >= 2:
-            end = 2 + int.from_bytes(self._buffer[:2], "little")
-            if len(self._buffer) < end:
-                return
-            frame, self._buffer = packets.decode_frame(self._buffer[:end]), self._buffer[end:]
-            if not self.authenticated.called and frame.message in (packets.AUTHENTICATED, packets.ERROR):
-                self.authenticated.callback(frame.message)
-            elif frame.message is packets.PONG and frame.body["nonce"] == self._nonce and not self._waiting.called:
-                self._waiting.callback(True)
+    def frameReceived(self, message_id, data):
+        frame = packets.decode_frame(data)
+        if not self.authenticated.called and frame.message in (packets.AUTHENTICATED, packets.ERROR):
+            self.authenticated.callback(frame.message)
+        elif frame.message is packets.PONG and frame.body["nonce"] == self._nonce and not self._waiting.called:
+            self._waiting.callback(True)
 
     def connectionLost(self, reason):
         self.lost = True

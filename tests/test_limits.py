@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
+from dreamraid.config import ConfigError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.protocols.server import ServerFactory
@@ -58,6 +59,25 @@ class RequestBucketsTests(TestCase):
         """With no C{*} rate, a message not named is never limited."""
         buckets = RequestBuckets(self.clock, {"hunt": Rate(1, 1)})
         self.assertTrue(all(buckets.allow("ping") for _ in range(1000)))
+
+
+class LimitSettingsTests(TestCase):
+    """The limits' settings, as an operator writes them."""
+
+    def test_parsed(self):
+        game = make_settings(game_rate_limits="*=20/40 hunt=2/4", game_frame_rate="100/200").game
+        self.assertEqual(game.rate_limits, {"*": Rate(20, 40), "hunt": Rate(2, 4)})
+        self.assertEqual(game.frame_rate, Rate(100, 200))
+        off = make_settings(game_rate_limits="off", game_frame_rate="off").game
+        self.assertEqual((off.rate_limits, off.frame_rate), ({}, None))
+
+    def test_refused_with_the_setting_named(self):
+        for setting, text in [("game_rate_limits", "hunt"), ("game_rate_limits", "no_such_message=1/1"),
+                              ("game_rate_limits", "hunt=off"), ("game_frame_rate", "100"),
+                              ("game_frame_rate", "0/1")]:
+            with self.assertRaises(ConfigError) as raised:
+                make_settings(**{setting: text})
+            self.assertIn(setting.split("_", 1)[1], str(raised.exception))
 
 
 class AddressCapTests(TestCase):
