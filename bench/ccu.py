@@ -47,9 +47,9 @@ import time
 
 from twisted.internet import defer, protocol, stdio, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.protocols.basic import IntNStringReceiver, LineReceiver
+from twisted.protocols.basic import IntNStringReceiver
 
-from bench.children import ROOT, UNLIMITED_GAME, forget_players, live_players, start, write_shares
+from bench.children import ROOT, UNLIMITED_GAME, CommandLines, forget_players, live_players, start, write_shares
 from bench.game_ops import free_port, listening
 from bench.raid_load import Schedule, cpu_seconds
 from dreamraid.client import RemoteError
@@ -232,10 +232,8 @@ class Heartbeats:
         return {**self.window.answer(), "cpu_percent": round(used / seconds * 100)}
 
 
-class Commands(LineReceiver):
-    """A generator's standard input and output: C{hold N} and C{measure SECONDS}, each answered by a JSON line."""
-
-    delimiter = b"\n"
+class Commands(CommandLines):
+    """A generator's commands: C{hold N} and C{measure SECONDS}."""
 
     def __init__(self, heartbeats):
         self.heartbeats = heartbeats
@@ -246,17 +244,7 @@ class Commands(LineReceiver):
             answer = self.heartbeats.hold(int(argument))
         else:
             answer = self.heartbeats.measure(float(argument))
-        defer.ensureDeferred(answer).addCallbacks(lambda told: self.sendLine(json.dumps(told).encode()), _fail)
-
-    def connectionLost(self, reason):
-        # The run is over: leave the connections to the kernel.
-        os._exit(0)
-
-
-def _fail(failure):
-    """A command failed: say why and end, so the parent's answer fails too."""
-    failure.printTraceback()
-    os._exit(1)
+        self.answer(defer.ensureDeferred(answer))
 
 
 def generate(reactor, arguments):

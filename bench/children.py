@@ -12,6 +12,7 @@ import tempfile
 from typing import NamedTuple
 
 from twisted.internet import defer, protocol
+from twisted.protocols.basic import LineReceiver
 
 from dreamraid.config import load_settings
 from dreamraid.services.deferreds import gather
@@ -64,6 +65,29 @@ def start(reactor, *args, executable=sys.executable, reports=True):
     reactor.spawnProcess(child, executable, [executable, *args], env=None, path=ROOT)
     return child
 
+
+
+class CommandLines(LineReceiver):
+    """
+    A generator's standard input and output: each command line is answered
+    by one JSON line (L{answer}); a failed command ends the process so the
+    parent's wait fails too, and so does the end of its input.
+    """
+
+    delimiter = b"\n"
+
+    def answer(self, deferred):
+        """Send what C{deferred} fires with as a JSON line."""
+        deferred.addCallbacks(lambda told: self.sendLine(json.dumps(told).encode()), _fail)
+
+    def connectionLost(self, reason):
+        # The run is over: leave the connections to the kernel.
+        os._exit(0)
+
+
+def _fail(failure):
+    failure.printTraceback()
+    os._exit(1)
 
 
 def say(children, word):

@@ -77,11 +77,10 @@ import time
 import weakref
 
 from twisted.internet import defer, protocol, stdio, task
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from bench.ccu import Generator, rss_bytes
-from bench.children import ROOT, forget_players
+from bench.children import ROOT, CommandLines, forget_players
 from bench.game_ops import free_port, listening
 from bench.load import SERVER_FAILURES, code_name, latency_bucket, percentile_ms
 from bench.raid_load import cpu_seconds
@@ -211,10 +210,8 @@ class BotSlots:
         return {"user_ids": sorted(self._user_ids), "cut_short": cut}
 
 
-class Commands(LineReceiver):
-    """A generator's standard input and output: C{go}, C{tally} and C{stop}, each answered by a JSON line."""
-
-    delimiter = b"\n"
+class Commands(CommandLines):
+    """A generator's commands: C{go}, C{tally} and C{stop}."""
 
     def __init__(self, slots, tally, connections, ramp):
         self.slots, self.tally, self.connections, self.ramp = slots, tally, connections, ramp
@@ -228,7 +225,7 @@ class Commands(LineReceiver):
             answer = defer.succeed(self._told())
         else:
             answer = defer.ensureDeferred(self.slots.stop(WIND_DOWN))
-        answer.addCallbacks(lambda told: self.sendLine(json.dumps(told).encode()), _fail)
+        self.answer(answer)
 
     def _go(self):
         # Collections stay on for a long run, but skip what was made so far.
@@ -243,16 +240,6 @@ class Commands(LineReceiver):
         (wall, cpu), self._since = self._since, (time.monotonic(), time.process_time())
         return {**self.tally.take(), "connections": held,
                 "cpu_percent": round((self._since[1] - cpu) / (self._since[0] - wall) * 100)}
-
-    def connectionLost(self, reason):
-        # The run is over: leave the connections to the kernel.
-        os._exit(0)
-
-
-def _fail(failure):
-    """A command failed: say why and end, so the parent's question fails too."""
-    failure.printTraceback()
-    os._exit(1)
 
 
 def generate(reactor, arguments):
