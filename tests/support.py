@@ -17,7 +17,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import Agent, readBody
 
-from dreamraid.client import connect
+from dreamraid.client import RaidChannel, connect
+from dreamraid.services.deferreds import gather
 from dreamraid.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,21 @@ async def stack(command):
     if code != 0:
         raise AssertionError(f"stack.sh {command} exited {code}: {err.decode(errors='replace')}")
     return out.decode()
+
+
+async def greeted_channels(testcase, found):
+    """
+    A raid UDP channel on loopback for each C{raid_found} body in C{found}
+    (closed after the test), each greeted: the channels, and the boss HP
+    each was told.
+    """
+    channels = []
+    for body in found:
+        channel = RaidChannel(body)
+        port = reactor.listenUDP(0, channel, interface="127.0.0.1")
+        testcase.addCleanup(port.stopListening)
+        channels.append(channel)
+    return channels, await gather([channel.greet(reactor) for channel in channels])
 
 
 async def eventually(probe, timeout=30.0, interval=0.1):

@@ -14,12 +14,12 @@ import random
 from twisted.internet import reactor
 
 from dreamraid.client import RemoteError
-from dreamraid.client.game import GameClient, RaidChannel
+from dreamraid.client.game import GameClient
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import STILL_ONLINE, profile_key
-from tests.support import eventually
+from tests.support import eventually, greeted_channels
 from tests.test_game import GameServerCase
 
 
@@ -43,13 +43,8 @@ class RaidPlayTests(GameServerCase):
         for client in clients:
             await client.request(packets.QUEUE_RAID, {})
         found = [await client.next_push("raid_found") for client in clients]
-        channels = []
-        for body in found:
-            channel = RaidChannel(body)
-            port = reactor.listenUDP(0, channel, interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            channels.append(channel)
-        self.assertEqual(await gather([channel.greet(reactor) for channel in channels]), [30] * len(channels))
+        channels, hp = await greeted_channels(self, found)
+        self.assertEqual(hp, [30] * len(channels))
         return found, channels
 
     async def fight(self, clients, raid_id):

@@ -28,7 +28,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from dreamraid import game_tap, session_tap
-from dreamraid.client import ConnectionClosed, GameClient, RaidChannel, RemoteError
+from dreamraid.client import ConnectionClosed, GameClient, RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.protocols.framing import FrameReceiver
@@ -42,7 +42,7 @@ from dreamraid.services.ranking import PAGE_LIMIT
 from dreamraid.tables import load_tables
 from tests.storage import TEST_DATABASE, SessionServicesCase, sql
 from tests.strategies import body_strategy, value_strategy
-from tests.support import RunningServer, eventually, make_settings
+from tests.support import RunningServer, eventually, greeted_channels, make_settings
 
 BOSS_HP = 4
 E = ErrorCode
@@ -364,13 +364,8 @@ class DatagramAttackTests(SecurityCase):
         found = [await client.next_push("raid_found") for client in players]
         clients = [players[i] for i in sorted(range(2), key=lambda i: found[i]["member"])]
         found.sort(key=lambda body: body["member"])
-        channels = []
-        for body in found:
-            channel = RaidChannel(body)
-            port = reactor.listenUDP(0, channel, interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            channels.append(channel)
-        self.assertEqual(await gather([channel.greet(reactor) for channel in channels]), [BOSS_HP] * 2)
+        channels, hp = await greeted_channels(self, found)
+        self.assertEqual(hp, [BOSS_HP] * 2)
         return clients, found, channels
 
     def listener(self):
