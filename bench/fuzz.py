@@ -85,8 +85,10 @@ class GoodClient(Frames):
         if message_id == packets.PING.id:  # the server's liveness ping: answer it, as a client does
             self.transport.write(packets.PONG.encode(0, packets.decode_frame(frame).body))
         elif not self.ready.called:
-            (self.ready.callback if message_id == packets.AUTHENTICATED.id else self.ready.errback)(
-                RuntimeError(f"authentication failed: {packets.decode_frame(frame)}"))
+            if message_id == packets.AUTHENTICATED.id:
+                self.ready.callback(None)
+            else:
+                self.ready.errback(RuntimeError(f"authentication failed: {packets.decode_frame(frame)}"))
         elif self._sent_at is not None:
             if message_id == packets.ERROR.id:
                 self.errors += 1

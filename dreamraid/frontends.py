@@ -45,8 +45,10 @@ def add_frontends(parent, reactor, server_name, settings, health, factory_class=
         factory.metrics = Metrics(reactor, server_name)
         factory.metrics.setServiceParent(parent)
         factory.metrics.watch("dreamraid_connections", "Client connections open", "gauge", lambda: len(liveness))
-        factory.metrics.watch("dreamraid_limited", "What the abuse limits refused: requests, connections, slow readers",
-                              "counter", lambda: factory.limited, "what")
+        factory.metrics.watch(
+            "dreamraid_limited",
+            "What the abuse limits did: requests and connections refused, slow readers dropped, frame budgets spent",
+            "counter", lambda: factory.limited, "what")
     clients = StreamServerEndpointService(serverFromString(reactor, settings.listen), factory)
     clients.setServiceParent(parent)
     web = Site(http_root(health, factory.metrics))

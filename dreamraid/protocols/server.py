@@ -327,7 +327,7 @@ class ServerFactory(Factory):
         self.slow_reader_timeout = settings.slow_reader_timeout
         self.write_buffer_limit = settings.write_buffer_limit
         self.addresses = AddressCap(settings.connections_per_address)
-        self.limited = collections.Counter()  # what the limits refused: requests, connections, slow readers
+        self.limited = collections.Counter()  # what the limits did: requests, connections, slow_reader, frame_budget
 
     def buildProtocol(self, address):
         host = getattr(address, "host", None)
