@@ -99,10 +99,10 @@ class BucketsTests(TestCase):
         for seconds in (0.0002, 0.003, 0.003, 7.0):
             started = clock.seconds()
             clock.advance(seconds)
-            self.assertEqual(metrics.answered("reply", packets.PING, started), "reply")
+            metrics.answered(packets.PING, packets.PONG, started)
         samples = {(s.name, s.labels.get("le")): s.value
                    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
-                   for s in family.samples if s.labels.get("message") == "ping"}
+                   for s in family.samples if s.labels.get("message") in ("ping", "pong")}
         self.assertEqual(samples[("dreamraid_request_seconds_bucket", "0.0005")], 1)
         self.assertEqual(samples[("dreamraid_request_seconds_bucket", "0.005")], 3)
         self.assertEqual(samples[("dreamraid_request_seconds_bucket", "2.5")], 3)
@@ -110,3 +110,4 @@ class BucketsTests(TestCase):
         self.assertEqual(samples[("dreamraid_request_seconds_count", None)], 4)
         self.assertAlmostEqual(samples[("dreamraid_request_seconds_sum", None)], 7.0062)
         self.assertEqual(samples[("dreamraid_messages_received_total", None)], 4)
+        self.assertEqual(samples[("dreamraid_messages_sent_total", None)], 4)

@@ -198,26 +198,21 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
             return
         metrics = self.factory.metrics
-        if metrics is not None:
-            started = metrics.now()
+        started = None if metrics is None else metrics.now()
         try:
             result = getattr(self, method)(body)
         except Exception:
-            self._request_failed(Failure(), request_id, message)
-            result = None
+            self._request_failed(Failure(), request_id, message, started)
+            return
         if inspect.iscoroutine(result):
             result = defer.Deferred.fromCoroutine(result)
         if isinstance(result, defer.Deferred):
             result.addCallbacks(
                 self._reply, self._request_failed,
-                callbackArgs=(request_id,), errbackArgs=(request_id, message),
+                callbackArgs=(request_id, message, started), errbackArgs=(request_id, message, started),
             )
-            if metrics is not None:
-                result.addBoth(metrics.answered, message, started)
             return
-        self._reply(result, request_id)
-        if metrics is not None:
-            metrics.answered(None, message, started)
+        self._reply(result, request_id, message, started)
 
     def _within_rate(self, name, request_id):
         """
@@ -250,14 +245,20 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         self.write_frame(packets.error_frame(0, ErrorCode.FRAME_TOO_LARGE))
         self.transport.loseConnection()
 
-    def _reply(self, result, request_id):
+    def _reply(self, result, request_id, request, started):
+        """
+        Send C{result} (a reply message and its body, or None) as the answer
+        to request C{request_id} of C{request}, which arrived at C{started}
+        (None: metrics are off).
+        """
+        reply = None
         if result is not None and self.connected:
-            message, body = result
-            self.write_frame(message.encode(request_id, body))
-            if self.factory.metrics is not None:
-                self.factory.metrics.replied(message)
+            reply, body = result
+            self.write_frame(reply.encode(request_id, body))
             if self.close_after_reply:
                 self.transport.loseConnection()
+        if started is not None:
+            self.factory.metrics.answered(request, reply, started)
 
     def _reply_error(self, request_id, code, detail=None):
         if self.connected:
@@ -265,14 +266,16 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             if self.factory.metrics is not None:
                 self.factory.metrics.refused(code)
 
-    def _request_failed(self, failure, request_id, message):
+    def _request_failed(self, failure, request_id, message, started):
         if failure.check(RequestRefused):
             self._reply_error(request_id, failure.value.code, failure.value.detail)
-            return
-        self._log.failure(
-            "{message} request {request_id} failed", failure, message=message.name, request_id=request_id
-        )
-        self._reply_error(request_id, ErrorCode.INTERNAL_ERROR)
+        else:
+            self._log.failure(
+                "{message} request {request_id} failed", failure, message=message.name, request_id=request_id
+            )
+            self._reply_error(request_id, ErrorCode.INTERNAL_ERROR)
+        if started is not None:
+            self.factory.metrics.answered(message, None, started)
 
     # -- handlers -----------------------------------------------------------------
 
