@@ -6,16 +6,18 @@ per client, 1,000 clients a side in a quick run, 2,000 in a full one).
 
 Both sides (one game server process per core each, the same options but for
 C{--game-metrics}, started turn about) are under load at the same time, so a
-slow spell of the shared machine hits both alike; their load generators stay
-connected for many short windows (12 of 2 s quick, 30 of 5 s full), and the
-go order alternates.  The headline is, for the worse request type, the
-median over windows of the on/off ratio of requests per server CPU second
-(target 0.95: metrics cost less than 5%); the throughput ratio is given
-too.  C{--same} runs metrics off on both sides: the spread it reads then is
-the bench's own noise.  The JSON also gives what metrics add to a request
-timed in this process (C{metrics_microseconds}) and the ratio that cost
-implies at the measured rates (C{estimated_ratio}).  The last line printed
-is the JSON result.  Needs the local cluster (C{scripts/stack.sh up}).
+slow spell of the shared machine hits both alike.  The run is in rounds
+(4 quick, 6 full), each with fresh server processes; in a round each side's
+load generators stay connected for a few short windows a request type (4 of
+2 s quick, 6 of 5 s full), and the go order alternates.  The headline is,
+for the worse request type, the median over all windows of the on/off ratio
+of requests per server CPU second (target 0.95: metrics cost less than 5%);
+the throughput ratio is given too.  C{--same} runs metrics off on both
+sides: the spread it reads then is the bench's own noise.  The JSON also
+gives what metrics add to a request timed in this process
+(C{metrics_microseconds}) and the ratio that cost implies at the measured
+rates (C{estimated_ratio}).  The last line printed is the JSON result.
+Needs the local cluster (C{scripts/stack.sh up}).
 
 The game servers' liveness sweep pings connections of unknown round trip;
 these clients answer those pings, which game_ops' clients, built for one
@@ -51,6 +53,8 @@ ME = os.path.abspath(__file__)
 TARGET = 0.95
 SIDES = ("on", "off")
 MODES = ("ping", "move")
+# The in-process server runs without the abuse limits, as the bench's servers do (UNLIMITED_GAME).
+UNLIMITED_SETTINGS = {("game", "rate_limits"): "off", ("game", "frame_rate"): "off"}
 PUSHED_PING = packets.PING.encode(0, {"nonce": 0})[:8]  # length, message id, request id 0
 
 
@@ -91,31 +95,37 @@ def cpu_seconds(pids):
     return nanoseconds / 1e9
 
 
-def metrics_microseconds(repeats=5, requests=20000):
+def metrics_microseconds(reactor, pairs=201, requests=2000):
     """
     What metrics add to one ping's protocol work and to one Redis reply, in
     microseconds, timed in this process through the real server protocol on
-    an in-memory transport (the best of C{repeats}): a cost that the noise
-    of a shared machine cannot hide, to read the windows against.
+    an in-memory transport: the cost of the code alone, to read the windows
+    against.  The machine's speed swings (a plain loop's time doubles for
+    seconds at a time), so a server with metrics and one without take short
+    turns, and the figure is the median of the differences of neighbours.
     """
-    settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini")).game
+    settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"), UNLIMITED_SETTINGS).game
     clock = task.Clock()
     frame = packets.PING.encode(1, {"nonce": 5})
 
-    def per_ping(metrics):
+    def server(metrics):
         factory = ServerFactory("bench", settings, Liveness(clock, settings.ping_interval, settings.idle_timeout,
                                                            settings.auth_timeout))
         factory.protocol, factory.metrics = ServerProtocol, metrics
-        server = factory.buildProtocol(None)
-        server.makeConnection(_Discard())
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(_Discard())
+        return protocol
+
+    def per_ping(protocol):
         started = time.perf_counter()
         for _ in range(requests):
-            server.dataReceived(frame)
+            protocol.dataReceived(frame)
         return (time.perf_counter() - started) / requests * 1e6
 
-    ping = min(per_ping(Metrics(clock, "game")) - per_ping(None) for _ in range(repeats))
+    on, off = server(Metrics(reactor, "game")), server(None)
+    ping = statistics.median(per_ping(on) - per_ping(off) for _ in range(pairs))
     buckets = Buckets()
-    redis = min(timeit.repeat(lambda: buckets.observe(clock.seconds() - 0.0), number=requests, repeat=repeats))
+    redis = min(timeit.repeat(lambda: buckets.observe(clock.seconds() - 0.0), number=requests, repeat=9))
     return {"ping": round(ping, 2), "redis_reply": round(redis / requests * 1e6, 2)}
 
 
@@ -166,22 +176,18 @@ async def window(generators, pids, order):
                    cpu_seconds(pids[side]) - cpu[side]) for side in SIDES}
 
 
-async def main(reactor, quick, same):
-    settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"))
-    clients = 1000 if quick else 2000
-    seconds = 2.0 if quick else 5.0
-    rounds = 12 if quick else 30
-    cores = len(os.sched_getaffinity(0))
-    router, work, public, users, issued = await live_players(reactor, settings, 2 * clients, {(2, 0): Item(301, 0, 1)})
-    tokens = [i.token for i in issued]
-    halves = [write_shares(work, "first", tokens[:clients], cores), write_shares(work, "second", tokens[clients:], cores)]
-
+def start_servers(reactor, public, prefix, cores, first, same):
+    """
+    One game server process per core a side, the same but for
+    C{--game-metrics}, started turn about from side C{first}, so neither
+    side is always the older process; their ports and processes by side.
+    """
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    prefix = f"bench{random.getrandbits(32):x}"
+    order = SIDES if first == SIDES[0] else SIDES[::-1]
     ports = {side: [free_port() for _ in range(cores)] for side in SIDES}
     servers = {side: [] for side in SIDES}
-    for i in range(cores):  # started turn about, so neither side is always the older process
-        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+    for i in range(cores):
+        for side in order if i % 2 == 0 else order[::-1]:
             servers[side].append(start(
                 reactor, "-n", "--pidfile=", "dreamraid-game", *UNLIMITED_GAME, "--game-listen",
                 f"tcp:{ports[side][i]}:interface=127.0.0.1", "--game-http-listen",
@@ -189,36 +195,57 @@ async def main(reactor, quick, same):
                 "--sync-prefix", prefix, "--game-udp-port", "0", "--game-ping-interval", "60",
                 "--game-idle-timeout", "120", "--game-metrics", "off" if same else side,
                 executable=twistd, reports=False))
-    pids = {side: [process.transport.pid for process in servers[side]] for side in SIDES}
+    return ports, servers
+
+
+async def main(reactor, quick, same):
+    settings = load_settings(os.path.join(ROOT, "conf", "dreamraid.ini"))
+    clients = 1000 if quick else 2000
+    seconds = 2.0 if quick else 5.0
+    rounds, per_round = (4, 4) if quick else (6, 6)
+    cores = len(os.sched_getaffinity(0))
+    router, work, public, users, issued = await live_players(reactor, settings, 2 * clients, {(2, 0): Item(301, 0, 1)})
+    tokens = [i.token for i in issued]
+    halves = [write_shares(work, "first", tokens[:clients], cores), write_shares(work, "second", tokens[clients:], cores)]
+    prefix = f"bench{random.getrandbits(32):x}"
 
     windows = {mode: [] for mode in MODES}
-    try:
-        for port in ports["on"] + ports["off"]:
-            await listening(reactor, port)
+    for r in range(rounds):
+        # Fresh server processes each round: one process can run a few per
+        # cent faster than its twin for the whole of its life (where its
+        # memory landed, its hash seed), which windows alone never average out.
+        ports, servers = start_servers(reactor, public, prefix, cores, SIDES[r % 2], same)
+        pids = {side: [process.transport.pid for process in servers[side]] for side in SIDES}
+        try:
+            for port in ports["on"] + ports["off"]:
+                await listening(reactor, port)
+            for mode in MODES:
+                await restore_sessions(reactor, router, users, issued)
+                generators = {side: [start(reactor, ME, "--generate", "--port", str(port), "--mode", mode,
+                                           "--seconds", str(seconds), "--tokens", tokens)
+                                     for port, tokens in zip(ports[side], half)]
+                              for side, half in zip(SIDES, halves)}
+                await gather([g.ready for side in SIDES for g in generators[side]])
+                # A first, unrecorded window warms both sides up: the first load a server meets runs slow.
+                for w in range(-1, per_round):
+                    measured = await window(generators, pids, SIDES[::-1] if (r + w) % 2 else SIDES)
+                    if w >= 0:
+                        windows[mode].append(measured)
+                say([g for side in SIDES for g in generators[side]], "end")
+                await gather([g.exited for side in SIDES for g in generators[side]])
+        finally:
+            # The servers end with the round, even a failed one.
+            for process in servers["on"] + servers["off"]:
+                if process.transport.pid is not None:  # not one that failed to start
+                    process.transport.signalProcess("TERM")
+            await gather([process.exited for process in servers["on"] + servers["off"]])
         for mode in MODES:
-            await restore_sessions(reactor, router, users, issued)
-            generators = {side: [start(reactor, ME, "--generate", "--port", str(port), "--mode", mode,
-                                       "--seconds", str(seconds), "--tokens", tokens)
-                                 for port, tokens in zip(ports[side], half)]
-                          for side, half in zip(SIDES, halves)}
-            await gather([g.ready for side in SIDES for g in generators[side]])
-            # A first, unrecorded window warms both sides up: the first load a server meets runs slow.
-            for r in range(-1, rounds):
-                measured = await window(generators, pids, SIDES[::-1] if r % 2 else SIDES)
-                if r >= 0:
-                    windows[mode].append(measured)
-            say([g for side in SIDES for g in generators[side]], "end")
-            await gather([g.exited for side in SIDES for g in generators[side]])
-            print(f"{mode}: {summarize(windows[mode], seconds)}", file=sys.stderr, flush=True)
-    finally:
-        # The servers end with the run, even a failed one.
-        for process in servers["on"] + servers["off"]:
-            process.transport.signalProcess("TERM")
-        await gather([process.exited for process in servers["on"] + servers["off"]])
+            print(f"round {r + 1} of {rounds}, {mode}: {summarize(windows[mode][-per_round:], seconds)}",
+                  file=sys.stderr, flush=True)
     await forget_players(reactor, router, settings, users, prefix)
 
     summary = {mode: summarize(windows[mode], seconds) for mode in MODES}
-    cost = metrics_microseconds()
+    cost = metrics_microseconds(reactor)
     # A move is a request like a ping plus one Redis reply.
     extra = {"ping": cost["ping"], "move": cost["ping"] + cost["redis_reply"]}
     estimated = {mode: round(1 / (1 + extra[mode] * summary[mode]["off_per_cpu_second"] / 1e6), 3) for mode in MODES}
@@ -238,7 +265,8 @@ async def main(reactor, quick, same):
         "estimated_ratio": estimated,
         "clients_per_side": clients,
         "window_seconds": seconds,
-        "windows": rounds,
+        "windows": rounds * per_round,
+        "server_rounds": rounds,
         "server_processes_per_side": cores,
         "same_on_both_sides": same,
         "machine": platform.machine(),
@@ -267,7 +295,8 @@ def summarize(windows, seconds):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--quick", action="store_true",
-                        help="1,000 clients a side, four 5 s windows a request type (full: 2,000, six 15 s windows)")
+                        help="1,000 clients a side, 4 rounds of 4 windows of 2 s a request type "
+                             "(full: 2,000, 6 rounds of 6 windows of 5 s)")
     parser.add_argument("--same", action="store_true",
                         help="metrics off on both sides: what the bench reads when nothing differs (its noise)")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
