@@ -176,14 +176,14 @@ async def window(generators, pids, order):
                    cpu_seconds(pids[side]) - cpu[side]) for side in SIDES}
 
 
-def start_servers(reactor, public, prefix, cores, first, same):
+def start_servers(reactor, public, prefix, cores, order, same):
     """
     One game server process per core a side, the same but for
-    C{--game-metrics}, started turn about from side C{first}, so neither
-    side is always the older process; their ports and processes by side.
+    C{--game-metrics}, started turn about, the sides first in C{order}, so
+    neither side is always the older process; their ports and processes by
+    side.
     """
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    order = SIDES if first == SIDES[0] else SIDES[::-1]
     ports = {side: [free_port() for _ in range(cores)] for side in SIDES}
     servers = {side: [] for side in SIDES}
     for i in range(cores):
@@ -214,7 +214,7 @@ async def main(reactor, quick, same):
         # Fresh server processes each round: one process can run a few per
         # cent faster than its twin for the whole of its life (where its
         # memory landed, its hash seed), which windows alone never average out.
-        ports, servers = start_servers(reactor, public, prefix, cores, SIDES[r % 2], same)
+        ports, servers = start_servers(reactor, public, prefix, cores, SIDES[::-1] if r % 2 else SIDES, same)
         pids = {side: [process.transport.pid for process in servers[side]] for side in SIDES}
         try:
             for port in ports["on"] + ports["off"]:
