@@ -42,7 +42,7 @@ def add_frontends(parent, reactor, server_name, settings, health, factory_class=
     liveness.setServiceParent(parent)
     factory = factory_class(server_name, settings, liveness, *services)
     if settings.metrics == "on":
-        factory.metrics = Metrics(reactor, server_name)
+        factory.metrics = Metrics(liveness.clock, server_name)  # one clock: a request's start is when liveness heard it
         factory.metrics.setServiceParent(parent)
         factory.metrics.watch("dreamraid_connections", "Client connections open", "gauge", lambda: len(liveness))
         factory.metrics.watch(

@@ -185,7 +185,7 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     # -- frames -------------------------------------------------------------------
 
     def frameReceived(self, frame):
-        self.factory.liveness.heard(self.state)
+        heard = self.factory.liveness.heard(self.state)
         message, request_id, body = frame
         if self.buckets is not None and not self._within_rate(message.name, request_id):
             return
@@ -197,8 +197,7 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         if needs_auth and not self.state.authenticated:
             self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
             return
-        metrics = self.factory.metrics
-        started = None if metrics is None else metrics.now()
+        started = None if self.factory.metrics is None else heard  # liveness and metrics share the clock
         try:
             result = getattr(self, method)(body)
         except Exception:

@@ -103,8 +103,9 @@ class Liveness(Service):
         self._cancel_auth_deadline(state)
 
     def heard(self, state):
-        """Something arrived from the peer: it is not idle."""
-        state.last_heard = self.clock.seconds()
+        """Something arrived from the peer: it is not idle.  Returns the time it was heard."""
+        state.last_heard = now = self.clock.seconds()
+        return now
 
     def authenticated(self, state):
         """

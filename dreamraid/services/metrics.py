@@ -41,7 +41,7 @@ class Metrics(Service):
         self._clock = clock
         self.now = clock.seconds
         self.registry = CollectorRegistry()
-        self.sent = collections.defaultdict(int)  # message name -> replies and pushes (a Counter is 3x slower)
+        self.sent = {}  # message name -> replies and pushes: a plain dict, whose += the interpreter specialises
         self.errors = collections.Counter()  # error code name -> error replies
         self.latency = LabelledBuckets()  # message name -> seconds to reply
         self.redis_latency = Buckets()
@@ -63,6 +63,34 @@ class Metrics(Service):
         self.registry.register(self._watched)
         self._lagging = None
         self._samplers = []
+        self.answered = self._answering()
+
+    def _answering(self):
+        """
+        C{answered(request, reply, started)}: a request of message
+        C{request} that arrived at C{started} was answered; it is counted
+        and timed, and its C{reply} message (None for an error or no reply)
+        counted.  The one call a request makes, so a closure over what it
+        touches: written as a method that reads them off this service, it
+        took a third more instructions (callgrind, per ping).
+        """
+        now, children, labels, sent = self.now, self.latency.children, self.latency.labels, self.sent
+        first, bounds, bisect_left = _LATENCY_BUCKETS[0], _LATENCY_BUCKETS, bisect.bisect_left
+
+        def answered(request, reply, started):
+            seconds = now() - started
+            buckets = children.get(request.name) or labels(request.name)
+            if seconds <= first:  # most requests: no search
+                buckets.counts[0] += 1
+            else:
+                buckets.counts[bisect_left(bounds, seconds)] += 1
+            buckets.sum += seconds
+            if reply is not None:
+                try:
+                    sent[reply.name] += 1
+                except KeyError:
+                    sent[reply.name] = 1
+        return answered
 
     def histogram(self, name, documentation, label=None):
         """Seconds to observe (by C{label}'s value, with C{.labels(value)}, if given), exposed as a histogram."""
@@ -99,24 +127,9 @@ class Metrics(Service):
         self.watch("dreamraid_redis_events", "Redis router events: moved, ask, retries, refreshes, errors...",
                    "counter", lambda: dict(router.counters), "kind")
 
-    def answered(self, request, reply, started):
-        """
-        A request of message C{request} that arrived at C{started} was
-        answered: it is counted and timed, and its C{reply} message (None
-        for an error or no reply) counted.  The one call a request makes:
-        L{LabelledBuckets.labels} and L{Buckets.observe} are written out
-        here, which takes a fifth off its cost (0.3 of 1.6 us, timed).
-        """
-        seconds = self.now() - started
-        buckets = self.latency.children.get(request.name) or self.latency.labels(request.name)
-        buckets.counts[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        buckets.sum += seconds
-        if reply is not None:
-            self.sent[reply.name] += 1
-
     def replied(self, message):
         """A C{message} went out that answers no request: a push."""
-        self.sent[message.name] += 1
+        self.sent[message.name] = self.sent.get(message.name, 0) + 1
 
     def refused(self, code):
         """An error reply with C{code} went out."""
