@@ -40,11 +40,10 @@ class Metrics(Service):
 
     def __init__(self, clock, server):
         self._clock = clock
-        self.now = clock.seconds
         self.registry = CollectorRegistry()
         self.sent = {}  # message name -> pushes, and replies other than their request's usual one
         self.errors = collections.Counter()  # error code name -> error replies
-        self.latency = LabelledBuckets()  # request message name -> L{RequestBuckets}
+        self.latency = LabelledBuckets(RequestBuckets)  # request message name -> seconds to reply, and replies
         self.redis_latency = Buckets()
         self.lag = Buckets()
         Gauge("dreamraid_server_info", "This server process", ["server"], registry=self.registry).labels(server).set(1)
@@ -72,18 +71,18 @@ class Metrics(Service):
         C{request} that arrived at C{started} was answered; it is counted
         and timed, and its C{reply} message (None for an error or no reply)
         counted.  The one call a request makes, so it is lean (instructions
-        per ping under callgrind, 4,040 before these, 2,870 after): a
+        per ping under callgrind, 4,040 before these, about 2,500 after): a
         closure, not a method reading this service's attributes; buckets
         found by message id in a list, not by name in a dict; no search for
         the first bucket; and a request's usual reply counted in its
         buckets, not in a dict by name.
         """
-        now, sent, children = self.now, self.sent, self.latency.children
+        now, labels = self._clock.seconds, self.latency.labels
         by_id = [None] * (max(packets.MESSAGES) + 1)
         first, bounds, bisect_left = _LATENCY_BUCKETS[0], _LATENCY_BUCKETS, bisect.bisect_left
 
         def first_of(request):
-            buckets = by_id[request.id] = children[request.name] = RequestBuckets()
+            buckets = by_id[request.id] = labels(request.name)
             return buckets
 
         def other_reply(buckets, reply):
@@ -91,7 +90,7 @@ class Metrics(Service):
                 buckets.reply = reply
                 buckets.replies = 1
             else:
-                sent[reply.name] = sent.get(reply.name, 0) + 1
+                self.replied(reply)
 
         def answered(request, reply, started):
             seconds = now() - started
@@ -152,7 +151,7 @@ class Metrics(Service):
                    "counter", lambda: dict(router.counters), "kind")
 
     def replied(self, message):
-        """A C{message} went out that answers no request: a push."""
+        """A C{message} went out that no request's usual reply counts: a push, or another reply."""
         self.sent[message.name] = self.sent.get(message.name, 0) + 1
 
     def refused(self, code):
@@ -218,15 +217,16 @@ class RequestBuckets(Buckets):
 
 
 class LabelledBuckets:
-    """L{Buckets} by one label's value, made on first use."""
+    """L{Buckets} (or C{kind}) by one label's value, made on first use."""
 
-    def __init__(self):
+    def __init__(self, kind=Buckets):
         self.children = {}
+        self._kind = kind
 
     def labels(self, value):
         buckets = self.children.get(value)
         if buckets is None:
-            buckets = self.children[value] = Buckets()
+            buckets = self.children[value] = self._kind()
         return buckets
 
 
