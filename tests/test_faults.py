@@ -339,11 +339,18 @@ class FaultCase(SessionServicesCase):
         return state_of(await self.live.snapshot(player.user_id))
 
     async def players_by_master(self, session_port, master, on_it, elsewhere):
-        """New players until at least C{on_it} have their data on C{master} and C{elsewhere} do not: both lists."""
+        """
+        New players until exactly C{on_it} have their data on C{master} and
+        C{elsewhere} do not: both lists. A player past either count is left
+        out, so callers can assert on each list whole.
+        """
         there, others = [], []
         while len(there) < on_it or len(others) < elsewhere:
             player = await self.player(session_port)
-            (there if self.router.node_for(profile_key(player.user_id)) == master else others).append(player)
+            on_master = self.router.node_for(profile_key(player.user_id)) == master
+            wanted, limit = (there, on_it) if on_master else (others, elsewhere)
+            if len(wanted) < limit:
+                wanted.append(player)
         return there, others
 
     def kill_master(self, master, player):
