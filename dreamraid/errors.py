@@ -78,7 +78,8 @@ ERROR_TEXT = {
     ErrorCode.IDLE_TIMEOUT: "nothing was heard from the connection for too long; it is closed",
     ErrorCode.INTERNAL_ERROR: "the server failed to handle the request; it was logged",
     ErrorCode.SHUTTING_DOWN: "the server is shutting down",
-    ErrorCode.UNAVAILABLE: "a store the request needs (MySQL or Redis) is unavailable; try again later",
+    ErrorCode.UNAVAILABLE: "a store the request needs (MySQL or Redis) is unavailable; try again later "
+                           "(a change it asked for may have been made: read before retrying)",
     ErrorCode.RATE_LIMITED: "too many requests of this kind on this connection; slow down (a flood of them closes it)",
     ErrorCode.TOO_MANY_CONNECTIONS: "this address holds as many connections as the server allows; this one is closed",
     ErrorCode.TOKEN_MALFORMED: "the token is not a JWT, or lacks a required claim",

@@ -2,9 +2,12 @@
 
 import struct
 
+import pymysql
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -12,6 +15,7 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
 from dreamraid.services.liveness import IPeer, Liveness
+from dreamraid.services.rediscluster import DeadlineExceeded
 from tests.support import make_settings
 
 
@@ -161,6 +165,35 @@ class ServerProtocolTests(TestCase):
         self.send(packets.PING, 9, {"nonce": 1})
         self.assertEqual(self.replies.take()[0][2]["code"], ErrorCode.INTERNAL_ERROR)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_store_unavailable(self):
+        """
+        A Redis or MariaDB outage is UNAVAILABLE, not INTERNAL_ERROR: one
+        warning, then the same failure of the same message is only counted
+        for a minute (on any connection), and the next warning says how
+        many it left out.
+        """
+        deadline = DeadlineExceeded("GET k: no reply by the deadline")
+        mysql_down = pymysql.err.OperationalError(2003, "refused")
+        with capturedLogs() as logged:
+            self.protocol.ping = lambda body: defer.fail(deadline)
+            for request_id in (1, 2, 3):
+                self.send(packets.PING, request_id, {"nonce": 1})
+            first = self.replies.take()
+            self.clock.advance(60)
+            self.protocol, transport = self.connect()
+            self.protocol.ping = lambda body: defer.fail(deadline)
+            self.send(packets.PING, 4, {"nonce": 1})
+            self.protocol.ping = lambda body: defer.fail(mysql_down)
+            self.send(packets.PING, 5, {"nonce": 1})
+        errors = [(request_id, body["code"]) for name, request_id, body in first + Replies(transport).take()]
+        self.assertEqual(errors, [(i, ErrorCode.UNAVAILABLE) for i in (1, 2, 3, 4, 5)])
+        warnings = [(e["log_level"], e["count"], e["error"]) for e in logged if "count" in e]
+        self.assertEqual(warnings, [(LogLevel.warn, 1, deadline), (LogLevel.warn, 3, deadline),
+                                    (LogLevel.warn, 1, mysql_down)])
+        self.assertIn("ping requests failed: GET k: no reply by the deadline (2 more like it in the last 60 s)",
+                      [formatEvent(e) for e in logged])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_server_ping_and_pong(self):
         """The sweep pings; the client's pong records a round trip."""

@@ -14,8 +14,10 @@ C{write_buffer_limit} more bytes.
 
 A handler takes the decoded body and returns C{(message, body)} to reply,
 C{None} for no reply, or a Deferred or coroutine of either.  A handler that
-raises L{RequestRefused} gets an error reply with its code; anything else is
-logged and answered with C{INTERNAL_ERROR}.  The game and session protocols
+raises L{RequestRefused} gets an error reply with its code; a store that
+did not answer (L{STORE_UNAVAILABLE}) gets C{UNAVAILABLE} and a warning at
+most once a minute per message; anything else is logged with its traceback
+and answered with C{INTERNAL_ERROR}.  The game and session protocols
 add their handlers to L{ServerProtocol.handlers}.
 """
 
@@ -32,6 +34,7 @@ import dreamraid
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.protocols.framing import FrameReceiver
+from dreamraid.services.failurelog import STORE_UNAVAILABLE, FailureLog
 from dreamraid.services.limits import AddressCap, RequestBuckets
 from dreamraid.services.liveness import IPeer
 
@@ -268,6 +271,9 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     def _request_failed(self, failure, request_id, message, started):
         if failure.check(RequestRefused):
             self._reply_error(request_id, failure.value.code, failure.value.detail)
+        elif failure.check(*STORE_UNAVAILABLE):
+            self.factory.store_failures.failed(f"{message.name} requests failed", failure)
+            self._reply_error(request_id, ErrorCode.UNAVAILABLE)
         else:
             self._log.failure(
                 "{message} request {request_id} failed", failure, message=message.name, request_id=request_id
@@ -330,6 +336,7 @@ class ServerFactory(Factory):
         self.write_buffer_limit = settings.write_buffer_limit
         self.addresses = AddressCap(settings.connections_per_address)
         self.limited = collections.Counter()  # what the limits did: requests, connections, slow_reader, frame_budget
+        self.store_failures = FailureLog(self._log, self.clock, STORE_UNAVAILABLE)
 
     def buildProtocol(self, address):
         host = getattr(address, "host", None)

@@ -11,11 +11,17 @@ import collections
 import txredisapi
 from twisted.python.failure import Failure
 
-from dreamraid.services.rediscluster import RedisClusterError
+from dreamraid.services.database import MYSQL_UNAVAILABLE
+from dreamraid.services.rediscluster import ClusterBusy, ClusterUnavailable, RedisClusterError
 
 # What a loop expects from Redis: the router's own errors and Redis's error
 # replies (OOM, NOGROUP, WRONGTYPE, a script's error...).
 REDIS_ERRORS = (RedisClusterError, txredisapi.ResponseError)
+
+# A store that did not answer in time (a dead node, a failover, a full
+# waiting line, MariaDB down): the request may be tried again later.  A
+# write's outcome is then unknown (the router never sends it twice).
+STORE_UNAVAILABLE = (ClusterUnavailable, ClusterBusy, *MYSQL_UNAVAILABLE)
 
 # Seconds between two lines about the same failure of the same work.
 LOG_EVERY = 60.0
