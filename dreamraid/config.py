@@ -256,6 +256,9 @@ class SyncSettings:
     batches_in_flight: int = setting(_number(int, 1, 64), "batches synced at once by one worker")
     claim_idle: float = setting(_number(float, 0.01, 86400.0), "seconds a job may stay unacknowledged before another worker takes it")
     claim_interval: float = setting(_number(float, 0.01, 3600.0), "seconds between looks for such jobs")
+    max_deliveries: int = setting(
+        _number(int, 1, 1000), "deliveries of a job that fails alone before it is moved to the dead-letter stream"
+    )
     checkpoint_interval: float = setting(_number(float, 0.1, 86400.0), "seconds between checkpoints of live users")
     retry_backoff: float = setting(_number(float, 0.001, 60.0), "first pause after a failed batch, seconds (doubles)")
     retry_backoff_max: float = setting(_number(float, 0.001, 600.0), "longest pause after a failed batch, seconds")

@@ -1,8 +1,8 @@
 """
 Enter world and the sync back to MySQL, against the real Redis Cluster and
 MariaDB: exact loading, write-back, eviction rules, versions, dead consumers,
-a MariaDB outage, a consumer group Redis lost, an error reply in a batch,
-checkpoints and a thousand logouts at once.
+a MariaDB outage, a consumer group Redis lost, a user whose sync keeps
+failing, checkpoints and a thousand logouts at once.
 """
 
 import random
@@ -274,23 +274,34 @@ class RedisErrorReplyTests(SyncCase):
         self.assertEqual(jobs, 2)
         self.assertAlmostEqual(age, 3.0, places=3)
 
-    async def test_a_batch_that_gets_an_error_reply_stays_pending(self):
+    async def test_a_failing_user_holds_back_no_one_and_is_set_aside(self):
         """
-        A job whose user's profile key has the wrong type (WRONGTYPE) leaves
-        its batch pending and logged; the worker goes on syncing later jobs.
+        A user whose live profile has the wrong type (WRONGTYPE) fails the
+        batch they were read in: the batch is synced again in halves, so
+        every other user in it lands, and the bad job, pending, is claimed
+        again and on its C{max_deliveries}-th delivery moved to the
+        dead-letter stream with the user and the error, and logged.
         """
         bad = random.randrange(10**15, 10**16)
         await self.router.execute("SET", data_keys(bad)[0], "not a hash")
         self.addCleanup(lambda: self.router.execute("DEL", data_keys(bad)[0]))
         await self.queue.enqueue(bad, "logout")
-        logged = when_logged(self, "sync: a batch failed")
-        worker = self.worker()
-        self.assertIn("WRONGTYPE", await logged)
-        user_id = await self.new_user()
-        live = await self.logged_out(user_id)
-        await eventually(lambda: defer.succeed(worker.counters["evicted"] >= 1))
-        self.assertEqual(await self.mysql_profile(user_id), live)
-        self.assertEqual((worker.counters["batches_failed"], await self.pending()), (1, 1))
+        users = [await self.new_user() for _ in range(4)]
+        expected = {user_id: await self.logged_out(user_id) for user_id in users}
+        halved = when_logged(self, "sync: a batch failed; syncing it again in halves")
+        set_aside = when_logged(self, "sync: a user's job failed 2 times; moved to the dead-letter stream")
+        worker = self.worker(max_deliveries=2, claim_idle=0.3, claim_interval=0.1)
+        self.assertIn("WRONGTYPE", await halved)
+        await eventually(lambda: defer.succeed(worker.counters["evicted"] >= len(users)))
+        for user_id in users:
+            self.assertEqual(await self.mysql_profile(user_id), expected[user_id])
+        self.assertIn("WRONGTYPE", await set_aside)
+        self.assertEqual((worker.counters["dead_lettered"], await self.pending(), await self.queued()), (1, 0, 0))
+        shard = self.queue.shard_of(bad)
+        [(_, fields)] = await self.router.execute("XRANGE", self.queue.dead_letters[shard], "-", "+")
+        letter = dict(zip(fields[::2], fields[1::2]))
+        self.assertEqual((letter[b"user"], letter[b"deliveries"]), (str(bad).encode(), b"2"))
+        self.assertTrue(letter[b"error"].startswith(b"ResponseError: WRONGTYPE"), letter)
 
 
 class OutageTests(SyncCase):

@@ -14,8 +14,13 @@ carries a version, so an older snapshot never overwrites a newer one.
 A worker that dies leaves its jobs pending; others claim them with
 C{XAUTOCLAIM} once they have been idle C{claim_idle} seconds.  While MySQL or
 Redis is unavailable a batch is retried with backoff and nothing is
-acknowledged, so nothing is lost; a batch that fails otherwise (an error
-reply, a bug) is left pending for such a claim.  A consumer group Redis lost
+acknowledged, so nothing is lost.  A batch that fails otherwise (an error
+reply, corrupt live data, a bug) is tried again in halves, so one bad user
+holds back no one else; a job that still fails alone is left pending for
+such a claim, and once delivered C{max_deliveries} times it is moved to its
+shard's dead-letter stream (C{sync:dead:{tag}}) with the error, for an
+operator.  Its user stays live and listed, so the checkpointer queues them
+again: setting a job aside loses no data.  A consumer group Redis lost
 (C{NOGROUP}: a flush, a failover to a replica that missed it) is created
 again.  Every C{checkpoint_interval} one session server per shard enqueues
 every live user of it (C{sync:live:{tag}}), which writes long sessions back
@@ -29,6 +34,7 @@ import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dreamraid.services.database import MYSQL_UNAVAILABLE
 from dreamraid.services.deferreds import gather, pass_after
@@ -37,6 +43,8 @@ from dreamraid.services.livestore import EVICTED
 from dreamraid.services.rediscluster import SLOTS, RedisClusterError, key_slot
 
 GROUP = "sync"
+# Jobs kept in each shard's dead-letter stream, at most (about: Redis trims whole nodes).
+DEAD_LETTERS_KEPT = 10_000
 # What the sync retries with backoff: the stores are out of reach for now.
 UNAVAILABLE = (RedisClusterError, *MYSQL_UNAVAILABLE)
 
@@ -63,6 +71,7 @@ class SyncQueue:
         self.streams = [f"{prefix}:jobs:{{{tag}}}" for tag in self.tags]
         self.live_sets = [f"{prefix}:live:{{{tag}}}" for tag in self.tags]
         self.checkpoint_locks = [f"{prefix}:checkpoint:{{{tag}}}" for tag in self.tags]
+        self.dead_letters = [f"{prefix}:dead:{{{tag}}}" for tag in self.tags]
 
     async def backlog(self):
         """C{(jobs not yet acknowledged, age in seconds of the oldest, or 0)} over every shard."""
@@ -210,8 +219,8 @@ class SyncWorker(Service):
 
     @ivar counters: batches, users written, jobs acknowledged, users
         evicted, retries, jobs claimed, checkpoint jobs queued, consumer
-        groups created again after Redis lost them, batches left pending
-        after an error.
+        groups created again after Redis lost them, batches that failed
+        other than by an outage, jobs moved to a dead-letter stream.
     """
 
     _log = Logger()
@@ -226,7 +235,7 @@ class SyncWorker(Service):
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.counters = dict.fromkeys(
             ("batches", "written", "acked", "evicted", "retries", "claimed", "checkpoints", "groups_recreated",
-             "batches_failed"), 0)
+             "batches_failed", "dead_lettered"), 0)
         self.largest_batch = 0
         self._failures = FailureLog(self._log, clock, (*REDIS_ERRORS, *MYSQL_UNAVAILABLE))
         self._loop = None
@@ -373,8 +382,9 @@ class SyncWorker(Service):
     async def _sync(self, jobs):
         """
         Write the users of C{jobs} in one transaction, then acknowledge and
-        evict.  Unavailability is retried; any other failure leaves the jobs
-        pending, for a claim after C{claim_idle} to try again.
+        evict.  Unavailability is retried; any other failure splits the
+        batch in halves, each synced on its own, down to single users
+        (L{_failed_alone}).
         """
         users = sorted({user for user in jobs.values() if user is not None})
         try:
@@ -388,9 +398,46 @@ class SyncWorker(Service):
             await self._until_done("sync: cannot acknowledge jobs", lambda: self._acknowledge(jobs))
         except Exception:
             self.counters["batches_failed"] += 1
-            self._failures.failed("sync: a batch failed; its jobs stay pending until claimed")
+            if len(users) < 2:
+                await self._failed_alone(jobs, Failure())
+                return
+            self._failures.failed("sync: a batch failed; syncing it again in halves")
+            half = set(users[:len(users) // 2])
+            for part in (True, False):
+                await self._sync({job: user for job, user in jobs.items() if (user in half) is part})
             return
         await self._evict(users, profiles)
+
+    async def _failed_alone(self, jobs, failure):
+        """
+        The jobs of one user failed by C{failure}: those delivered
+        C{max_deliveries} times go to their shard's dead-letter stream (the
+        stream names the user; the log line, at most once a minute, does
+        not), the rest stay pending until claimed.
+        """
+        for (shard, entry), user in jobs.items():
+            stream = self._queue.streams[shard]
+            try:
+                pending = await self._router.execute("XPENDING", stream, GROUP, entry, entry, 1)
+                if not pending:
+                    continue  # another worker synced it meanwhile
+                [[_, _, _, deliveries]] = pending
+                if deliveries < self._settings.max_deliveries:
+                    self._failures.failed("sync: a user's job failed; it stays pending until claimed", failure)
+                    continue
+                await self._router.transaction([
+                    ("XADD", self._queue.dead_letters[shard], "MAXLEN", "~", DEAD_LETTERS_KEPT, "*",
+                     "user", user if user is not None else "", "job", entry, "deliveries", deliveries,
+                     "error", f"{type(failure.value).__name__}: {failure.value}"),
+                    ("XACK", stream, GROUP, entry),
+                    ("XDEL", stream, entry),
+                ])
+            except Exception:
+                self._failures.failed("sync: cannot set a failing job aside; it stays pending")
+                continue
+            self.counters["dead_lettered"] += 1
+            self._failures.failed(f"sync: a user's job failed {deliveries} times; moved to the dead-letter "
+                                  f"stream {self._queue.dead_letters[shard]}", failure)
 
     async def _write(self, users):
         snapshots = await gather([self._live.snapshot(user) for user in users])
