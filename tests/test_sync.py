@@ -255,6 +255,31 @@ class RedisErrorReplyTests(SyncCase):
         self.assertGreaterEqual(worker.counters["groups_recreated"], 1)
         self.assertEqual(await self.pending(), 0)
 
+    async def test_jobs_read_beside_a_failing_shard_are_synced_at_once(self):
+        """
+        While every read of one shard fails (its stream replaced by a string:
+        WRONGTYPE), a logout on another shard, handed over in the same
+        reads, is synced at once, not left pending for a claim.
+        """
+        worker = self.worker(claim_idle=600)
+
+        async def groups_made():
+            return all([await self.router.execute("EXISTS", stream) for stream in self.queue.streams])
+
+        await eventually(groups_made)
+        user_id = await self.new_user()
+        broken = self.queue.streams[(self.queue.shard_of(user_id) + 1) % len(self.queue.streams)]
+        await self.router.execute("DEL", broken)
+        await self.router.execute("SET", broken, "not a stream")
+        self.addCleanup(lambda: self.router.execute("DEL", broken))
+        logged = when_logged(self, "WRONGTYPE")
+        live = await self.logged_out(user_id)
+        await eventually(lambda: defer.succeed(worker.counters["evicted"] >= 1), timeout=20)
+        self.assertEqual(await self.mysql_profile(user_id), live)
+        [pending, *_] = await self.router.execute("XPENDING", self.queue.streams[self.queue.shard_of(user_id)], GROUP)
+        self.assertEqual((worker.counters["claimed"], pending), (0, 0))
+        await logged
+
     async def test_backlog_counts_the_jobs_of_a_lost_group(self):
         """
         With no consumer group every job in the stream counts; so it does

@@ -339,43 +339,58 @@ class SyncWorker(Service):
     async def _read(self):
         """
         C{{(shard, entry id): user id}} of new jobs, and of claimed ones when
-        a claim is due.  If Redis lost the consumer group (C{NOGROUP}), it
-        is created again and nothing is returned this time; jobs other shards
-        delivered meanwhile are claimed after C{claim_idle}.
+        a claim is due, from every shard that answered.  A shard's failure
+        is raised only when no other shard handed over a job; otherwise it
+        is logged and the shard read again next time, so jobs already
+        delivered are synced at once, not left for a claim.  If Redis lost
+        the consumer group (C{NOGROUP}), it is created again.
         """
-        try:
-            return await self._read_jobs()
-        except txredisapi.ResponseError as e:
-            if not str(e).startswith("NOGROUP"):
-                raise
-            self._failures.failed("sync: the consumer group is gone, creating it again")
-        await self._create_groups()
-        self.counters["groups_recreated"] += 1
-        return {}
+        jobs, failure = await self._read_jobs()
+        if failure is None:
+            return jobs
+        if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("NOGROUP"):
+            self._failures.failed("sync: the consumer group is gone, creating it again", failure)
+            await self._create_groups()
+            self.counters["groups_recreated"] += 1
+            return jobs
+        if not jobs:
+            failure.raiseException()
+        self._failures.failed("sync: cannot read jobs from a shard", failure)
+        return jobs
 
     async def _read_jobs(self):
+        """The jobs L{_read} returns, and the first shard's failure or None."""
         per_shard = -(-self._settings.batch_users // len(self._queue.streams))
-        reads = [self._router.execute("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", per_shard,
-                                      "STREAMS", stream, ">") for stream in self._queue.streams]
-        jobs = {}
-        for shard, reply in enumerate(await gather(reads)):
-            for _, entries in reply or ():
-                jobs.update(_jobs(shard, entries))
+        jobs, failure = await self._per_shard(
+            lambda stream: self._router.execute("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", per_shard,
+                                                "STREAMS", stream, ">"),
+            lambda reply: [entry for _, entries in reply or () for entry in entries])
         if self._clock.seconds() >= self._next_claim:
             self._next_claim = self._clock.seconds() + self._settings.claim_interval
-            claimed = await self._claim(per_shard)
+            idle_ms = int(self._settings.claim_idle * 1000)
+            claimed, claim_failure = await self._per_shard(
+                lambda stream: self._router.execute("XAUTOCLAIM", stream, GROUP, self.consumer, idle_ms, "0-0",
+                                                    "COUNT", per_shard),
+                lambda reply: reply[1])
             self.counters["claimed"] += len(claimed)
             jobs.update(claimed)
-        return jobs
+            failure = failure or claim_failure
+        return jobs, failure
 
-    async def _claim(self, per_shard):
-        idle_ms = int(self._settings.claim_idle * 1000)
-        claims = [self._router.execute("XAUTOCLAIM", stream, GROUP, self.consumer, idle_ms, "0-0",
-                                       "COUNT", per_shard) for stream in self._queue.streams]
-        jobs = {}
-        for shard, (_, entries, *_) in enumerate(await gather(claims)):
-            jobs.update(_jobs(shard, entries))
-        return jobs
+    async def _per_shard(self, call, entries_of):
+        """
+        C{call(stream)} on every shard at once: the jobs in the entries
+        C{entries_of(reply)} of those that answered, and the first failure
+        or None.
+        """
+        outcomes = await defer.DeferredList([call(stream) for stream in self._queue.streams], consumeErrors=True)
+        jobs, failure = {}, None
+        for shard, (answered, reply) in enumerate(outcomes):
+            if answered:
+                jobs.update(_jobs(shard, entries_of(reply)))
+            elif failure is None:
+                failure = reply
+        return jobs, failure
 
     # -- one batch -----------------------------------------------------------------
 
