@@ -3,8 +3,8 @@ A raid's fight on a driven clock: the wait for ready with its grace, hits
 with the minimum interval and server damage, the killing hit scoring only
 what was left, clear and time-out, and (as a property) that HP never goes
 below zero, its sequence only rises and the scores add up to the damage
-done; and a host ending a cleared raid through Redis failures, against the
-real Redis Cluster.
+done; and, against the real Redis Cluster, a host setting a raid up and
+ending a cleared one through Redis failures.
 """
 
 import random
@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.inventory import SlotItem
-from dreamraid.services.livestore import profile_key, raid_mark_key, raid_receipt_key
+from dreamraid.services.livestore import profile_key, raid_mark_key, raid_receipt_key, tab_key
 from dreamraid.services.presence import Presence, presence_key
 from dreamraid.services.raidhost import RETRY_MAX, RaidHost
 from dreamraid.services.raids import Hit, Raid, Result, Stage, hit_damage
@@ -147,6 +147,30 @@ class RaidEndTests(MatchmakerCase):
         self.addCleanup(host.stopService)
         return host
 
+    async def listening_presence(self):
+        """A presence of the test's own, subscribed; it and the list of C{(event, body)} pushed through it."""
+        presence = Presence(self.router, f"test-raid-end-{random.getrandbits(40):x}", 30, 900)
+        told = []
+        subscription = presence.listen(lambda user_id, jti: None, lambda users, event, body: told.append((event, body)))
+        self.addCleanup(subscription.stop)
+        await subscription.when_subscribed()
+        return presence, told
+
+    def ranking(self):
+        ranking = Ranking(self.router, f"testranking{random.getrandbits(40):x}")
+        self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in (ranking.board, ranking.names)]))
+        return ranking
+
+    async def queued_players(self, presence, matchmaker):
+        """Two new users held by C{presence}'s server and queued (solo) for a raid of two."""
+        players = [await self.new_user() for _ in range(2)]
+        for user_id in players:
+            self.addCleanup(lambda u=user_id: self.router.execute(
+                "DEL", presence_key(u), raid_mark_key(u), raid_receipt_key(u)))
+            await self.router.execute("SET", presence_key(user_id), presence.server_id)
+            await matchmaker.enqueue(user_id)
+        return players
+
     async def test_the_lease_loop_carries_on_after_an_error_reply(self):
         """
         A lease renewal that Redis answers with an error (WRONGTYPE: the
@@ -172,20 +196,10 @@ class RaidEndTests(MatchmakerCase):
         hearing theirs, which says what is stored.
         """
         lines = log_lines(self)
-        presence = Presence(self.router, f"test-raid-end-{random.getrandbits(40):x}", 30, 900)
-        told = []
-        subscription = presence.listen(lambda user_id, jti: None, lambda users, event, body: told.append((event, body)))
-        self.addCleanup(subscription.stop)
-        await subscription.when_subscribed()
-        ranking = Ranking(self.router, f"testranking{random.getrandbits(40):x}")
-        self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in (ranking.board, ranking.names)]))
+        presence, told = await self.listening_presence()
+        ranking = self.ranking()
         matchmaker = self.matchmaker()
-        refused, unheard = players = [await self.new_user() for _ in range(2)]
-        for user_id in players:
-            self.addCleanup(lambda u=user_id: self.router.execute(
-                "DEL", presence_key(u), raid_mark_key(u), raid_receipt_key(u)))
-            await self.router.execute("SET", presence_key(user_id), presence.server_id)
-            await matchmaker.enqueue(user_id)
+        refused, unheard = players = await self.queued_players(presence, matchmaker)
         [formed] = await matchmaker.run_pass()
         host = self.raid_host(presence, ranking, matchmaker)
         host.host(formed)
@@ -221,3 +235,51 @@ class RaidEndTests(MatchmakerCase):
             self.assertEqual((profile.exp, profile.best, profile.version), (scores[user_id],) * 2 + (1,))
             self.assertEqual((await ranking.own(user_id)).score, scores[user_id])
             await matchmaker.enqueue(user_id)  # refused (ALREADY_QUEUED) while still in the raid
+
+    async def test_a_raid_whose_setup_fails_frees_its_players_at_once(self):
+        """
+        Redis refuses the read of one player's weapon (WRONGTYPE) as the
+        host sets a raid up: the raid is not kept, both players' raid marks
+        are off, both are free to queue again at once, and both are told
+        the raid failed.
+        """
+        lines = log_lines(self)
+        presence, told = await self.listening_presence()
+        matchmaker = self.matchmaker()
+        players = await self.queued_players(presence, matchmaker)
+        await self.router.execute("SET", tab_key(players[1], 0), "not a hash")
+        self.addCleanup(lambda: self.router.execute("DEL", tab_key(players[1], 0)))
+        [formed] = await matchmaker.run_pass()
+        host = self.raid_host(presence, self.ranking(), matchmaker)
+        host.host(formed)
+        await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_result"]) == 2))
+        self.assertTrue(any(f"raid {formed.raid_id}: cannot set it up (WRONGTYPE" in line for line in lines), lines)
+        self.assertEqual(len(host), 0)
+        self.assertEqual([body["cleared"] for event, body in told if event == "raid_result"], [False, False])
+        self.assertNotIn("raid_found", dict(told))
+        for user_id in players:
+            self.assertEqual(await self.router.execute("EXISTS", raid_mark_key(user_id)), 0)
+            await matchmaker.enqueue(user_id)  # ALREADY_QUEUED if the raid still held them
+
+    async def test_a_player_who_cannot_be_told_is_left_out_of_the_raid(self):
+        """
+        Redis refuses the presence read of one player (WRONGTYPE) as the host
+        tells them where their raid is: the other is told, the raid starts,
+        and after the ready grace its fight begins with the player who came.
+        """
+        lines = log_lines(self)
+        presence, told = await self.listening_presence()
+        matchmaker = self.matchmaker()
+        came, unheard = await self.queued_players(presence, matchmaker)
+        await self.router.execute("DEL", presence_key(unheard))
+        await self.router.execute("HSET", presence_key(unheard), "not", "a server id")
+        [formed] = await matchmaker.run_pass()
+        host = self.raid_host(presence, self.ranking(), matchmaker)
+        host.host(formed)
+        await eventually(lambda: defer.succeed(any(f"raid {formed.raid_id} hosted" in line for line in lines)))
+        self.assertTrue(any(f"cannot tell user {unheard} where it is (WRONGTYPE" in line for line in lines), lines)
+        [(event, found)] = told
+        self.assertEqual((event, found["member"], found["members"]), ("raid_found", 0, [came, unheard]))
+        host.ready(came, formed.raid_id)
+        self.clock.advance(SETTINGS.ready_grace)
+        self.assertEqual(host.hit(came, formed.raid_id).damage, hit_damage(1, 0))

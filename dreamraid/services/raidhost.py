@@ -229,33 +229,61 @@ class RaidHost(Service):
         d.addErrback(lambda f: self._log.failure("cannot host raid {raid_id}", f, raid_id=formed.raid_id))
 
     async def _host(self, raid_id, members):
-        settings = self._settings
-        profiles = await gather([self._router.execute("HMGET", profile_key(u), "name", "level") for u in members])
-        weapons = await gather([self._router.execute("HGET", tab_key(u, 0), 0) for u in members])
+        """
+        Read the players' levels and weapons and mark them as in the raid,
+        then give each their place and start the raid.  A Redis failure
+        before the raid is set up ends it as failed at once (L{_not_hosted}),
+        so its players are not held until its longest life passes; a
+        player who cannot be given their place is logged, and the raid goes
+        on without them.
+        """
+        until = self._clock.seconds() + self._life
+        try:
+            profiles = await gather([self._router.execute("HMGET", profile_key(u), "name", "level") for u in members])
+            weapons = await gather([self._router.execute("HGET", tab_key(u, 0), 0) for u in members])
+            await gather([self._router.execute("SET", raid_mark_key(u), raid_id, "PX", int(self._life * 1000))
+                          for u in members])
+        except REDIS_ERRORS as e:
+            await self._not_hosted(raid_id, until, members, e)
+            return
         damage = {}
         for user_id, (_, level), weapon in zip(members, profiles, weapons):
             enhancement = int(weapon.split(b":")[1]) if weapon else 0
             damage[user_id] = hit_damage(int(level or 1), enhancement)
         names = {u: (name or b"").decode() for u, (name, _) in zip(members, profiles)}
-        until = self._clock.seconds() + self._life
-        await gather([self._router.execute("SET", raid_mark_key(u), raid_id, "PX", int(self._life * 1000))
-                      for u in members])
         number = self._random.getrandbits(32)
         while number in self._by_number:
             number = self._random.getrandbits(32)
         keys = member_keys(self._random.getrandbits(8 * KEY_SIZE).to_bytes(KEY_SIZE, "big"), len(members))
-        hosted = _Hosted(Raid(raid_id, damage, settings, self._clock, functools.partial(self._event, raid_id)),
+        hosted = _Hosted(Raid(raid_id, damage, self._settings, self._clock, functools.partial(self._event, raid_id)),
                          number, keys, list(members), names, until)
         self._raids[raid_id] = self._by_number[number] = self._buckets[number % BUCKETS][raid_id] = hosted
-        tickets = {u: f"{self._random.getrandbits(128):032x}" for u in members}
-        await gather([self._presence.offer_handoff(u, tickets[u], HANDOFF_TTL) for u in members])
-        await gather([self._presence.tell([u], RAID_FOUND, {
-            "raid_id": raid_id, "host": self.address, "ticket": tickets[u], "udp": self.udp_address,
-            "raid_number": number, "member": index, "key": keys[index].hex(), "members": members})
-            for index, u in enumerate(members)])
+        await gather([self._give_place(hosted, member) for member in range(len(members))])
         hosted.raid.start()
         self._log.info("raid {raid_id} hosted for users {user_ids} (raid number {number})",
                        raid_id=raid_id, user_ids=list(members), number=number)
+
+    async def _give_place(self, hosted, member):
+        """Offer player C{member} a handoff ticket and tell them where the raid is; a Redis failure is logged."""
+        raid_id, user_id = hosted.raid.raid_id, hosted.members[member]
+        ticket = f"{self._random.getrandbits(128):032x}"
+        try:
+            await self._presence.offer_handoff(user_id, ticket, HANDOFF_TTL)
+            await self._presence.tell([user_id], RAID_FOUND, {
+                "raid_id": raid_id, "host": self.address, "ticket": ticket, "udp": self.udp_address,
+                "raid_number": hosted.number, "member": member, "key": hosted.keys[member].hex(),
+                "members": hosted.members})
+        except REDIS_ERRORS as e:
+            self._log.warn("raid {raid_id}: cannot tell user {user_id} where it is ({error}); it goes on without "
+                           "them", raid_id=raid_id, user_id=user_id, error=e)
+
+    async def _not_hosted(self, raid_id, until, members, error):
+        """Setting the raid up failed with C{error}: take the marks off, free the players and tell them it failed."""
+        self._log.warn("raid {raid_id}: cannot set it up ({error}); ended as failed", raid_id=raid_id, error=error)
+        await self._unmark_all(raid_id, until, members)
+        await self._retried_or_logged(raid_id, until, "freeing its players", functools.partial(
+            self._matchmaker.release, raid_id))
+        await self._tell_failed(raid_id, members)
 
     # -- requests -----------------------------------------------------------------
 
@@ -310,14 +338,13 @@ class RaidHost(Service):
             paid = await self._pay(hosted, result)
             scores = [(u, hosted.names[u], result.scores[u]) for u, rewarded in paid.items()
                       if rewarded is not None and result.scores[u] > 0]
-            await self._retried_or_logged(hosted, "recording its scores", functools.partial(
+            await self._retried_or_logged(raid_id, hosted.until, "recording its scores", functools.partial(
                 self._ranking.record, scores))
         else:
             paid = dict.fromkeys(members)
-            await gather([self._retried_or_logged(hosted, "taking user {user_id}'s raid mark off", functools.partial(
-                self._unmark, [raid_mark_key(u)], [raid_id]), user_id=u) for u in members])
+            await self._unmark_all(raid_id, hosted.until, members)
         self._drop(hosted)
-        await self._retried_or_logged(hosted, "freeing its players", functools.partial(
+        await self._retried_or_logged(raid_id, hosted.until, "freeing its players", functools.partial(
             self._matchmaker.release, raid_id))
         self._log.info("raid {raid_id} ended: {outcome}, team score {team_score}, scores {scores}",
                        raid_id=raid_id, outcome="cleared" if result.cleared else "failed",
@@ -337,7 +364,7 @@ class RaidHost(Service):
         """
         raid_id, members = hosted.raid.raid_id, hosted.members
         outcomes = await defer.DeferredList([defer.ensureDeferred(self._retried(
-            hosted, "paying user {user_id}", functools.partial(
+            raid_id, hosted.until, "paying user {user_id}", functools.partial(
                 self._inventory.reward, u, raid_id, result.scores[u], self._life), user_id=u)) for u in members],
             consumeErrors=True)
         paid = {}
@@ -350,22 +377,22 @@ class RaidHost(Service):
                                 error=value.value)
         return paid
 
-    async def _retried(self, hosted, step, call, **fields):
+    async def _retried(self, raid_id, until, step, call, **fields):
         """
         C{call()} (a Deferred) until it succeeds; its result.  After a Redis
         failure it is called again after a jittered pause on the clock, from
         RETRY_FIRST doubling up to RETRY_MAX; the first failure is logged.
         Gives up, raising the last failure, once the service has stopped or
-        the raid's longest life would have passed; any other failure is
-        raised at once.  C{step} names the step in the log, with C{fields}.
+        the raid's longest life (C{until}) would have passed; any other
+        failure is raised at once.  C{step} names the step in the log, with
+        C{fields}.
         """
-        raid_id = hosted.raid.raid_id
         for failures in itertools.count():
             try:
                 return await call()
             except REDIS_ERRORS as e:
                 pause = min(RETRY_MAX, RETRY_FIRST * 2 ** failures) * (0.5 + self._random.random() / 2)
-                if not self.running or self._clock.seconds() + pause > hosted.until:
+                if not self.running or self._clock.seconds() + pause > until:
                     raise
                 if not failures:
                     self._log.warn("raid {raid_id}: " + step + " failed ({error}); trying again",
@@ -379,13 +406,18 @@ class RaidHost(Service):
             finally:
                 self._pauses.discard(pausing)
 
-    async def _retried_or_logged(self, hosted, step, call, **fields):
+    async def _retried_or_logged(self, raid_id, until, step, call, **fields):
         """L{_retried}, but giving up is logged rather than raised."""
         try:
-            await self._retried(hosted, step, call, **fields)
+            await self._retried(raid_id, until, step, call, **fields)
         except REDIS_ERRORS as e:
-            self._log.error("raid {raid_id}: gave up " + step + ": {error}", raid_id=hosted.raid.raid_id, error=e,
-                            **fields)
+            self._log.error("raid {raid_id}: gave up " + step + ": {error}", raid_id=raid_id, error=e, **fields)
+
+    def _unmark_all(self, raid_id, until, members):
+        """Take the raid's marks off its players (each retried, then logged); a Deferred."""
+        return gather([self._retried_or_logged(raid_id, until, "taking user {user_id}'s raid mark off",
+                                               functools.partial(self._unmark, [raid_mark_key(u)], [raid_id]),
+                                               user_id=u) for u in members])
 
     def _drop(self, hosted):
         self._raids.pop(hosted.raid.raid_id, None)
