@@ -22,7 +22,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from dreamraid.client import ConnectionClosed, RemoteError, play
+from dreamraid.client import ConnectionClosed, RaidNotStarted, RemoteError, play
 from dreamraid.client.session import host_port, listen_address
 from dreamraid.config import ConfigError, DEFAULT_PATH, load_settings
 from dreamraid.errors import ErrorCode
@@ -121,6 +121,8 @@ class Bot:
         except defer.TimeoutError:
             await self.game.cancel_queue()
             return "unmatched", 0
+        except RaidNotStarted:
+            return "failed", 0
         result = defer.Deferred.fromCoroutine(raid.result())
         # A raid whose host stops before the fight sends only its result.
         await defer.DeferredList([defer.Deferred.fromCoroutine(raid.fight()), result],

@@ -1,6 +1,6 @@
-"""The client library paired with a server protocol in memory."""
+"""The client library paired with a server protocol in memory, and its routing of raid pushes."""
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.task import Clock
@@ -8,7 +8,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import TestCase
 
 from dreamraid.client import ClientProtocol, ConnectionClosed, RemoteError
-from dreamraid.client.game import RaidChannel
+from dreamraid.client.game import GameClient, Raid, RaidChannel, RaidNotStarted
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.protocols.server import ServerFactory
@@ -180,6 +180,60 @@ class RaidChannelTests(TestCase):
         self.channel.datagramReceived(packets.seal_datagram(
             bytes(16), packets.BOSS_HP, 7, 1, 9, {"hp": 0, "hp_sequence": 99}), ("127.0.0.1", 5000))
         self.assertEqual((self.channel.hp, self.channel.dropped, self.channel.replayed), (None, 1, 0))
+
+
+class PushOnlyConnection:
+    """Where a L{GameClient} gets its pushes: it sets C{on_push}, and nothing else is used on these paths."""
+
+    on_push = None
+    connected = True
+
+
+def found(raid_id):
+    """A raid_found body for a raid on the client's own server (no move)."""
+    return {"raid_id": raid_id, "host": "127.0.0.1:9000", "ticket": "t", "udp": "127.0.0.1:5000", "raid_number": 7,
+            "member": 0, "key": "00" * 16, "members": [{"user_id": 5}, {"user_id": 6}]}
+
+
+def ended(raid_id):
+    """A raid_result body of a failed raid."""
+    return {"raid_id": raid_id, "cleared": False, "score": 0, "team_score": 0, "exp_gained": 0, "level": 0,
+            "best": 0, "changed": []}
+
+
+class GameClientPushTests(TestCase):
+    """Which waiter a raid push goes to."""
+
+    def setUp(self):
+        self.connection = PushOnlyConnection()
+        self.client = GameClient(Clock(), self.connection, ("127.0.0.1", 9000), 5)
+
+    def test_a_raid_ended_before_it_was_found_raises_and_its_late_found_is_dropped(self):
+        """
+        A raid_result while waiting for a raid: next_raid raises
+        RaidNotStarted with that result, and the raid's raid_found, if it
+        comes after, is not handed to the next wait.
+        """
+        waiting = Deferred.fromCoroutine(self.client.next_raid())
+        self.connection.on_push(packets.RAID_RESULT, ended("r1"))
+        failure = self.failureResultOf(waiting, RaidNotStarted)
+        self.assertEqual((failure.value.result.raid_id, failure.value.result.cleared), ("r1", False))
+        self.connection.on_push(packets.RAID_FOUND, found("r1"))
+        waiting = Deferred.fromCoroutine(self.client.next_raid())
+        self.assertNoResult(waiting)  # the late raid_found would have started a raid (and failed on this Clock)
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+
+    def test_a_raid_takes_only_its_own_result(self):
+        """A raid_result of another raid (one that ended before it was found) is not this raid's result."""
+        raid = Raid(self.client, found("r2"))
+        result = Deferred.fromCoroutine(raid.result())
+        self.connection.on_push(packets.RAID_RESULT, ended("r1"))
+        self.assertNoResult(result)
+        self.connection.on_push(packets.RAID_RESULT, ended("r2"))
+        self.assertEqual(self.successResultOf(result).raid_id, "r2")
+        waiting = Deferred.fromCoroutine(self.client.next_raid())
+        self.assertEqual(self.failureResultOf(waiting, RaidNotStarted).value.result.raid_id, "r1")
 
 
 class FakeDatagramTransport:

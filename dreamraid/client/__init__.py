@@ -5,8 +5,8 @@ connection beneath them.  See docs/client.md.
 """
 
 from dreamraid.client.connection import ClientProtocol, ConnectionClosed, RemoteError, connect
-from dreamraid.client.game import GameClient, Raid, RaidChannel
+from dreamraid.client.game import GameClient, Raid, RaidChannel, RaidNotStarted
 from dreamraid.client.session import SessionClient, play
 
-__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "Raid", "RaidChannel", "RemoteError",
-           "SessionClient", "connect", "play"]
+__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "Raid", "RaidChannel", "RaidNotStarted",
+           "RemoteError", "SessionClient", "connect", "play"]

@@ -20,6 +20,18 @@ from dreamraid.client.connection import connect
 from dreamraid.protocols import packets
 
 
+class RaidNotStarted(Exception):
+    """
+    The raid this player was matched into ended (failed) before they were
+    told where it is: its host could not set it up, or died.  C{result} is
+    its L{results.RaidResult}; the player is free to queue again.
+    """
+
+    def __init__(self, result):
+        super().__init__(f"raid {result.raid_id} ended before this player was told where it is")
+        self.result = result
+
+
 def _address(text):
     host, _, port = text.rpartition(":")
     return host, int(port)
@@ -36,8 +48,10 @@ class GameClient:
         self.user_id = user_id
         self.player = None  # a results.Player once authenticated
         self.connection = None
-        self._pushes = []
-        self._waiters = {}
+        self._pushes = []  # (name, body) of pushes nobody awaited yet
+        self._waiters = {}  # name -> [(which bodies, Deferred)]
+        self._raid_id = None  # of the raid last found
+        self._ended_early = set()  # ids of raids that ended before they were found
         self._use(connection)
 
     @classmethod
@@ -141,9 +155,26 @@ class GameClient:
         """
         Once matched: the L{Raid}, its UDP channel open and greeted, this
         player ready (after moving to its host if it is elsewhere).
+
+        @raise RaidNotStarted: the raid ended before this player was told
+            where it is (a raid_result came first).
         """
-        found = await self.next_push(packets.RAID_FOUND.name)
-        raid = Raid(self, found)
+        found = self.next_push(packets.RAID_FOUND.name)
+        ended = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] != self._raid_id)
+        try:
+            body, first = await defer.DeferredList([found, ended], fireOnOneCallback=True, fireOnOneErrback=True,
+                                                   consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        finally:
+            for waiter in (found, ended):
+                if not waiter.called:
+                    waiter.cancel()
+        if first == 1:
+            self._ended_early.add(body["raid_id"])
+            raise RaidNotStarted(results.raid_result(body))
+        self._raid_id = body["raid_id"]
+        raid = Raid(self, body)
         raid.port = self._reactor.listenUDP(0, raid.channel, interface=interface)
         try:
             await raid.channel.greet(self._reactor)
@@ -153,14 +184,19 @@ class GameClient:
             raise
         return raid
 
-    def next_push(self, name):
-        """A Deferred of the body of the next push named C{name} (one not yet read comes first)."""
+    def next_push(self, name, which=None):
+        """
+        A Deferred of the body of the next push named C{name} (one not yet
+        read comes first), and only of one whose body C{which(body)} accepts
+        if given; cancelling it stops the wait.
+        """
         for i, (pushed, body) in enumerate(self._pushes):
-            if pushed == name:
+            if pushed == name and (which is None or which(body)):
                 del self._pushes[i]
                 return defer.succeed(body)
-        waiter = defer.Deferred()
-        self._waiters.setdefault(name, []).append(waiter)
+        waiters = self._waiters.setdefault(name, [])
+        waiter = defer.Deferred(lambda d: waiters.remove((which, d)))
+        waiters.append((which, waiter))
         return waiter
 
     def close(self):
@@ -172,22 +208,26 @@ class GameClient:
         connection.on_push = self._pushed
 
     def _pushed(self, message, body):
-        if message is packets.RAID_FOUND and _address(body["host"]) != self.address:
+        if message is packets.RAID_FOUND and body["raid_id"] in self._ended_early:
+            self._ended_early.discard(body["raid_id"])  # its result came first; the raid is over
+        elif message is packets.RAID_FOUND and _address(body["host"]) != self.address:
             defer.ensureDeferred(self._move(body)).addErrback(self._move_failed, body)
         else:
             self._deliver(message.name, body)
 
     def _deliver(self, name, body):
-        waiters = self._waiters.get(name)
-        if waiters:
-            waiters.pop(0).callback(body)
-        else:
-            self._pushes.append((name, body))
+        waiters = self._waiters.get(name, [])
+        for i, (which, waiter) in enumerate(waiters):
+            if which is None or which(body):
+                del waiters[i]
+                waiter.callback(body)
+                return
+        self._pushes.append((name, body))
 
     def _move_failed(self, failure, found):
         """The raid's host could not be reached: whoever awaits the raid hears why."""
         waiters = self._waiters.pop(packets.RAID_FOUND.name, [])
-        for waiter in waiters:
+        for _, waiter in waiters:
             waiter.errback(failure)
         if not waiters:
             self._log.failure("cannot move to raid {raid_id}'s host {host}", failure,
@@ -243,7 +283,7 @@ class Raid:
 
     async def result(self):
         """Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes."""
-        body = await self.client.next_push(packets.RAID_RESULT.name)
+        body = await self.client.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] == self.raid_id)
         self.close()
         return results.raid_result(body)
 
