@@ -148,8 +148,12 @@ class RaidEndTests(MatchmakerCase):
         return host
 
     async def listening_presence(self):
-        """A presence of the test's own, subscribed; it and the list of C{(event, body)} pushed through it."""
-        presence = Presence(self.router, f"test-raid-end-{random.getrandbits(40):x}", 30, 900)
+        """
+        A presence of the test's own, subscribed, and the matchmakers' from
+        now on (as a game server's host and matchmaker share one); it and the
+        list of C{(event, body)} pushed through it.
+        """
+        presence = self.presence = Presence(self.router, f"test-raid-end-{random.getrandbits(40):x}", 30, 900)
         told = []
         subscription = presence.listen(lambda user_id, jti: None, lambda users, event, body: told.append((event, body)))
         self.addCleanup(subscription.stop)
@@ -283,3 +287,35 @@ class RaidEndTests(MatchmakerCase):
         host.ready(came, formed.raid_id)
         self.clock.advance(SETTINGS.ready_grace)
         self.assertEqual(host.hit(came, formed.raid_id).damage, hit_damage(1, 0))
+
+    async def test_a_raid_ended_by_another_server_is_dropped(self):
+        """
+        The host's lease lapses and another server's check ends its raid:
+        at the raid's next renewal the host drops it (a hit is refused) and
+        takes the players' raid marks off.
+        """
+        lines = log_lines(self)
+        presence, _ = await self.listening_presence()
+        matchmaker = self.matchmaker()
+        players = await self.queued_players(presence, matchmaker)
+        [formed] = await matchmaker.run_pass()
+        host = self.raid_host(presence, self.ranking(), matchmaker)
+        host.host(formed)
+        await eventually(lambda: defer.succeed(any(f"raid {formed.raid_id} hosted" in line for line in lines)))
+        await self.router.execute("ZADD", f"{{{self.prefix}}}:leases", 0, presence.server_id)
+        self.assertEqual(await self.matchmaker(seed=2).reap(), [(formed.raid_id, players)])
+
+        def renewed():
+            self.clock.advance(0.1)  # the host renews a tenth of its raids each tick
+            return defer.succeed(len(host) == 0)
+
+        await eventually(renewed)
+        self.assertTrue(any(f"raid {formed.raid_id}: ended by another server" in line for line in lines), lines)
+        with self.assertRaises(RequestRefused) as refused:
+            host.hit(players[0], formed.raid_id)
+        self.assertEqual(refused.exception.code, ErrorCode.NOT_IN_RAID)
+
+        async def unmarked():
+            return not any([await self.router.execute("EXISTS", raid_mark_key(u)) for u in players])
+
+        await eventually(unmarked)

@@ -176,13 +176,19 @@ return 1
 """
 
 # ARGV: server id, until ms, then raid id and checkpoint pairs.  Renews the
-# host's lease and stores its raids' checkpoints.
+# host's lease and stores its raids' checkpoints: the ids of those raids no
+# longer this host's (ended by another server, or lost with Redis's data).
 _RENEW = _LIBRARY + """
 redis.call('ZADD', LEASES, ARGV[2], ARGV[1])
+local gone = {}
 for i = 3, #ARGV, 2 do
-  if redis.call('HGET', HOSTS, ARGV[i]) == ARGV[1] then redis.call('HSET', CHECKPOINTS, ARGV[i], ARGV[i + 1]) end
+  if redis.call('HGET', HOSTS, ARGV[i]) == ARGV[1] then
+    redis.call('HSET', CHECKPOINTS, ARGV[i], ARGV[i + 1])
+  else
+    gone[#gone + 1] = ARGV[i]
+  end
 end
-return 1
+return gone
 """
 
 # ARGV: now ms.  Ends the raids whose host's lease has lapsed (at most 100 a
@@ -312,11 +318,16 @@ class Matchmaker(Service):
         await self._release(self._keys, [raid_id])
 
     async def renew(self, server_id, checkpoints):
-        """The host C{server_id} is alive for another C{host_lease}; C{checkpoints}: C{{raid id: JSON state}}."""
+        """
+        The host C{server_id} is alive for another C{host_lease};
+        C{checkpoints}: C{{raid id: JSON state}}.  The ids among them of raids
+        no longer this host's (another server ended them when this host's
+        lease lapsed, or Redis lost them).
+        """
         args = [server_id, self._now_ms() + self._lease_ms]
         for raid_id, state in checkpoints.items():
             args += [raid_id, state]
-        await self._renew(self._keys, args)
+        return [raid_id.decode() for raid_id in await self._renew(self._keys, args)]
 
     async def reap(self):
         """End the raids of hosts whose lease lapsed; C{[(raid id, [players])]}, freed already."""

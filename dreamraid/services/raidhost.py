@@ -37,7 +37,7 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.livestore import profile_key, raid_mark_key, tab_key
 from dreamraid.services.rediscluster import Script
-from dreamraid.services.raids import Raid, hit_damage, longest_life
+from dreamraid.services.raids import Raid, Stage, hit_damage, longest_life
 
 RAID_FOUND = "raid_found"
 RAID_FIGHT = "raid_fight"
@@ -191,7 +191,8 @@ class RaidHost(Service):
             "deadline": h.raid.deadline, "scores": {str(u): s for u, s in h.raid.scores.items()}})
             for raid_id, h in self._buckets[bucket].items()}
         try:
-            await self._matchmaker.renew(self._presence.server_id, checkpoints)
+            for raid_id in await self._matchmaker.renew(self._presence.server_id, checkpoints):
+                self._ended_elsewhere(raid_id)
             if bucket:
                 return
             for raid_id, members in await self._matchmaker.reap():
@@ -204,6 +205,24 @@ class RaidHost(Service):
                 await self._tell_failed(raid_id, members)
         except Exception:
             self._failures.failed("raid host: cannot renew the lease or check others'")
+
+    def _ended_elsewhere(self, raid_id):
+        """
+        Matchmaking no longer lists the raid as this host's: another server
+        ended it (this host's lease lapsed) and told its players, or Redis
+        lost it.  A raid still waiting or fighting is dropped, and its raid
+        marks are taken off.
+        """
+        hosted = self._raids.get(raid_id)
+        if hosted is None or hosted.raid.stage not in (Stage.WAITING, Stage.FIGHTING):
+            return  # its own end is under way
+        hosted.raid.abandon()
+        self._drop(hosted)
+        self._log.warn("raid {raid_id}: ended by another server (this host's lease lapsed); dropped",
+                       raid_id=raid_id)
+        unmarked = self._unmark_all(raid_id, hosted.until, hosted.members)
+        self._finishing.add(unmarked)
+        unmarked.addBoth(lambda _: self._finishing.discard(unmarked))
 
     def _tell_failed(self, raid_id, members):
         return gather([self._tell(raid_id, u, {
