@@ -218,7 +218,7 @@ class GameSettings(ServerSettings):
 class SessionSettings(ServerSettings):
     """The session server: the client side plus where it sends players."""
 
-    game_servers: tuple = setting(_host_ports, "game servers handed to players who enter the world")
+    game_servers: tuple = setting(_host_ports, "game servers handed to players who enter the world (those alive)")
     board_check_interval: float = setting(
         _number(float, 0.1, 86400.0), "seconds between checks that Redis still has the ranking board"
     )

@@ -12,6 +12,7 @@ from dreamraid.services.database import Database
 from dreamraid.services.health import Health
 from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
+from dreamraid.services.matchmaking import GameServers
 from dreamraid.services.ranking import BoardLoader, Ranking
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.servicetree import InOrder
@@ -51,8 +52,9 @@ def makeService(options, reactor=None):
     accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(router, a), issuer)
     live = LiveStore(router)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
-    world = World(verifier, live, MysqlProfileStore(database), queue,
-                  settings.session.game_servers, secure_random, settings.sync.session_ttl)
+    game_servers = GameServers(router, reactor, settings.raids.matchmaking_prefix, settings.session.game_servers)
+    world = World(verifier, live, MysqlProfileStore(database), queue, game_servers, secure_random,
+                  settings.sync.session_ttl)
     sync = SyncWorker(router, queue, live, MysqlSnapshotStore(database), reactor, settings.sync)
     sync.setServiceParent(top)
     BoardLoader(Ranking(router, settings.sync.ranking_prefix), database, reactor, settings.session.board_check_interval).setServiceParent(top)

@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 from dreamraid.services.database import Database, connect
 from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
+from dreamraid.services.matchmaking import GameServers
 from dreamraid.services.migrations import load_migrations, thd_migrate
 from dreamraid.services.sync import SyncQueue
 from dreamraid.services.tokens import TokenIssuer, TokenVerifier, create_key_pair
@@ -100,8 +101,10 @@ class SessionServicesCase(TestCase):
         self.live = LiveStore(self.router)
         self.queue = SyncQueue(self.router, reactor, self.settings.sync.shards, self.settings.sync.prefix)
         self.issuer = TokenIssuer(self.settings.tokens, reactor, random.Random())
+        game_servers = GameServers(self.router, reactor, f"testmm{random.getrandbits(40):x}",
+                                   self.settings.session.game_servers)
         self.world = World(TokenVerifier(self.settings.tokens, reactor), self.live, MysqlProfileStore(self.database),
-                           self.queue, self.settings.session.game_servers, random.Random(3), 900)
+                           self.queue, game_servers, random.Random(3), 900)
 
     async def new_user(self, level=1, exp=0, best=0, items=None):
         """A user written straight into MySQL; its id."""

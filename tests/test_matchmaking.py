@@ -17,12 +17,12 @@ from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.matchmaking import GROUPS, Matchmaker, level_group, matchmaking_keys
+from dreamraid.services.matchmaking import GROUPS, GameServers, Matchmaker, level_group, matchmaking_keys
 from dreamraid.services.parties import Parties
 from dreamraid.services.presence import Presence
 from tests import cluster
 from tests.storage import test_settings
-from tests.support import eventually, when_logged
+from tests.support import eventually, log_lines, when_logged
 from tests.test_game import GameServerCase
 from tests.test_inventory import InventoryCase
 
@@ -48,6 +48,40 @@ class MatchmakerCase(InventoryCase):
 
 
 class MatchmakerTests(MatchmakerCase):
+
+    async def test_players_are_handed_only_to_game_servers_alive(self):
+        """
+        Of three configured game servers two renew their leases with their
+        addresses: the session hands out those two, then only the one still
+        renewing once the other's lease lapses, and every configured one
+        when none is alive or the leases cannot be read.  A server whose
+        lease lapsed an hour ago is forgotten.
+        """
+        lines = log_lines(self)
+        configured = [("127.0.0.1", 9001), ("127.0.0.1", 9002), ("127.0.0.1", 9003)]
+        servers = GameServers(self.router, self.clock, self.prefix, configured)
+        self.assertEqual(await servers.alive(), configured)  # none has renewed yet
+        a, b = self.matchmaker(), self.matchmaker(seed=2)
+        self.assertEqual(await a.renew("game-a", "127.0.0.1:9001", {}), [])
+        await b.renew("game-b", "127.0.0.1:9002", {})
+        self.assertEqual(await servers.alive(), configured)  # read at most once a second
+        self.clock.advance(1)
+        self.assertEqual(await servers.alive(), configured[:2])
+        self.clock.advance(4.5)  # past game-a's lease (5 s); game-b renews
+        await b.renew("game-b", "127.0.0.1:9002", {})
+        self.assertEqual(await servers.alive(), configured[1:2])
+        self.clock.advance(6)
+        self.assertEqual(await servers.alive(), configured)
+        leases, addresses = f"{{{self.prefix}}}:leases", f"{{{self.prefix}}}:servers"
+        self.clock.advance(3600)
+        await a.reap()
+        self.assertEqual((await self.router.execute("ZCARD", leases), await self.router.execute("HLEN", addresses)),
+                         (0, 0))
+        await self.router.execute("SET", leases, "not a sorted set")
+        self.clock.advance(1)
+        self.assertEqual(await servers.alive(), configured)
+        self.assertTrue(any(line.startswith("game servers: cannot read which are alive") and "WRONGTYPE" in line
+                            for line in lines), lines)
 
     def test_level_groups(self):
         """Levels 1-2 group 1, 3-5 group 2, ... 15 group 6."""

@@ -68,6 +68,7 @@ class World:
     _log = Logger()
 
     def __init__(self, verifier, live, profiles, queue, game_servers, random, session_ttl):
+        """@param game_servers: the L{dreamraid.services.matchmaking.GameServers} players are handed to."""
         self._verifier = verifier
         self._live = live
         self._profiles = profiles
@@ -92,7 +93,7 @@ class World:
         except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
             self._log.warn("enter world of user {user_id}: store unavailable: {error}", user_id=user_id, error=e)
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
-        host, port = self._random.choice(self._game_servers)
+        host, port = self._random.choice(await self._game_servers.alive())
         return EnteredWorld(user_id, host, port)
 
     async def _load(self, user_id, jti):

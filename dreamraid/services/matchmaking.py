@@ -13,6 +13,7 @@ hot spot; a pass costs one script call, and passes are cheap.
     {mm}:order           counter: the order of tickets queued in the same ms
     {mm}:raid_host       hash: raid id -> the server id hosting it
     {mm}:leases          sorted set: server id -> until when it is alive (ms)
+    {mm}:servers         hash: server id -> its client address (host:port)
     {mm}:checkpoints     hash: raid id -> its state as JSON, every second
     {mm}:players         hash: user id -> ticket id, or "r:<raid id>"
     {mm}:raid_until      sorted set: raid id -> when its players are free again
@@ -25,7 +26,9 @@ C{widen_after}.  The process whose pass formed a raid hosts it, and keeps
 a lease while it lives; when the lease lapses (the host died), the raid is
 ended as failed by whichever process notices first, and its players are
 free.  Hosts and the others compare their clocks here: keep them in sync
-well within C{host_lease}.
+well within C{host_lease}.  Each lease carries its server's client
+address, so session servers hand players only to game servers alive
+(L{GameServers}).
 """
 
 import string
@@ -37,7 +40,7 @@ from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
-from dreamraid.services.failurelog import FailureLog
+from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.livestore import profile_key
 from dreamraid.services.rediscluster import LUA_SPLIT, RedisClusterError, Script
 
@@ -45,6 +48,8 @@ GROUPS = 6
 # Tickets of each group a pass looks at, oldest first.
 SCAN = 100
 MATCHMAKING = "matchmaking"
+# A server whose lease lapsed this long ago (ms) is taken off the leases.
+FORGET_SERVER_AFTER_MS = 3_600_000
 
 
 def level_group(level):
@@ -57,15 +62,15 @@ def matchmaking_keys(prefix):
     tag = f"{{{prefix}}}"
     return ([f"{tag}:queue:{g}" for g in range(1, GROUPS + 1)]
             + [f"{tag}:{name}" for name in ("tickets", "players", "raid_until", "raid_members", "order", "raid_host",
-                                            "leases", "checkpoints")])
+                                            "leases", "checkpoints", "servers")])
 
 
 # KEYS: the queues of groups 1..6, tickets, players, raid_until, raid_members,
-# order, raid_host, leases, checkpoints.
+# order, raid_host, leases, checkpoints, servers.
 _LIBRARY = LUA_SPLIT + """
 local G = %d
 local TICKETS, PLAYERS, UNTIL, MEMBERS, ORDER = KEYS[G + 1], KEYS[G + 2], KEYS[G + 3], KEYS[G + 4], KEYS[G + 5]
-local HOSTS, LEASES, CHECKPOINTS = KEYS[G + 6], KEYS[G + 7], KEYS[G + 8]
+local HOSTS, LEASES, CHECKPOINTS, SERVERS = KEYS[G + 6], KEYS[G + 7], KEYS[G + 8], KEYS[G + 9]
 -- The raid is over: its players are free, its records gone.
 local function forget_raid(raid)
   local members = redis.call('HGET', MEMBERS, raid) or ''
@@ -175,13 +180,15 @@ forget_raid(ARGV[1])
 return 1
 """
 
-# ARGV: server id, until ms, then raid id and checkpoint pairs.  Renews the
-# host's lease and stores its raids' checkpoints: the ids of those raids no
-# longer this host's (ended by another server, or lost with Redis's data).
+# ARGV: server id, until ms, its client address, then raid id and checkpoint
+# pairs.  Renews the host's lease and stores its raids' checkpoints: the ids
+# of those raids no longer this host's (ended by another server, or lost
+# with Redis's data).
 _RENEW = _LIBRARY + """
 redis.call('ZADD', LEASES, ARGV[2], ARGV[1])
+redis.call('HSET', SERVERS, ARGV[1], ARGV[3])
 local gone = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   if redis.call('HGET', HOSTS, ARGV[i]) == ARGV[1] then
     redis.call('HSET', CHECKPOINTS, ARGV[i], ARGV[i + 1])
   else
@@ -191,10 +198,15 @@ end
 return gone
 """
 
-# ARGV: now ms.  Ends the raids whose host's lease has lapsed (at most 100 a
-# call): {raid id, its players (space-separated), ...}.
+# ARGV: now ms, forget ms.  Ends the raids whose host's lease has lapsed (at
+# most 100 a call): {raid id, its players (space-separated), ...}.  Forgets
+# (at most 100 a call) servers whose lease lapsed over forget ms ago.
 _REAP = _LIBRARY + """
 local now, reaped = tonumber(ARGV[1]), {}
+for _, server in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 100)) do
+  redis.call('ZREM', LEASES, server)
+  redis.call('HDEL', SERVERS, server)
+end
 local hosts = redis.call('HGETALL', HOSTS)
 for i = 1, #hosts, 2 do
   if #reaped >= 200 then break end
@@ -317,21 +329,22 @@ class Matchmaker(Service):
         """The raid ended: its players may queue again."""
         await self._release(self._keys, [raid_id])
 
-    async def renew(self, server_id, checkpoints):
+    async def renew(self, server_id, address, checkpoints):
         """
-        The host C{server_id} is alive for another C{host_lease};
-        C{checkpoints}: C{{raid id: JSON state}}.  The ids among them of raids
-        no longer this host's (another server ended them when this host's
-        lease lapsed, or Redis lost them).
+        The host C{server_id}, which clients reach at C{address}
+        (C{host:port}), is alive for another C{host_lease}; C{checkpoints}:
+        C{{raid id: JSON state}}.  The ids among them of raids no longer this
+        host's (another server ended them when this host's lease lapsed, or
+        Redis lost them).
         """
-        args = [server_id, self._now_ms() + self._lease_ms]
+        args = [server_id, self._now_ms() + self._lease_ms, address]
         for raid_id, state in checkpoints.items():
             args += [raid_id, state]
         return [raid_id.decode() for raid_id in await self._renew(self._keys, args)]
 
     async def reap(self):
         """End the raids of hosts whose lease lapsed; C{[(raid id, [players])]}, freed already."""
-        reply = await self._reap(self._keys, [self._now_ms()])
+        reply = await self._reap(self._keys, [self._now_ms(), FORGET_SERVER_AFTER_MS])
         return [(reply[i].decode(), [int(m) for m in reply[i + 1].split()]) for i in range(0, len(reply), 2)]
 
     async def run_pass(self):
@@ -356,3 +369,44 @@ class Matchmaker(Service):
             await self.run_pass()
         except Exception:
             self._failures.failed("matchmaking: a pass failed")
+
+
+class GameServers:
+    """
+    The game servers a session server hands players to: those of the
+    configured C{(host, port)}s whose lease is fresh (each game server's
+    renewal records the address it gives clients), read at most every
+    C{refresh} seconds.  When none is known alive (none registered under
+    this matchmaking prefix, or Redis unreadable), every configured one.
+    """
+
+    _log = Logger()
+
+    def __init__(self, router, clock, prefix, configured, refresh=1.0):
+        self._router = router
+        self._clock = clock
+        keys = matchmaking_keys(prefix)
+        self._leases, self._servers = keys[GROUPS + 6], keys[GROUPS + 8]
+        self.configured = list(configured)
+        self._refresh = refresh
+        self._read_at = None
+        self._alive = []
+        self._failures = FailureLog(self._log, clock)
+
+    async def alive(self):
+        """The configured game servers alive now (a non-empty list of C{(host, port)})."""
+        now = self._clock.seconds()
+        if self._read_at is None or now - self._read_at >= self._refresh:
+            self._read_at = now
+            try:
+                self._alive = await self._read(now)
+            except REDIS_ERRORS:
+                self._failures.failed("game servers: cannot read which are alive; handing out every configured one")
+                self._alive = []
+        return self._alive or self.configured
+
+    async def _read(self, now):
+        fresh = set(await self._router.execute("ZRANGEBYSCORE", self._leases, int(now * 1000), "+inf"))
+        flat = await self._router.execute("HGETALL", self._servers)
+        addresses = {flat[i + 1].decode() for i in range(0, len(flat), 2) if flat[i] in fresh}
+        return [(host, port) for host, port in self.configured if f"{host}:{port}" in addresses]

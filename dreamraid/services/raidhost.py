@@ -191,7 +191,7 @@ class RaidHost(Service):
             "deadline": h.raid.deadline, "scores": {str(u): s for u, s in h.raid.scores.items()}})
             for raid_id, h in self._buckets[bucket].items()}
         try:
-            for raid_id in await self._matchmaker.renew(self._presence.server_id, checkpoints):
+            for raid_id in await self._matchmaker.renew(self._presence.server_id, self.address, checkpoints):
                 self._ended_elsewhere(raid_id)
             if bucket:
                 return
