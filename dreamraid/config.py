@@ -141,6 +141,20 @@ def _path(text, base):
 _path.kind = "path"
 
 
+def _optional_paths(text, base):
+    return tuple((base / part.strip()).resolve() for part in text.split(",") if part.strip())
+
+
+_optional_paths.kind = "path,... (or nothing)"
+
+
+def _optional_texts(text, base):
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_optional_texts.kind = "text,... (or nothing)"
+
+
 def _choice(*choices):
     def parse(text, base):
         if text not in choices:
@@ -308,10 +322,15 @@ class TokenSettings:
     private_key: Path = setting(_path, "EdDSA signing key (session server only)")
     public_key: Path = setting(_path, "EdDSA verifying key")
     secret: str = setting(_optional_text, "shared secret, HS256 only")
+    other_public_keys: tuple = setting(
+        _optional_paths, "EdDSA verifying keys accepted besides public_key (a key rotation's next or previous)")
+    other_secrets: tuple = setting(_optional_texts, "HS256 secrets accepted besides secret (a rotation's)")
 
     def check(self):
         if self.algorithm == "HS256" and len(self.secret) < 32:
             raise ConfigError("secret: HS256 needs a secret of at least 32 characters")
+        if self.algorithm == "HS256" and any(len(other) < 32 for other in self.other_secrets):
+            raise ConfigError("other_secrets: each needs at least 32 characters")
 
 
 @dataclasses.dataclass(frozen=True)

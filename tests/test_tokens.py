@@ -117,10 +117,14 @@ class IssueTests(TokenTestCase):
     def test_verifies_with_public_key_alone(self):
         """
         An EdDSA token decodes with PyJWT given only the public key file, and
-        carries exactly sub, iss, aud, iat, exp = iat + ttl and jti.
+        carries exactly sub, iss, aud, iat, exp = iat + ttl and jti; its
+        header names its key by the SHA-256 of the raw public key.
         """
         issued = self.issuer().issue(42)
-        self.assertEqual(jwt.get_unverified_header(issued.token), {"alg": "EdDSA", "typ": "JWT"})
+        raw = serialization.load_pem_public_key(self.keys[1].read_bytes()).public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.assertEqual(jwt.get_unverified_header(issued.token),
+                         {"alg": "EdDSA", "typ": "JWT", "kid": hashlib.sha256(raw).hexdigest()[:16]})
         claims = jwt.decode(
             issued.token,
             self.keys[1].read_bytes(),
@@ -221,6 +225,56 @@ class VerifyTests(TokenTestCase):
         """An aud list that includes the verifier's audience is accepted."""
         token = self.signed(self.claims(aud=["elsewhere", "dreamraid-game"]))
         self.assertEqual(self.verifier().verify(token).user_id, 42)
+
+
+class RotationTests(TokenTestCase):
+    """Verifiers that accept more than one key while keys are rotated."""
+
+    def test_next_then_previous_key(self):
+        """
+        A rotation: every verifier first accepts the next key beside its
+        own; the session then signs with the next key and keeps the old one
+        as accepted.  Tokens of either key pass at each step, and a verifier
+        that has not heard of the next key refuses its tokens.
+        """
+        old, new = self.keys, self.make_keys()
+        old_token = self.issuer().issue(42).token
+        new_token = TokenIssuer(self.settings(new), self.clock, random.Random(2)).issue(43).token
+        before = self.verifier(tokens_other_public_keys=str(new[1]))
+        after = TokenVerifier(self.settings(new, tokens_other_public_keys=str(old[1])), self.clock)
+        for verifier in (before, after):
+            self.assertEqual([verifier.verify(t).user_id for t in (old_token, new_token)], [42, 43])
+        self.assertRefused(new_token, ErrorCode.TOKEN_SIGNATURE)
+
+    def test_token_without_kid_is_tried_against_each_key(self):
+        """A token minted before key ids (no kid) passes if any accepted key signed it."""
+        other = self.make_keys()
+        token = self.signed(self.claims())
+        verifier = TokenVerifier(self.settings(other, tokens_other_public_keys=str(self.keys[1])), self.clock)
+        self.assertEqual(verifier.verify(token).user_id, 42)
+
+    def test_kid_of_another_accepted_key_fails_the_signature(self):
+        """A token whose kid is changed to another accepted key's is checked with that key, and fails."""
+        other = self.make_keys()
+        header, payload, signature = self.issuer().issue(42).token.split(".")
+        other_kid = jwt.get_unverified_header(TokenIssuer(self.settings(other), self.clock, random.Random(1))
+                                              .issue(42).token)["kid"]
+        forged = f"{b64url_json({'alg': 'EdDSA', 'typ': 'JWT', 'kid': other_kid})}.{payload}.{signature}"
+        self.assertRefused(forged, ErrorCode.TOKEN_SIGNATURE, self.verifier(tokens_other_public_keys=str(other[1])))
+
+    def test_hs256_other_secret(self):
+        """An HS256 token of a secret in other_secrets passes; such a secret needs 32 characters too."""
+        issued = self.issuer(tokens_algorithm="HS256", tokens_secret="t" * 32).issue(42)
+        verifier = self.verifier(tokens_algorithm="HS256", tokens_secret=SECRET, tokens_other_secrets="t" * 32)
+        self.assertEqual(verifier.verify(issued.token).user_id, 42)
+        with self.assertRaises(ConfigError):
+            self.settings(tokens_algorithm="HS256", tokens_secret=SECRET, tokens_other_secrets="short")
+
+    def test_unreadable_other_key_names_its_setting(self):
+        """A missing file in other_public_keys stops the verifier with that setting's name."""
+        with self.assertRaises(TokenKeyError) as raised:
+            self.verifier(tokens_other_public_keys="/nonexistent/next.pub")
+        self.assertIn("tokens.other_public_keys", str(raised.exception))
 
 
 class RefusalTests(TokenTestCase):

@@ -9,8 +9,14 @@ server tell one login from the next.  It is signed with EdDSA (Ed25519: game
 servers hold only the public key) or with HS256 and a shared secret, as
 C{[tokens] algorithm} says; a verifier accepts that one algorithm and no
 other.
+
+Each token's header names its key (C{kid}: the first 16 hex digits of the
+SHA-256 of the raw public key or of the secret), so a verifier can hold
+more than one (C{other_public_keys}, C{other_secrets}) while keys are
+rotated; a token without a C{kid} is tried against each.
 """
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -96,8 +102,10 @@ class TokenIssuer:
         self._random = random
         if settings.algorithm == "EdDSA":
             self._key = _load_private_key(settings.private_key)
+            self._kid = key_id(self._key.public_key())
         else:
             self._key = _hmac_secret(settings.secret)
+            self._kid = key_id(self._key)
 
     def issue(self, user_id):
         issued_at = int(self._clock.seconds())
@@ -111,13 +119,13 @@ class TokenIssuer:
             "exp": expires_at,
             "jti": jti,
         }
-        token = jwt.encode(claims, self._key, algorithm=self._settings.algorithm)
+        token = jwt.encode(claims, self._key, algorithm=self._settings.algorithm, headers={"kid": self._kid})
         return IssuedToken(token, jti, expires_at)
 
 
 @implementer(ITokenVerifier)
 class TokenVerifier:
-    """Checks tokens against the public key or the secret of L{TokenSettings}."""
+    """Checks tokens against the public keys or the secrets of L{TokenSettings}."""
 
     def __init__(self, settings, clock, leeway=5):
         """
@@ -125,37 +133,23 @@ class TokenVerifier:
         @param clock: an C{IReactorTime} that C{exp}, C{iat} and C{nbf} are
             checked against.
         @param leeway: seconds of clock skew forgiven either way.
-        @raise TokenKeyError: if the public key or the secret is unusable.
+        @raise TokenKeyError: if a public key or a secret is unusable.
         """
         self._settings = settings
         self._clock = clock
         self._leeway = leeway
         if settings.algorithm == "EdDSA":
-            self._key = _load_public_key(settings.public_key)
+            keys = [_load_public_key(settings.public_key)]
+            keys += [_load_public_key(path, "other_public_keys") for path in settings.other_public_keys]
         else:
-            self._key = _hmac_secret(settings.secret)
+            keys = [_hmac_secret(secret) for secret in (settings.secret, *settings.other_secrets)]
+        self._keys = {key_id(key): key for key in keys}  # the configured one first
 
     def verify(self, token):
         # A JWT is ASCII; anything else would make PyJWT fail to encode it.
         if not isinstance(token, str) or not token.isascii():
             raise RequestRefused(ErrorCode.TOKEN_MALFORMED)
-        try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=[self._settings.algorithm],
-                audience=self._settings.audience,
-                issuer=self._settings.issuer,
-                options=_DECODE_OPTIONS,
-            )
-        except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
-            raise RequestRefused(ErrorCode.TOKEN_SIGNATURE) from None
-        except jwt.InvalidAudienceError:
-            raise RequestRefused(ErrorCode.TOKEN_AUDIENCE) from None
-        except jwt.InvalidIssuerError:
-            raise RequestRefused(ErrorCode.TOKEN_ISSUER) from None
-        except jwt.InvalidTokenError:
-            raise RequestRefused(ErrorCode.TOKEN_MALFORMED) from None
+        claims = self._decode(token)
         issued_at, expires_at = claims["iat"], claims["exp"]
         not_before = claims.get("nbf", issued_at)
         # type() rather than isinstance(): JSON true is not a time.
@@ -169,6 +163,45 @@ class TokenVerifier:
         if max(issued_at, not_before) > now + self._leeway:
             raise RequestRefused(ErrorCode.TOKEN_NOT_YET_VALID)
         return Claims(int(claims["sub"]), claims["jti"], issued_at, expires_at)
+
+    def _decode(self, token):
+        """C{token}'s claims, checked against the key its C{kid} names, or each key for a token without one."""
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError:
+            raise RequestRefused(ErrorCode.TOKEN_MALFORMED) from None
+        if kid is None:
+            keys = list(self._keys.values())
+        elif type(kid) is str and kid in self._keys:
+            keys = [self._keys[kid]]
+        else:
+            raise RequestRefused(ErrorCode.TOKEN_SIGNATURE, "the token's key (kid) is not one this server accepts")
+        for key in keys:
+            try:
+                return jwt.decode(token, key, algorithms=[self._settings.algorithm],
+                                  audience=self._settings.audience, issuer=self._settings.issuer,
+                                  options=_DECODE_OPTIONS)
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.InvalidAlgorithmError:
+                break
+            except jwt.InvalidAudienceError:
+                raise RequestRefused(ErrorCode.TOKEN_AUDIENCE) from None
+            except jwt.InvalidIssuerError:
+                raise RequestRefused(ErrorCode.TOKEN_ISSUER) from None
+            except jwt.InvalidTokenError:
+                raise RequestRefused(ErrorCode.TOKEN_MALFORMED) from None
+        raise RequestRefused(ErrorCode.TOKEN_SIGNATURE)
+
+
+def key_id(key):
+    """
+    The C{kid} of an Ed25519 public key or an HS256 secret (bytes): the
+    first 16 hex digits of the SHA-256 of its raw bytes.
+    """
+    if isinstance(key, Ed25519PublicKey):
+        key = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 def create_key_pair(private_path, public_path):
@@ -229,14 +262,14 @@ def _load_private_key(path):
     return key
 
 
-def _load_public_key(path):
-    """The Ed25519 public key in the PEM file at C{path}."""
+def _load_public_key(path, setting="public_key"):
+    """The Ed25519 public key in the PEM file at C{path}, which C{setting} names."""
     try:
-        key = serialization.load_pem_public_key(_read_key_file("public_key", path))
+        key = serialization.load_pem_public_key(_read_key_file(setting, path))
     except (ValueError, TypeError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, Ed25519PublicKey):
-        raise TokenKeyError(f"setting tokens.public_key: {path} is not an Ed25519 public key in PEM")
+        raise TokenKeyError(f"setting tokens.{setting}: {path} is not an Ed25519 public key in PEM")
     return key
 
 
