@@ -19,7 +19,7 @@ from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.matchmaking import GROUPS, GameServers, Matchmaker, level_group, matchmaking_keys
 from dreamraid.services.parties import Parties
-from dreamraid.services.presence import Presence
+from dreamraid.services.presence import Presence, presence_key
 from tests import cluster
 from tests.storage import test_settings
 from tests.support import eventually, log_lines, when_logged
@@ -38,12 +38,13 @@ class MatchmakerCase(InventoryCase):
         self.presence = Presence(self.router, "test-matchmaking", 30, 900)
         self.formed = []
 
-    def matchmaker(self, raid_size=2, router=None, seed=1, clock=None):
+    def matchmaker(self, raid_size=2, router=None, seed=1, clock=None, presence=None):
         raids = test_settings(raids_matchmaking_prefix=self.prefix, raids_widen_after="30",
                               raids_raid_size=str(raid_size)).raids
         router = router or self.router
-        parties = Parties(router, self.presence, random.Random(seed), raid_size)
-        return Matchmaker(router, self.presence, parties, clock or self.clock, random.Random(seed), raids, 200,
+        presence = presence or self.presence
+        parties = Parties(router, presence, random.Random(seed), raid_size)
+        return Matchmaker(router, presence, parties, clock or self.clock, random.Random(seed), raids, 200,
                           self.formed.append)
 
 
@@ -82,6 +83,38 @@ class MatchmakerTests(MatchmakerCase):
         self.assertEqual(await servers.alive(), configured)
         self.assertTrue(any(line.startswith("game servers: cannot read which are alive") and "WRONGTYPE" in line
                             for line in lines), lines)
+
+    async def test_tickets_of_a_server_that_stopped_renewing_are_dropped(self):
+        """
+        A party queued on a game server that then dies (its lease lapses,
+        its own passes never run): the next pass elsewhere drops its ticket
+        and tells the member on a live server, the solo player queued there
+        waits on, and the party's players may queue again.
+        """
+        listening = Presence(self.router, f"test-listening-{random.getrandbits(40):x}", 30, 900)
+        told = []
+        subscription = listening.listen(lambda user_id, jti: None,
+                                        lambda users, event, body: told.append((users, event, body)))
+        self.addCleanup(subscription.stop)
+        await subscription.when_subscribed()
+        dead_server = Presence(self.router, f"test-dead-{random.getrandbits(40):x}", 30, 900)
+        dead = self.matchmaker(raid_size=4, clock=task.Clock(), presence=dead_server)  # its passes never run
+        live = self.matchmaker(raid_size=4, seed=2)
+        leader, member, solo = [await self.new_user() for _ in range(3)]
+        self.addCleanup(lambda: self.router.execute("DEL", presence_key(member)))
+        await self.router.execute("SET", presence_key(member), listening.server_id)
+        parties = Parties(self.router, dead_server, random.Random(2), 4)
+        party = await parties.create(leader, "leader")
+        self.addCleanup(lambda: gather([parties.leave_if_any(u) for u in (leader, member)]))
+        await parties.join(member, "member", party.code)
+        await dead.enqueue(leader)
+        self.clock.advance(6)  # past the dead server's lease (5 s from its clock's 0)
+        await live.enqueue(solo)
+        self.assertEqual(await live.run_pass(), [])
+        self.assertEqual(await live.queue_lengths(), {1: 1, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
+        await eventually(lambda: defer.succeed(([member], "matchmaking", {"state": "cancelled", "group": 0}) in told))
+        self.assertEqual(await live.enqueue(leader), 1)  # ALREADY_QUEUED had the dropped ticket held them
+        self.assertEqual(await live.queue_lengths(), {1: 2, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
 
     def test_level_groups(self):
         """Levels 1-2 group 1, 3-5 group 2, ... 15 group 6."""

@@ -9,7 +9,7 @@ a player is never in two tickets or two raids.  That slot is by nature one
 hot spot; a pass costs one script call, and passes are cheap.
 
     {mm}:queue:<group>   sorted set: ticket id -> enqueued at (ms)
-    {mm}:tickets         hash: ticket id -> "group at order size members..."
+    {mm}:tickets         hash: ticket id -> "group at order size server members..."
     {mm}:order           counter: the order of tickets queued in the same ms
     {mm}:raid_host       hash: raid id -> the server id hosting it
     {mm}:leases          sorted set: server id -> until when it is alive (ms)
@@ -28,7 +28,9 @@ ended as failed by whichever process notices first, and its players are
 free.  Hosts and the others compare their clocks here: keep them in sync
 well within C{host_lease}.  Each lease carries its server's client
 address, so session servers hand players only to game servers alive
-(L{GameServers}).
+(L{GameServers}).  A ticket names the server that queued it (its leader's),
+and a pass drops the tickets of servers whose lease lapsed: a game server
+that died leaves no players behind in the queue.
 """
 
 import string
@@ -88,25 +90,27 @@ local function drop_ticket(id)
   redis.call('ZREM', KEYS[tonumber(t[1])], id)
   redis.call('HDEL', TICKETS, id)
   local members = {}
-  for i = 5, #t do members[#members + 1] = t[i] end
+  for i = 6, #t do members[#members + 1] = t[i] end
   return members
 end
 """ % GROUPS
 
-# ARGV: ticket id, group, now ms, members...  {1}, or {-1, member} when a
-# member already waits or raids.
+# ARGV: ticket id, group, now ms, server id, lease ms, members...  {1}, or
+# {-1, member} when a member already waits or raids.  The queuing server is
+# alive: its lease is renewed.
 _ENQUEUE = _LIBRARY + """
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   if redis.call('HEXISTS', PLAYERS, ARGV[i]) == 1 then return {-1, ARGV[i]} end
 end
 local members = {}
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   redis.call('HSET', PLAYERS, ARGV[i], ARGV[1])
   members[#members + 1] = ARGV[i]
 end
 local order = redis.call('INCR', ORDER)
-redis.call('HSET', TICKETS, ARGV[1], table.concat({ARGV[2], ARGV[3], order, #members, unpack(members)}, ' '))
+redis.call('HSET', TICKETS, ARGV[1], table.concat({ARGV[2], ARGV[3], order, #members, ARGV[4], unpack(members)}, ' '))
 redis.call('ZADD', KEYS[tonumber(ARGV[2])], ARGV[3], ARGV[1])
+redis.call('ZADD', LEASES, 'GT', tonumber(ARGV[3]) + tonumber(ARGV[5]), ARGV[4])
 return {1}
 """
 
@@ -121,22 +125,39 @@ return {1, unpack(members)}
 
 # ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan, server
 # id, lease ms.
-# Frees the players of raids past their time, then forms at most one raid:
-# {0}, or {1, raid id, "group:waited ms ..." of its tickets, members...}.
+# Frees the players of raids past their time, drops the tickets of servers
+# whose lease lapsed (this one's is renewed first: it is alive), then forms
+# at most one raid: {0, dropped}, or {1, dropped, raid id, "group:waited ms
+# ..." of its tickets, members...}, where dropped is the space-separated
+# players of the tickets dropped.
 _MATCH = _LIBRARY + """
 local now, size, widen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZADD', LEASES, 'GT', now + tonumber(ARGV[8]), ARGV[7])
 for _, raid in ipairs(redis.call('ZRANGEBYSCORE', UNTIL, '-inf', now, 'LIMIT', 0, 100)) do
   forget_raid(raid)
 end
-local tickets = {}
+local tickets, dropped, alive = {}, {}, {}
 for g = 1, G do
   local queued = redis.call('ZRANGE', KEYS[g], 0, tonumber(ARGV[6]) - 1, 'WITHSCORES')
   for i = 1, #queued, 2 do
     local t = split(redis.call('HGET', TICKETS, queued[i]))
-    tickets[#tickets + 1] = {id = queued[i], group = g, at = tonumber(queued[i + 1]), order = tonumber(t[3]),
-                             size = tonumber(t[4])}
+    local server = t[5]
+    if alive[server] == nil then
+      local lease = redis.call('ZSCORE', LEASES, server)
+      alive[server] = lease ~= false and tonumber(lease) >= now
+    end
+    if alive[server] then
+      tickets[#tickets + 1] = {id = queued[i], group = g, at = tonumber(queued[i + 1]), order = tonumber(t[3]),
+                               size = tonumber(t[4])}
+    else
+      for _, m in ipairs(drop_ticket(queued[i])) do
+        redis.call('HDEL', PLAYERS, m)
+        dropped[#dropped + 1] = m
+      end
+    end
   end
 end
+dropped = table.concat(dropped, ' ')
 table.sort(tickets, function(a, b)
   if a.at ~= b.at then return a.at < b.at end
   return a.order < b.order
@@ -166,11 +187,10 @@ for i, anchor in ipairs(tickets) do
     redis.call('ZADD', UNTIL, now + tonumber(ARGV[5]), ARGV[4])
     redis.call('HSET', MEMBERS, ARGV[4], table.concat(members, ' '))
     redis.call('HSET', HOSTS, ARGV[4], ARGV[7])
-    redis.call('ZADD', LEASES, 'GT', now + tonumber(ARGV[8]), ARGV[7])
-    return {1, ARGV[4], table.concat(waits, ' '), unpack(members)}
+    return {1, dropped, ARGV[4], table.concat(waits, ' '), unpack(members)}
   end
 end
-return {0}
+return {0, dropped}
 """
 
 
@@ -293,7 +313,8 @@ class Matchmaker(Service):
         members = [u for u, _ in party.members] if party else [user_id]
         levels = await gather([self._router.execute("HGET", profile_key(u), "level") for u in members])
         group = level_group(max(int(level or 1) for level in levels))
-        reply = await self._enqueue(self._keys, [self._new_id(), group, self._now_ms(), *members])
+        reply = await self._enqueue(self._keys, [self._new_id(), group, self._now_ms(), self._presence.server_id,
+                                                 self._lease_ms, *members])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.ALREADY_QUEUED)
         await self._presence.tell([u for u in members if u != user_id], MATCHMAKING,
@@ -348,17 +369,26 @@ class Matchmaker(Service):
         return [(reply[i].decode(), [int(m) for m in reply[i + 1].split()]) for i in range(0, len(reply), 2)]
 
     async def run_pass(self):
-        """Form every raid the queues allow now; the L{Formed} raids, each handed to C{on_formed}."""
+        """
+        Form every raid the queues allow now; the L{Formed} raids, each
+        handed to C{on_formed}.  The members of tickets dropped because
+        their server's lease lapsed are told their ticket was cancelled.
+        """
         formed = []
         while True:
             reply = await self._match(self._keys, [self._now_ms(), self._size, self._widen_ms, self._new_id(),
                                                    self._lasts_ms, SCAN, self._presence.server_id, self._lease_ms])
+            dropped = [int(m) for m in reply[1].split()]
+            if dropped:
+                self._log.info("matchmaking: dropped the tickets of users {user_ids}, whose server stopped renewing",
+                               user_ids=dropped)
+                await self._presence.tell(dropped, MATCHMAKING, {"state": "cancelled", "group": 0})
             if reply[0] != 1:
                 return formed
-            raid = Formed(reply[1].decode(), [int(m) for m in reply[3:]])
+            raid = Formed(reply[2].decode(), [int(m) for m in reply[4:]])
             formed.append(raid)
             if self.waited is not None:
-                for wait in reply[2].split():
+                for wait in reply[3].split():
                     group, waited_ms = wait.split(b":")
                     self.waited.labels(group.decode()).observe(int(waited_ms) / 1000)
             self._on_formed(raid)
