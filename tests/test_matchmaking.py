@@ -17,7 +17,8 @@ from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.matchmaking import GROUPS, GameServers, Matchmaker, level_group, matchmaking_keys
+from dreamraid.services.matchmaking import (
+    GROUPS, TICKET_GRACE_MS, GameServers, Matchmaker, level_group, matchmaking_keys)
 from dreamraid.services.parties import Parties
 from dreamraid.services.presence import Presence, presence_key
 from tests import cluster
@@ -87,9 +88,10 @@ class MatchmakerTests(MatchmakerCase):
     async def test_tickets_of_a_server_that_stopped_renewing_are_dropped(self):
         """
         A party queued on a game server that then dies (its lease lapses,
-        its own passes never run): the next pass elsewhere drops its ticket
-        and tells the member on a live server, the solo player queued there
-        waits on, and the party's players may queue again.
+        its own passes never run): passes elsewhere keep its ticket through
+        a failover-long grace, then drop it and tell the member on a live
+        server; the solo player queued there waits on, and the party's
+        players may queue again.
         """
         listening = Presence(self.router, f"test-listening-{random.getrandbits(40):x}", 30, 900)
         told = []
@@ -98,7 +100,9 @@ class MatchmakerTests(MatchmakerCase):
         self.addCleanup(subscription.stop)
         await subscription.when_subscribed()
         dead_server = Presence(self.router, f"test-dead-{random.getrandbits(40):x}", 30, 900)
-        dead = self.matchmaker(raid_size=4, clock=task.Clock(), presence=dead_server)  # its passes never run
+        dead_clock = task.Clock()  # never advanced: the dead server's passes never run
+        dead_clock.advance(self.clock.seconds())
+        dead = self.matchmaker(raid_size=4, clock=dead_clock, presence=dead_server)
         live = self.matchmaker(raid_size=4, seed=2)
         leader, member, solo = [await self.new_user() for _ in range(3)]
         self.addCleanup(lambda: self.router.execute("DEL", presence_key(member)))
@@ -108,13 +112,28 @@ class MatchmakerTests(MatchmakerCase):
         self.addCleanup(lambda: gather([parties.leave_if_any(u) for u in (leader, member)]))
         await parties.join(member, "member", party.code)
         await dead.enqueue(leader)
-        self.clock.advance(6)  # past the dead server's lease (5 s from its clock's 0)
+        self.clock.advance(6)  # past the dead server's lease (5 s), within the grace
         await live.enqueue(solo)
+        self.assertEqual(await live.run_pass(), [])
+        self.assertEqual(await live.queue_lengths(), {1: 2, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
+        self.clock.advance(TICKET_GRACE_MS / 1000)
         self.assertEqual(await live.run_pass(), [])
         self.assertEqual(await live.queue_lengths(), {1: 1, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
         await eventually(lambda: defer.succeed(([member], "matchmaking", {"state": "cancelled", "group": 0}) in told))
         self.assertEqual(await live.enqueue(leader), 1)  # ALREADY_QUEUED had the dropped ticket held them
         self.assertEqual(await live.queue_lengths(), {1: 2, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
+
+    async def test_a_ticket_queued_before_tickets_named_their_server_is_dropped(self):
+        """A ticket in the old layout (no server) is dropped by a pass, and its player may queue again."""
+        old, now = await self.new_user(), int(self.clock.seconds() * 1000)
+        tag = f"{{{self.prefix}}}"
+        await self.router.execute("HSET", f"{tag}:tickets", "old-ticket", f"1 {now} 1 1 {old}")
+        await self.router.execute("ZADD", f"{tag}:queue:1", now, "old-ticket")
+        await self.router.execute("HSET", f"{tag}:players", old, "old-ticket")
+        matchmaker = self.matchmaker()
+        self.assertEqual(await matchmaker.run_pass(), [])
+        self.assertEqual(await matchmaker.queue_lengths(), dict.fromkeys(range(1, GROUPS + 1), 0))
+        self.assertEqual(await matchmaker.enqueue(old), 1)
 
     def test_level_groups(self):
         """Levels 1-2 group 1, 3-5 group 2, ... 15 group 6."""

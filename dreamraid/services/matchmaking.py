@@ -52,6 +52,10 @@ SCAN = 100
 MATCHMAKING = "matchmaking"
 # A server whose lease lapsed this long ago (ms) is taken off the leases.
 FORGET_SERVER_AFTER_MS = 3_600_000
+# The tickets of a server whose lease lapsed this long ago (ms) are dropped:
+# longer than a failover of the matchmaking slot (7-8 s here), during which
+# no server can renew, so that one does not drop every other server's.
+TICKET_GRACE_MS = 30_000
 
 
 def level_group(level):
@@ -85,12 +89,17 @@ local function forget_raid(raid)
   redis.call('HDEL', CHECKPOINTS, raid)
   return members
 end
+-- A ticket's server, or '' for one queued before tickets named it.
+local function ticket_server(t)
+  if #t == 5 + tonumber(t[4]) then return t[5] end
+  return ''
+end
 local function drop_ticket(id)
   local t = split(redis.call('HGET', TICKETS, id))
   redis.call('ZREM', KEYS[tonumber(t[1])], id)
   redis.call('HDEL', TICKETS, id)
   local members = {}
-  for i = 6, #t do members[#members + 1] = t[i] end
+  for i = #t - tonumber(t[4]) + 1, #t do members[#members + 1] = t[i] end
   return members
 end
 """ % GROUPS
@@ -124,9 +133,10 @@ return {1, unpack(members)}
 """
 
 # ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan, server
-# id, lease ms.
+# id, lease ms, ticket grace ms.
 # Frees the players of raids past their time, drops the tickets of servers
-# whose lease lapsed (this one's is renewed first: it is alive), then forms
+# whose lease lapsed over ticket grace ms ago (this one's is renewed first:
+# it is alive), then forms
 # at most one raid: {0, dropped}, or {1, dropped, raid id, "group:waited ms
 # ..." of its tickets, members...}, where dropped is the space-separated
 # players of the tickets dropped.
@@ -141,10 +151,10 @@ for g = 1, G do
   local queued = redis.call('ZRANGE', KEYS[g], 0, tonumber(ARGV[6]) - 1, 'WITHSCORES')
   for i = 1, #queued, 2 do
     local t = split(redis.call('HGET', TICKETS, queued[i]))
-    local server = t[5]
+    local server = ticket_server(t)
     if alive[server] == nil then
       local lease = redis.call('ZSCORE', LEASES, server)
-      alive[server] = lease ~= false and tonumber(lease) >= now
+      alive[server] = lease ~= false and tonumber(lease) >= now - tonumber(ARGV[9])
     end
     if alive[server] then
       tickets[#tickets + 1] = {id = queued[i], group = g, at = tonumber(queued[i + 1]), order = tonumber(t[3]),
@@ -377,21 +387,31 @@ class Matchmaker(Service):
         formed = []
         while True:
             reply = await self._match(self._keys, [self._now_ms(), self._size, self._widen_ms, self._new_id(),
-                                                   self._lasts_ms, SCAN, self._presence.server_id, self._lease_ms])
+                                                   self._lasts_ms, SCAN, self._presence.server_id, self._lease_ms,
+                                                   TICKET_GRACE_MS])
+            if reply[0] == 1:
+                raid = Formed(reply[2].decode(), [int(m) for m in reply[4:]])
+                formed.append(raid)
+                if self.waited is not None:
+                    for wait in reply[3].split():
+                        group, waited_ms = wait.split(b":")
+                        self.waited.labels(group.decode()).observe(int(waited_ms) / 1000)
+                self._on_formed(raid)
             dropped = [int(m) for m in reply[1].split()]
             if dropped:
-                self._log.info("matchmaking: dropped the tickets of users {user_ids}, whose server stopped renewing",
-                               user_ids=dropped)
-                await self._presence.tell(dropped, MATCHMAKING, {"state": "cancelled", "group": 0})
+                await self._tell_dropped(dropped)
             if reply[0] != 1:
                 return formed
-            raid = Formed(reply[2].decode(), [int(m) for m in reply[4:]])
-            formed.append(raid)
-            if self.waited is not None:
-                for wait in reply[3].split():
-                    group, waited_ms = wait.split(b":")
-                    self.waited.labels(group.decode()).observe(int(waited_ms) / 1000)
-            self._on_formed(raid)
+
+    async def _tell_dropped(self, user_ids):
+        """Tell the players of tickets dropped (their server stopped renewing) that they were cancelled; logged."""
+        self._log.info("matchmaking: dropped the tickets of users {user_ids}, whose server stopped renewing",
+                       user_ids=user_ids)
+        try:
+            await self._presence.tell(user_ids, MATCHMAKING, {"state": "cancelled", "group": 0})
+        except REDIS_ERRORS as e:
+            self._log.warn("matchmaking: cannot tell users {user_ids} their tickets were dropped: {error}",
+                           user_ids=user_ids, error=e)
 
     async def _pass_logged(self):
         """A pass from the timer or after a ticket: a failure is logged and the next pass tries again."""
