@@ -291,11 +291,11 @@ class RaidEndTests(MatchmakerCase):
     async def test_a_raid_ended_by_another_server_is_dropped(self):
         """
         The host's lease lapses and another server's check ends its raid:
-        at the raid's next renewal the host drops it (a hit is refused) and
-        takes the players' raid marks off.
+        at the raid's next renewal the host drops it (a hit is refused),
+        takes the players' raid marks off and tells them it failed.
         """
         lines = log_lines(self)
-        presence, _ = await self.listening_presence()
+        presence, told = await self.listening_presence()
         matchmaker = self.matchmaker()
         players = await self.queued_players(presence, matchmaker)
         [formed] = await matchmaker.run_pass()
@@ -319,3 +319,6 @@ class RaidEndTests(MatchmakerCase):
             return not any([await self.router.execute("EXISTS", raid_mark_key(u)) for u in players])
 
         await eventually(unmarked)
+        await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_result"]) == 2))
+        self.assertEqual({(b["raid_id"], b["cleared"]) for e, b in told if e == "raid_result"},
+                         {(formed.raid_id, False)})

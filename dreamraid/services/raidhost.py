@@ -209,9 +209,10 @@ class RaidHost(Service):
     def _ended_elsewhere(self, raid_id):
         """
         Matchmaking no longer lists the raid as this host's: another server
-        ended it (this host's lease lapsed) and told its players, or Redis
-        lost it.  A raid still waiting or fighting is dropped, and its raid
-        marks are taken off.
+        ended it (this host's lease lapsed), or Redis lost it.  A raid still
+        waiting or fighting is dropped, its raid marks are taken off, and its
+        players are told it failed (again, if the other server's word got
+        through: a client takes only the first result of a raid).
         """
         hosted = self._raids.get(raid_id)
         if hosted is None or hosted.raid.stage not in (Stage.WAITING, Stage.FIGHTING):
@@ -220,9 +221,11 @@ class RaidHost(Service):
         self._drop(hosted)
         self._log.warn("raid {raid_id}: ended by another server (this host's lease lapsed); dropped",
                        raid_id=raid_id)
-        unmarked = self._unmark_all(raid_id, hosted.until, hosted.members)
-        self._finishing.add(unmarked)
-        unmarked.addBoth(lambda _: self._finishing.discard(unmarked))
+        ended = gather([self._unmark_all(raid_id, hosted.until, hosted.members),
+                        self._tell_failed(raid_id, hosted.members)])
+        ended.addErrback(lambda f: self._log.failure("raid {raid_id}: cannot end it here", f, raid_id=raid_id))
+        self._finishing.add(ended)
+        ended.addBoth(lambda _: self._finishing.discard(ended))
 
     def _tell_failed(self, raid_id, members):
         return gather([self._tell(raid_id, u, {
@@ -278,6 +281,8 @@ class RaidHost(Service):
                          number, keys, list(members), names, until)
         self._raids[raid_id] = self._by_number[number] = self._buckets[number % BUCKETS][raid_id] = hosted
         await gather([self._give_place(hosted, member) for member in range(len(members))])
+        if self._raids.get(raid_id) is not hosted:
+            return  # ended meanwhile (by another server, or the host is stopping)
         hosted.raid.start()
         self._log.info("raid {raid_id} hosted for users {user_ids} (raid number {number})",
                        raid_id=raid_id, user_ids=list(members), number=number)
