@@ -161,6 +161,21 @@ class SyncLoopTests(SynchronousTestCase):
                             for line in self.lines), self.lines)
         self.assertTrue(any(line.startswith("sync: cannot read jobs: unexpected error") for line in self.lines))
 
+    def test_a_lost_group_is_made_again_beside_another_shards_error(self):
+        """NOGROUP on one shard is acted on though a shard before it fails otherwise (WRONGTYPE) in the same read."""
+        lost = [error_reply("NOGROUP No such key 'unit:jobs:{s2.0}' or consumer group 'sync'")]
+
+        def answer(*args):
+            if args[0] == "XREADGROUP" and args[-2] == self.queue.streams[0]:
+                raise error_reply("WRONGTYPE Operation against a key holding the wrong kind of value")
+            if args[0] == "XREADGROUP" and args[-2] == self.queue.streams[2] and lost:
+                raise lost.pop()
+            return [b"0-0", [], []] if args[0] == "XAUTOCLAIM" else None
+
+        router, worker = self.start(answer, batch_wait=0.05, retry_backoff=1, claim_interval=1000)
+        self.assertEqual(worker.counters["groups_recreated"], 1)
+        self.assertEqual(len(self.sent(router, "XGROUP")), 6)  # at start, then again after NOGROUP
+
     def test_checkpoints_paced_within_the_in_flight_cap_and_past_failures(self):
         """
         A shard whose live set gets an error reply is skipped; the others'

@@ -345,52 +345,53 @@ class SyncWorker(Service):
         delivered are synced at once, not left for a claim.  If Redis lost
         the consumer group (C{NOGROUP}), it is created again.
         """
-        jobs, failure = await self._read_jobs()
-        if failure is None:
+        jobs, failures = await self._read_jobs()
+        if not failures:
             return jobs
-        if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("NOGROUP"):
-            self._failures.failed("sync: the consumer group is gone, creating it again", failure)
+        lost = [f for f in failures if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOGROUP")]
+        if lost:
+            self._failures.failed("sync: the consumer group is gone, creating it again", lost[0])
             await self._create_groups()
             self.counters["groups_recreated"] += 1
             return jobs
         if not jobs:
-            failure.raiseException()
-        self._failures.failed("sync: cannot read jobs from a shard", failure)
+            failures[0].raiseException()
+        self._failures.failed("sync: cannot read jobs from a shard", failures[0])
         return jobs
 
     async def _read_jobs(self):
-        """The jobs L{_read} returns, and the first shard's failure or None."""
+        """The jobs L{_read} returns, and the failures of the shards that failed."""
         per_shard = -(-self._settings.batch_users // len(self._queue.streams))
-        jobs, failure = await self._per_shard(
+        jobs, failures = await self._per_shard(
             lambda stream: self._router.execute("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", per_shard,
                                                 "STREAMS", stream, ">"),
             lambda reply: [entry for _, entries in reply or () for entry in entries])
         if self._clock.seconds() >= self._next_claim:
             self._next_claim = self._clock.seconds() + self._settings.claim_interval
             idle_ms = int(self._settings.claim_idle * 1000)
-            claimed, claim_failure = await self._per_shard(
+            claimed, claim_failures = await self._per_shard(
                 lambda stream: self._router.execute("XAUTOCLAIM", stream, GROUP, self.consumer, idle_ms, "0-0",
                                                     "COUNT", per_shard),
                 lambda reply: reply[1])
             self.counters["claimed"] += len(claimed)
             jobs.update(claimed)
-            failure = failure or claim_failure
-        return jobs, failure
+            failures += claim_failures
+        return jobs, failures
 
     async def _per_shard(self, call, entries_of):
         """
         C{call(stream)} on every shard at once: the jobs in the entries
-        C{entries_of(reply)} of those that answered, and the first failure
-        or None.
+        C{entries_of(reply)} of those that answered, and the failures of
+        the others.
         """
         outcomes = await defer.DeferredList([call(stream) for stream in self._queue.streams], consumeErrors=True)
-        jobs, failure = {}, None
+        jobs, failures = {}, []
         for shard, (answered, reply) in enumerate(outcomes):
             if answered:
                 jobs.update(_jobs(shard, entries_of(reply)))
-            elif failure is None:
-                failure = reply
-        return jobs, failure
+            else:
+                failures.append(reply)
+        return jobs, failures
 
     # -- one batch -----------------------------------------------------------------
 
