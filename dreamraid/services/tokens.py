@@ -11,12 +11,13 @@ C{[tokens] algorithm} says; a verifier accepts that one algorithm and no
 other.
 
 Each token's header names its key (C{kid}: the first 16 hex digits of the
-SHA-256 of the raw public key or of the secret), so a verifier can hold
-more than one (C{other_public_keys}, C{other_secrets}) while keys are
-rotated; a token without a C{kid} is tried against each.
+SHA-256 of the raw public key, or of an HMAC under the secret), so a
+verifier can hold more than one (C{other_public_keys}, C{other_secrets})
+while keys are rotated; a token without a C{kid} is tried against each.
 """
 
 import hashlib
+import hmac
 import os
 import re
 from pathlib import Path
@@ -197,11 +198,13 @@ class TokenVerifier:
 def key_id(key):
     """
     The C{kid} of an Ed25519 public key or an HS256 secret (bytes): the
-    first 16 hex digits of the SHA-256 of its raw bytes.
+    first 16 hex digits of the SHA-256 of the raw public key, or of an
+    HMAC-SHA256 under the secret (so the id says nothing of the secret).
     """
     if isinstance(key, Ed25519PublicKey):
-        key = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(key).hexdigest()[:16]
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return hashlib.sha256(raw).hexdigest()[:16]
+    return hmac.new(key, b"dreamraid token key id", hashlib.sha256).hexdigest()[:16]
 
 
 def create_key_pair(private_path, public_path):
