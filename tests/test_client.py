@@ -1,6 +1,6 @@
 """The client library paired with a server protocol in memory, and its routing of raid pushes."""
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.task import Clock
@@ -183,10 +183,38 @@ class RaidChannelTests(TestCase):
 
 
 class PushOnlyConnection:
-    """Where a L{GameClient} gets its pushes: it sets C{on_push}, and nothing else is used on these paths."""
+    """
+    Where a L{GameClient} gets its pushes (it sets C{on_push}) and sends its
+    requests: each is answered at once with an empty reply, as raid_ready is.
+    """
 
     on_push = None
     connected = True
+
+    def __init__(self):
+        self.requests = []
+
+    def request(self, message, body):
+        self.requests.append((message.name, body))
+        return succeed((packets.RAID_READY, {}))
+
+
+class UdpClock(Clock):
+    """A clock that also opens UDP ports (IReactorUDP.listenUDP): each channel is kept, its datagrams recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        protocol.makeConnection(FakeDatagramTransport([]))
+        self.channels.append(protocol)
+        return FakeUdpPort()
+
+
+class FakeUdpPort:
+    def stopListening(self):
+        pass
 
 
 def found(raid_id):
@@ -206,7 +234,21 @@ class GameClientPushTests(TestCase):
 
     def setUp(self):
         self.connection = PushOnlyConnection()
-        self.client = GameClient(Clock(), self.connection, ("127.0.0.1", 9000), 5)
+        self.reactor = UdpClock()
+        self.client = GameClient(self.reactor, self.connection, ("127.0.0.1", 9000), 5)
+
+    def joined(self, raid_id, waiting=None):
+        """
+        C{waiting} (or a new next_raid), once raid_id's raid_found is here:
+        the host answers the hello; the L{Raid}.
+        """
+        waiting = waiting or Deferred.fromCoroutine(self.client.next_raid())
+        self.reactor.channels[-1].datagramReceived(
+            packets.seal_datagram(bytes(16), packets.BOSS_HP, 7, 0, 1, {"hp": 30, "hp_sequence": 1}),
+            ("127.0.0.1", 5000))
+        raid = self.successResultOf(waiting)
+        self.assertEqual((raid.raid_id, self.connection.requests[-1]), (raid_id, ("raid_ready", {"raid_id": raid_id})))
+        return raid
 
     def test_a_raid_ended_before_it_was_found_raises_and_its_late_found_is_dropped(self):
         """
@@ -220,9 +262,26 @@ class GameClientPushTests(TestCase):
         self.assertEqual((failure.value.result.raid_id, failure.value.result.cleared), ("r1", False))
         self.connection.on_push(packets.RAID_FOUND, found("r1"))
         waiting = Deferred.fromCoroutine(self.client.next_raid())
-        self.assertNoResult(waiting)  # the late raid_found would have started a raid (and failed on this Clock)
+        self.assertNoResult(waiting)  # the late raid_found would have started a raid
         waiting.cancel()
         self.failureResultOf(waiting, CancelledError)
+
+    def test_a_found_raid_and_its_result_both_waiting(self):
+        """
+        A raid_found and that raid's result both arrived before anyone
+        asked: next_raid takes the raid, whose result() then gets the
+        result; a repeat of that result later is not taken for a raid that
+        ended before it was found.
+        """
+        self.connection.on_push(packets.RAID_FOUND, found("r1"))
+        self.connection.on_push(packets.RAID_RESULT, ended("r1"))
+        raid = self.joined("r1")
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(raid.result())).raid_id, "r1")
+        self.connection.on_push(packets.RAID_RESULT, ended("r1"))  # told again (by another server)
+        waiting = Deferred.fromCoroutine(self.client.next_raid())
+        self.assertNoResult(waiting)
+        self.connection.on_push(packets.RAID_FOUND, found("r2"))
+        self.assertEqual(self.joined("r2", waiting).raid_id, "r2")
 
     def test_a_raid_takes_only_its_own_result(self):
         """A raid_result of another raid (one that ended before it was found) is not this raid's result."""

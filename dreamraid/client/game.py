@@ -11,6 +11,8 @@ L{dreamraid.client.RemoteError}, whose C{code} is the
 L{dreamraid.errors.ErrorCode}.
 """
 
+import collections
+
 from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -32,6 +34,12 @@ class RaidNotStarted(Exception):
         self.result = result
 
 
+# Raids a client remembers as found or ended, to drop their late pushes.
+RAIDS_REMEMBERED = 64
+# The pushes about one raid, each naming it.
+_RAID_PUSHES = (packets.RAID_FOUND, packets.RAID_FIGHT, packets.RAID_RESULT)
+
+
 def _address(text):
     host, _, port = text.rpartition(":")
     return host, int(port)
@@ -50,8 +58,7 @@ class GameClient:
         self.connection = None
         self._pushes = []  # (name, body) of pushes nobody awaited yet
         self._waiters = {}  # name -> [(which bodies, Deferred)]
-        self._raid_id = None  # of the raid last found
-        self._ended_early = set()  # ids of raids that ended before they were found
+        self._raids = collections.OrderedDict()  # raid id -> "found" or "ended", the last RAIDS_REMEMBERED
         self._use(connection)
 
     @classmethod
@@ -159,21 +166,22 @@ class GameClient:
         @raise RaidNotStarted: the raid ended before this player was told
             where it is (a raid_result came first).
         """
-        found = self.next_push(packets.RAID_FOUND.name)
-        ended = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] != self._raid_id)
+        found, ended = self.next_push(packets.RAID_FOUND.name), None
+        if not found.called:  # a raid_found already here comes first
+            ended = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] not in self._raids)
         try:
-            body, first = await defer.DeferredList([found, ended], fireOnOneCallback=True, fireOnOneErrback=True,
-                                                   consumeErrors=True)
+            body, first = await defer.DeferredList([d for d in (found, ended) if d is not None],
+                                                   fireOnOneCallback=True, fireOnOneErrback=True, consumeErrors=True)
         except defer.FirstError as e:
             e.subFailure.raiseException()
         finally:
             for waiter in (found, ended):
-                if not waiter.called:
+                if waiter is not None and not waiter.called:
                     waiter.cancel()
         if first == 1:
-            self._ended_early.add(body["raid_id"])
+            self._remember(body["raid_id"], "ended")
             raise RaidNotStarted(results.raid_result(body))
-        self._raid_id = body["raid_id"]
+        self._remember(body["raid_id"], "found")
         raid = Raid(self, body)
         raid.port = self._reactor.listenUDP(0, raid.channel, interface=interface)
         try:
@@ -181,6 +189,7 @@ class GameClient:
             await self._body(packets.RAID_READY, raid_id=raid.raid_id)
         except BaseException:
             raid.close()
+            self._remember(raid.raid_id, "ended")  # its later pushes are nobody's
             raise
         return raid
 
@@ -207,10 +216,17 @@ class GameClient:
         self.connection = connection
         connection.on_push = self._pushed
 
+    def _remember(self, raid_id, state):
+        """Note raid C{raid_id} as C{"found"} or C{"ended"} (its pushes from now on are dropped)."""
+        self._raids[raid_id] = state
+        self._raids.move_to_end(raid_id)
+        while len(self._raids) > RAIDS_REMEMBERED:
+            self._raids.popitem(last=False)
+
     def _pushed(self, message, body):
-        if message is packets.RAID_FOUND and body["raid_id"] in self._ended_early:
-            self._ended_early.discard(body["raid_id"])  # its result came first; the raid is over
-        elif message is packets.RAID_FOUND and _address(body["host"]) != self.address:
+        if message in _RAID_PUSHES and self._raids.get(body["raid_id"]) == "ended":
+            return  # a raid over for this player: a late raid_found, a repeated result
+        if message is packets.RAID_FOUND and _address(body["host"]) != self.address:
             defer.ensureDeferred(self._move(body)).addErrback(self._move_failed, body)
         else:
             self._deliver(message.name, body)
@@ -241,7 +257,8 @@ class GameClient:
         old, self.address = self.connection, (host, port)
         self._use(connection)
         old.on_push = None
-        self._deliver(packets.RAID_FOUND.name, found)
+        if self._raids.get(found["raid_id"]) != "ended":  # its result may have come during the move
+            self._deliver(packets.RAID_FOUND.name, found)
 
 
 class Raid:
@@ -268,7 +285,7 @@ class Raid:
         Wait for the fight to begin; a L{results.Fight}.  A raid whose host
         stops before the fight sends only its result: await L{result} too.
         """
-        body = await self.client.next_push(packets.RAID_FIGHT.name)
+        body = await self.client.next_push(packets.RAID_FIGHT.name, lambda body: body["raid_id"] == self.raid_id)
         self.deadline = body["deadline_ms"] / 1000
         return results.Fight(body["hp"], self.deadline)
 
@@ -284,6 +301,7 @@ class Raid:
     async def result(self):
         """Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes."""
         body = await self.client.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] == self.raid_id)
+        self.client._remember(self.raid_id, "ended")
         self.close()
         return results.raid_result(body)
 
