@@ -88,10 +88,10 @@ class MatchmakerTests(MatchmakerCase):
     async def test_tickets_of_a_server_that_stopped_renewing_are_dropped(self):
         """
         A party queued on a game server that then dies (its lease lapses,
-        its own passes never run): passes elsewhere keep its ticket through
-        a failover-long grace, then drop it and tell the member on a live
-        server; the solo player queued there waits on, and the party's
-        players may queue again.
+        its own passes never run): passes elsewhere neither match nor drop
+        its ticket through a failover-long grace, then drop it and tell the
+        member on a live server; the party's players may queue again, and
+        then form a raid with the solo player who waited.
         """
         listening = Presence(self.router, f"test-listening-{random.getrandbits(40):x}", 30, 900)
         told = []
@@ -102,26 +102,27 @@ class MatchmakerTests(MatchmakerCase):
         dead_server = Presence(self.router, f"test-dead-{random.getrandbits(40):x}", 30, 900)
         dead_clock = task.Clock()  # never advanced: the dead server's passes never run
         dead_clock.advance(self.clock.seconds())
-        dead = self.matchmaker(raid_size=4, clock=dead_clock, presence=dead_server)
-        live = self.matchmaker(raid_size=4, seed=2)
+        dead = self.matchmaker(raid_size=3, clock=dead_clock, presence=dead_server)
+        live = self.matchmaker(raid_size=3, seed=2)
         leader, member, solo = [await self.new_user() for _ in range(3)]
         self.addCleanup(lambda: self.router.execute("DEL", presence_key(member)))
         await self.router.execute("SET", presence_key(member), listening.server_id)
-        parties = Parties(self.router, dead_server, random.Random(2), 4)
+        parties = Parties(self.router, dead_server, random.Random(2), 3)
         party = await parties.create(leader, "leader")
         self.addCleanup(lambda: gather([parties.leave_if_any(u) for u in (leader, member)]))
         await parties.join(member, "member", party.code)
         await dead.enqueue(leader)
         self.clock.advance(6)  # past the dead server's lease (5 s), within the grace
         await live.enqueue(solo)
-        self.assertEqual(await live.run_pass(), [])
+        self.assertEqual(await live.run_pass(), [])  # the party and the solo would fill a raid of three
         self.assertEqual(await live.queue_lengths(), {1: 2, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
         self.clock.advance(TICKET_GRACE_MS / 1000)
         self.assertEqual(await live.run_pass(), [])
         self.assertEqual(await live.queue_lengths(), {1: 1, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
         await eventually(lambda: defer.succeed(([member], "matchmaking", {"state": "cancelled", "group": 0}) in told))
         self.assertEqual(await live.enqueue(leader), 1)  # ALREADY_QUEUED had the dropped ticket held them
-        self.assertEqual(await live.queue_lengths(), {1: 2, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0})
+        [raid] = await live.run_pass()
+        self.assertEqual(sorted(raid.members), sorted([leader, member, solo]))
 
     async def test_a_ticket_queued_before_tickets_named_their_server_is_dropped(self):
         """A ticket in the old layout (no server) is dropped by a pass, and its player may queue again."""

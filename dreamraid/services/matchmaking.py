@@ -127,6 +127,10 @@ return {1}
 _CANCEL = _LIBRARY + """
 local id = redis.call('HGET', PLAYERS, ARGV[1])
 if not id or string.sub(id, 1, 2) == 'r:' then return {0} end
+if redis.call('HEXISTS', TICKETS, id) == 0 then
+  redis.call('HDEL', PLAYERS, ARGV[1])
+  return {0}
+end
 local members = drop_ticket(id)
 for _, m in ipairs(members) do redis.call('HDEL', PLAYERS, m) end
 return {1, unpack(members)}
@@ -135,8 +139,9 @@ return {1, unpack(members)}
 # ARGV: now ms, raid size, widen ms, new raid id, raid lasts ms, scan, server
 # id, lease ms, ticket grace ms.
 # Frees the players of raids past their time, drops the tickets of servers
-# whose lease lapsed over ticket grace ms ago (this one's is renewed first:
-# it is alive), then forms
+# whose lease lapsed over ticket grace ms ago and passes over those whose
+# lease lapsed since (this server's is renewed first: it is alive), then
+# forms
 # at most one raid: {0, dropped}, or {1, dropped, raid id, "group:waited ms
 # ..." of its tickets, members...}, where dropped is the space-separated
 # players of the tickets dropped.
@@ -146,20 +151,24 @@ redis.call('ZADD', LEASES, 'GT', now + tonumber(ARGV[8]), ARGV[7])
 for _, raid in ipairs(redis.call('ZRANGEBYSCORE', UNTIL, '-inf', now, 'LIMIT', 0, 100)) do
   forget_raid(raid)
 end
-local tickets, dropped, alive = {}, {}, {}
+-- A server is 'live' (its tickets are matched), 'lapsed' (within the grace:
+-- its tickets wait, unmatched) or 'gone' (its tickets are dropped).
+local tickets, dropped, servers = {}, {}, {}
 for g = 1, G do
   local queued = redis.call('ZRANGE', KEYS[g], 0, tonumber(ARGV[6]) - 1, 'WITHSCORES')
   for i = 1, #queued, 2 do
     local t = split(redis.call('HGET', TICKETS, queued[i]))
     local server = ticket_server(t)
-    if alive[server] == nil then
+    if servers[server] == nil then
       local lease = redis.call('ZSCORE', LEASES, server)
-      alive[server] = lease ~= false and tonumber(lease) >= now - tonumber(ARGV[9])
+      if lease and tonumber(lease) >= now then servers[server] = 'live'
+      elseif lease and tonumber(lease) >= now - tonumber(ARGV[9]) then servers[server] = 'lapsed'
+      else servers[server] = 'gone' end
     end
-    if alive[server] then
+    if servers[server] == 'live' then
       tickets[#tickets + 1] = {id = queued[i], group = g, at = tonumber(queued[i + 1]), order = tonumber(t[3]),
                                size = tonumber(t[4])}
-    else
+    elseif servers[server] == 'gone' then
       for _, m in ipairs(drop_ticket(queued[i])) do
         redis.call('HDEL', PLAYERS, m)
         dropped[#dropped + 1] = m
