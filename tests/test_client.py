@@ -266,22 +266,36 @@ class GameClientPushTests(TestCase):
         waiting.cancel()
         self.failureResultOf(waiting, CancelledError)
 
-    def test_a_found_raid_and_its_result_both_waiting(self):
+    def test_a_raid_over_before_the_greeting_raises(self):
         """
-        A raid_found and that raid's result both arrived before anyone
-        asked: next_raid takes the raid, whose result() then gets the
-        result; a repeat of that result later is not taken for a raid that
-        ended before it was found.
+        A raid_found whose raid's result is already here, or comes before
+        the host answers the hello: next_raid raises RaidNotStarted (no UDP
+        port stays open), and a repeat of that result is dropped; the next
+        raid is joined as usual.
         """
         self.connection.on_push(packets.RAID_FOUND, found("r1"))
         self.connection.on_push(packets.RAID_RESULT, ended("r1"))
-        raid = self.joined("r1")
-        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(raid.result())).raid_id, "r1")
+        waiting = Deferred.fromCoroutine(self.client.next_raid())
+        self.assertEqual(self.failureResultOf(waiting, RaidNotStarted).value.result.raid_id, "r1")
+        self.assertEqual(self.reactor.channels, [])
         self.connection.on_push(packets.RAID_RESULT, ended("r1"))  # told again (by another server)
         waiting = Deferred.fromCoroutine(self.client.next_raid())
         self.assertNoResult(waiting)
         self.connection.on_push(packets.RAID_FOUND, found("r2"))
-        self.assertEqual(self.joined("r2", waiting).raid_id, "r2")
+        self.connection.on_push(packets.RAID_RESULT, ended("r2"))  # before the host answered
+        self.assertEqual(self.failureResultOf(waiting, RaidNotStarted).value.result.raid_id, "r2")
+        self.connection.on_push(packets.RAID_FOUND, found("r3"))
+        self.assertEqual(self.joined("r3").raid_id, "r3")
+
+    def test_a_failed_join_leaves_the_raids_pushes_to_whoever_waits(self):
+        """A host that never answers fails next_raid; the raid's result still reaches a reader of raid_result."""
+        self.connection.on_push(packets.RAID_FOUND, found("r1"))
+        waiting = Deferred.fromCoroutine(self.client.next_raid())
+        self.reactor.advance(10)
+        self.failureResultOf(waiting, TimeoutError)
+        result = self.client.next_push("raid_result")
+        self.connection.on_push(packets.RAID_RESULT, ended("r1"))
+        self.assertEqual(self.successResultOf(result)["raid_id"], "r1")
 
     def test_a_raid_takes_only_its_own_result(self):
         """A raid_result of another raid (one that ended before it was found) is not this raid's result."""

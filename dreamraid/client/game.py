@@ -38,6 +38,26 @@ class RaidNotStarted(Exception):
 RAIDS_REMEMBERED = 64
 # The pushes about one raid, each naming it.
 _RAID_PUSHES = (packets.RAID_FOUND, packets.RAID_FIGHT, packets.RAID_RESULT)
+_RAID_PUSH_NAMES = {message.name for message in _RAID_PUSHES}
+
+
+async def _first_of(*waiters):
+    """
+    C{(index, result)} of the first of C{waiters} (Deferreds, or None to
+    leave out) to fire; the others are cancelled.  The first failure is
+    raised.
+    """
+    present = [w for w in waiters if w is not None]
+    try:
+        result, first = await defer.DeferredList(present, fireOnOneCallback=True, fireOnOneErrback=True,
+                                                 consumeErrors=True)
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
+    finally:
+        for waiter in present:
+            if not waiter.called:
+                waiter.cancel()
+    return waiters.index(present[first]), result
 
 
 def _address(text):
@@ -163,33 +183,32 @@ class GameClient:
         Once matched: the L{Raid}, its UDP channel open and greeted, this
         player ready (after moving to its host if it is elsewhere).
 
-        @raise RaidNotStarted: the raid ended before this player was told
-            where it is (a raid_result came first).
+        @raise RaidNotStarted: the raid ended before this player could join
+            it (its raid_result came before its raid_found, or before the
+            host answered the greeting).
         """
-        found, ended = self.next_push(packets.RAID_FOUND.name), None
-        if not found.called:  # a raid_found already here comes first
-            ended = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] not in self._raids)
-        try:
-            body, first = await defer.DeferredList([d for d in (found, ended) if d is not None],
-                                                   fireOnOneCallback=True, fireOnOneErrback=True, consumeErrors=True)
-        except defer.FirstError as e:
-            e.subFailure.raiseException()
-        finally:
-            for waiter in (found, ended):
-                if waiter is not None and not waiter.called:
-                    waiter.cancel()
+        found = self.next_push(packets.RAID_FOUND.name)
+        ended = None if found.called else self.next_push(  # a raid_found already here comes first
+            packets.RAID_RESULT.name, lambda body: body["raid_id"] not in self._raids)
+        first, body = await _first_of(found, ended)
         if first == 1:
             self._remember(body["raid_id"], "ended")
             raise RaidNotStarted(results.raid_result(body))
-        self._remember(body["raid_id"], "found")
         raid = Raid(self, body)
-        raid.port = self._reactor.listenUDP(0, raid.channel, interface=interface)
+        self._remember(raid.raid_id, "found")
+        over = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] == raid.raid_id)
+        greeted = None
+        if not over.called:
+            raid.port = self._reactor.listenUDP(0, raid.channel, interface=interface)
+            greeted = raid.channel.greet(self._reactor)
         try:
-            await raid.channel.greet(self._reactor)
+            first, body = await _first_of(over, greeted)
+            if first == 0:
+                self._remember(raid.raid_id, "ended")
+                raise RaidNotStarted(results.raid_result(body))
             await self._body(packets.RAID_READY, raid_id=raid.raid_id)
         except BaseException:
             raid.close()
-            self._remember(raid.raid_id, "ended")  # its later pushes are nobody's
             raise
         return raid
 
@@ -217,11 +236,22 @@ class GameClient:
         connection.on_push = self._pushed
 
     def _remember(self, raid_id, state):
-        """Note raid C{raid_id} as C{"found"} or C{"ended"} (its pushes from now on are dropped)."""
+        """
+        Note raid C{raid_id} as C{"found"} or C{"ended"}: an ended raid's
+        unread pushes are dropped, and so are its later ones; so are those
+        of a raid no longer remembered.
+        """
         self._raids[raid_id] = state
         self._raids.move_to_end(raid_id)
+        if state == "ended":
+            self._drop_pushes(raid_id)
         while len(self._raids) > RAIDS_REMEMBERED:
-            self._raids.popitem(last=False)
+            self._drop_pushes(self._raids.popitem(last=False)[0])
+
+    def _drop_pushes(self, raid_id):
+        """Drop the unread pushes about raid C{raid_id}."""
+        self._pushes = [(name, body) for name, body in self._pushes
+                        if name not in _RAID_PUSH_NAMES or body["raid_id"] != raid_id]
 
     def _pushed(self, message, body):
         if message in _RAID_PUSHES and self._raids.get(body["raid_id"]) == "ended":
