@@ -322,3 +322,32 @@ class RaidEndTests(MatchmakerCase):
         await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_result"]) == 2))
         self.assertEqual({(b["raid_id"], b["cleared"]) for e, b in told if e == "raid_result"},
                          {(formed.raid_id, False)})
+
+    async def test_a_raid_ended_elsewhere_during_its_setup_is_not_started(self):
+        """
+        Another server ends the raid while its host is still offering its
+        players their handoff tickets: once the offers return, the host does
+        not start the raid (its ready timer would find no raid).
+        """
+        presence, told = await self.listening_presence()
+        offers = []
+        presence.offer_handoff = lambda user_id, ticket, ttl: offers.append(defer.Deferred()) or offers[-1]
+        matchmaker = self.matchmaker()
+        await self.queued_players(presence, matchmaker)
+        [formed] = await matchmaker.run_pass()
+        host = self.raid_host(presence, self.ranking(), matchmaker)
+        host.host(formed)
+        await eventually(lambda: defer.succeed(len(offers) == 2))
+        await self.router.execute("ZADD", f"{{{self.prefix}}}:leases", 0, presence.server_id)
+        await self.matchmaker(seed=2).reap()
+
+        def renewed():
+            self.clock.advance(0.1)
+            return defer.succeed(len(host) == 0)
+
+        await eventually(renewed)
+        for offer in offers:
+            offer.callback(None)
+        await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_found"]) == 2))
+        self.clock.advance(SETTINGS.ready_grace)  # a started raid's fight would begin here, and fail
+        self.assertEqual(len(host), 0)

@@ -267,6 +267,12 @@ class RotationTests(TokenTestCase):
         self.assertRefused(mislabelled, ErrorCode.TOKEN_SIGNATURE, verifier)
         self.assertEqual(verifier.verify(self.signed(self.claims())).user_id, 42)  # the same, without a kid
 
+    def test_hs256_kid_is_an_hmac_under_the_secret(self):
+        """An HS256 token's kid is an HMAC under its secret, not a hash of the secret itself."""
+        issued = self.issuer(tokens_algorithm="HS256", tokens_secret=SECRET).issue(42)
+        self.assertEqual(jwt.get_unverified_header(issued.token)["kid"],
+                         hmac.new(SECRET.encode(), b"dreamraid token key id", hashlib.sha256).hexdigest()[:16])
+
     def test_hs256_other_secret(self):
         """An HS256 token of a secret in other_secrets passes; such a secret needs 32 characters too."""
         issued = self.issuer(tokens_algorithm="HS256", tokens_secret="t" * 32).issue(42)
