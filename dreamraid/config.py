@@ -141,18 +141,18 @@ def _path(text, base):
 _path.kind = "path"
 
 
-def _optional_paths(text, base):
-    return tuple((base / part.strip()).resolve() for part in text.split(",") if part.strip())
-
-
-_optional_paths.kind = "path,... (or nothing)"
-
-
 def _optional_texts(text, base):
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 _optional_texts.kind = "text,... (or nothing)"
+
+
+def _optional_paths(text, base):
+    return tuple((base / part).resolve() for part in _optional_texts(text, base))
+
+
+_optional_paths.kind = "path,... (or nothing)"
 
 
 def _choice(*choices):

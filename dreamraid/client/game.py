@@ -24,13 +24,13 @@ from dreamraid.protocols import packets
 
 class RaidNotStarted(Exception):
     """
-    The raid this player was matched into ended (failed) before they were
-    told where it is: its host could not set it up, or died.  C{result} is
-    its L{results.RaidResult}; the player is free to queue again.
+    The raid this player was matched into ended (failed) before they could
+    join it: its host could not set it up, or died.  C{result} is its
+    L{results.RaidResult}; the player is free to queue again.
     """
 
     def __init__(self, result):
-        super().__init__(f"raid {result.raid_id} ended before this player was told where it is")
+        super().__init__(f"raid {result.raid_id} ended before this player could join it")
         self.result = result
 
 

@@ -50,6 +50,8 @@ GROUPS = 6
 # Tickets of each group a pass looks at, oldest first.
 SCAN = 100
 MATCHMAKING = "matchmaking"
+# The matchmaking push telling a ticket's members it no longer waits.
+CANCELLED = {"state": "cancelled", "group": 0}
 # A server whose lease lapsed this long ago (ms) is taken off the leases.
 FORGET_SERVER_AFTER_MS = 3_600_000
 # The tickets of a server whose lease lapsed this long ago (ms) are dropped:
@@ -141,10 +143,9 @@ return {1, unpack(members)}
 # Frees the players of raids past their time, drops the tickets of servers
 # whose lease lapsed over ticket grace ms ago and passes over those whose
 # lease lapsed since (this server's is renewed first: it is alive), then
-# forms
-# at most one raid: {0, dropped}, or {1, dropped, raid id, "group:waited ms
-# ..." of its tickets, members...}, where dropped is the space-separated
-# players of the tickets dropped.
+# forms at most one raid: {0, dropped}, or {1, dropped, raid id,
+# "group:waited ms ..." of its tickets, members...}, where dropped is the
+# space-separated players of the tickets dropped.
 _MATCH = _LIBRARY + """
 local now, size, widen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZADD', LEASES, 'GT', now + tonumber(ARGV[8]), ARGV[7])
@@ -220,12 +221,14 @@ return 1
 """
 
 # ARGV: server id, until ms, its client address, then raid id and checkpoint
-# pairs.  Renews the host's lease and stores its raids' checkpoints: the ids
+# pairs.  Renews the host's lease, records its address (once: a server id is
+# one process, at one address, so no write each tick), and stores its
+# raids' checkpoints: the ids
 # of those raids no longer this host's (ended by another server, or lost
 # with Redis's data).
 _RENEW = _LIBRARY + """
 redis.call('ZADD', LEASES, ARGV[2], ARGV[1])
-redis.call('HSET', SERVERS, ARGV[1], ARGV[3])
+redis.call('HSETNX', SERVERS, ARGV[1], ARGV[3])
 local gone = {}
 for i = 4, #ARGV, 2 do
   if redis.call('HGET', HOSTS, ARGV[i]) == ARGV[1] then
@@ -348,8 +351,7 @@ class Matchmaker(Service):
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.NOT_QUEUED)
         members = [int(m) for m in reply[1:]]
-        await self._presence.tell([u for u in members if u != user_id], MATCHMAKING,
-                                  {"state": "cancelled", "group": 0})
+        await self._presence.tell([u for u in members if u != user_id], MATCHMAKING, CANCELLED)
 
     async def cancel_if_queued(self, user_id):
         """For a player who leaves the game or their party: cancel their waiting ticket, if any; never raises."""
@@ -417,7 +419,7 @@ class Matchmaker(Service):
         self._log.info("matchmaking: dropped the tickets of users {user_ids}, whose server stopped renewing",
                        user_ids=user_ids)
         try:
-            await self._presence.tell(user_ids, MATCHMAKING, {"state": "cancelled", "group": 0})
+            await self._presence.tell(user_ids, MATCHMAKING, CANCELLED)
         except REDIS_ERRORS as e:
             self._log.warn("matchmaking: cannot tell users {user_ids} their tickets were dropped: {error}",
                            user_ids=user_ids, error=e)

@@ -221,11 +221,20 @@ class RaidHost(Service):
         self._drop(hosted)
         self._log.warn("raid {raid_id}: ended by another server (this host's lease lapsed); dropped",
                        raid_id=raid_id)
-        ended = gather([self._unmark_all(raid_id, hosted.until, hosted.members),
-                        self._tell_failed(raid_id, hosted.members)])
-        ended.addErrback(lambda f: self._log.failure("raid {raid_id}: cannot end it here", f, raid_id=raid_id))
-        self._finishing.add(ended)
-        ended.addBoth(lambda _: self._finishing.discard(ended))
+        self._ending(raid_id, gather([self._unmark_all(raid_id, hosted.until, hosted.members),
+                                      self._tell_failed(raid_id, hosted.members)]),
+                     "raid {raid_id}: cannot end it here")
+
+    def _ending(self, raid_id, work, failed):
+        """
+        Run a raid's end, C{work} (a coroutine or Deferred), in the
+        background: shutdown waits for it, and a failure is logged as
+        C{failed}.
+        """
+        d = defer.ensureDeferred(work)
+        d.addErrback(lambda f: self._log.failure(failed, f, raid_id=raid_id))
+        self._finishing.add(d)
+        d.addBoth(lambda _: self._finishing.discard(d))
 
     def _tell_failed(self, raid_id, members):
         return gather([self._tell(raid_id, u, {
@@ -336,10 +345,7 @@ class RaidHost(Service):
         elif event == "hp":
             self._send_hp(hosted)
         elif event == "ended":
-            d = defer.ensureDeferred(self._finish(hosted, body))
-            d.addErrback(lambda f: self._log.failure("raid {raid_id} ended, but its end failed", f, raid_id=raid_id))
-            self._finishing.add(d)
-            d.addBoth(lambda _: self._finishing.discard(d))
+            self._ending(raid_id, self._finish(hosted, body), "raid {raid_id} ended, but its end failed")
 
     def _push(self, hosted, event, body, user_ids=None):
         """Push to the raid's players connected to this process."""
