@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 import txredisapi
 
 from dreamraid.services.rediscluster import RedisCluster, key_slot
-from tests.support import ROOT, eventually, make_settings, stack
+from tests.support import STACK_VAR, eventually, make_settings, stack
 
 SETTINGS = make_settings().redis
 NODES = list(SETTINGS.startup_nodes)
@@ -72,7 +72,7 @@ async def master_of(key, asked=None):
 
 def pid_of(address):
     """The pid of the redis-server at C{address} (from its pidfile)."""
-    return int((ROOT / "var" / "redis" / str(address[1]) / "redis.pid").read_text())
+    return int((STACK_VAR / "redis" / str(address[1]) / "redis.pid").read_text())
 
 
 def signal_node(address, signum):

@@ -1,7 +1,12 @@
 """
-Helpers for the tests: settings from the shipped configuration, the local
+Helpers for the tests: settings from the stack's configuration, the local
 stack (which `make test` starts and announces with DREAMRAID_STACK=1), free
 ports, HTTP GETs, running the stack script and watching the log.
+
+The stack under test is the one C{scripts/stack.sh} reads: its configuration
+is C{$DREAMRAID_CONFIG} (default: the shipped C{conf/dreamraid.ini}) and its
+data directory C{$DREAMRAID_VAR} (default: C{var/}), relative paths taken
+from the checkout, so a second stack on other ports is tested as the first.
 """
 
 import json
@@ -22,7 +27,11 @@ from dreamraid.services.deferreds import gather
 from dreamraid.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shipped configuration, whose defaults some tests check.
 CONFIG = ROOT / "conf" / "dreamraid.ini"
+# The configuration and data directory of the stack the tests run against.
+STACK_CONFIG = ROOT / (os.environ.get("DREAMRAID_CONFIG") or CONFIG)
+STACK_VAR = ROOT / (os.environ.get("DREAMRAID_VAR") or "var")
 STACK_SCRIPT = ROOT / "scripts" / "stack.sh"
 
 hypothesis_settings.register_profile("dreamraid", deadline=None, max_examples=200)
@@ -30,12 +39,12 @@ hypothesis_settings.load_profile("dreamraid")
 
 
 def make_settings(**overrides):
-    """The shipped settings, with C{section_key=text} overrides."""
+    """The stack's settings (L{STACK_CONFIG}), with C{section_key=text} overrides."""
     parsed = {}
     for name, value in overrides.items():
         section, key = name.split("_", 1)
         parsed[section, key] = value
-    return load_settings(CONFIG, parsed)
+    return load_settings(STACK_CONFIG, parsed)
 
 
 def require_stack():
@@ -153,7 +162,7 @@ class RunningServer(_Listening):
     def __init__(self, tap, section, extra=()):
         self.port, self.http_port = free_port(), free_port()
         options = tap.Options()
-        options.parseOptions(["--config", str(CONFIG), *_free_ports(section, self.port, self.http_port), *extra])
+        options.parseOptions(["--config", str(STACK_CONFIG), *_free_ports(section, self.port, self.http_port), *extra])
         self.service = tap.makeService(options, reactor)
 
     def start(self, testcase):
@@ -220,7 +229,7 @@ class ServerProcess(_Listening):
         self.port, self.http_port = free_port(), free_port()
         self._args = [
             os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", plugin,
-            "--config", str(CONFIG), *_free_ports(section, self.port, self.http_port), *extra,
+            "--config", str(STACK_CONFIG), *_free_ports(section, self.port, self.http_port), *extra,
         ]
         self._child = ChildProcess()
 

@@ -17,7 +17,7 @@ from dreamraid.client import ConnectionClosed, connect
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.database import MYSQL_UNAVAILABLE, Database
-from tests.support import ROOT, RunningServer, eventually, free_port, http_get, make_settings, require_stack, stack
+from tests.support import ROOT, STACK_CONFIG, RunningServer, eventually, free_port, http_get, make_settings, require_stack, stack
 
 
 class StackTests(TestCase):
@@ -237,9 +237,9 @@ class TwistdPluginTests(TestCase):
         require_stack()
         port, http_port = free_port(), free_port()
         process = self.spawn(
-            "-n", "--pidfile=", "dreamraid-game",
+            "-n", "--pidfile=", "dreamraid-game", "--config", str(STACK_CONFIG),
             "--game-listen", f"tcp:{port}:interface=127.0.0.1",
-            "--game-http-listen", f"tcp:{http_port}:interface=127.0.0.1",
+            "--game-http-listen", f"tcp:{http_port}:interface=127.0.0.1", "--game-udp-port", "0",
         )
 
         async def connected():

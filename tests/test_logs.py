@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dreamraid.logs import event_as_json_line, json_lines
-from tests.support import CONFIG, ROOT, eventually, free_port, require_stack
+from tests.support import ROOT, STACK_CONFIG, eventually, free_port, require_stack
 
 
 class JSONLinesObserverTests(SynchronousTestCase):
@@ -141,7 +141,7 @@ class TwistdJSONLinesTests(TestCase):
         port, http_port = free_port(), free_port()
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         args = [twistd, "-n", "--pidfile=", "--logger", "dreamraid.logs.json_lines", "dreamraid-game",
-                "--config", str(CONFIG), "--game-listen", f"tcp:{port}:interface=127.0.0.1",
+                "--config", str(STACK_CONFIG), "--game-listen", f"tcp:{port}:interface=127.0.0.1",
                 "--game-http-listen", f"tcp:{http_port}:interface=127.0.0.1", "--game-udp-port", "0"]
         child = _Output()
         reactor.spawnProcess(child, twistd, args, env=dict(os.environ), path=str(ROOT))
