@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The local stack dreamraid runs and is tested against: a 6-node Redis Cluster
 # (3 masters, 3 replicas) and a MariaDB instance, on loopback, with their data
-# under var/.  Addresses come from conf/dreamraid.ini (or $DREAMRAID_CONFIG).
+# under var/ (or $DREAMRAID_VAR).  Addresses come from conf/dreamraid.ini (or
+# $DREAMRAID_CONFIG).  It reuses only servers working in its own data
+# directory; a port held by anything else stops it with one line naming that.
 #
 #   scripts/stack.sh up            install what is missing, start or reuse everything
 #   scripts/stack.sh ensure        like up, then print "started" or "reused" on stdout
@@ -21,9 +23,10 @@ for fd in /proc/$$/fd/*; do
 done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VAR=${DREAMRAID_VAR:-$ROOT/var}
+# Relative paths are taken from the current directory (the checkout, under make).
+VAR=$(realpath -m -- "${DREAMRAID_VAR:-$ROOT/var}")
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-CONFIG=${DREAMRAID_CONFIG:-$ROOT/conf/dreamraid.ini}
+CONFIG=$(realpath -m -- "${DREAMRAID_CONFIG:-$ROOT/conf/dreamraid.ini}")
 PACKAGES=(redis-server redis-tools mariadb-server mariadb-client)
 
 say() { printf 'stack: %s\n' "$*" >&2; }
@@ -36,6 +39,62 @@ read -r -a NODES <<<"$REDIS_NODES"
 MYSQL_DIR=$VAR/mysql
 MYSQL_SOCK=$MYSQL_DIR/mysqld.sock
 MYSQL_PID=$MYSQL_DIR/mysqld.pid
+[ "${#MYSQL_SOCK}" -le 107 ] || die "DREAMRAID_VAR $VAR is too long a path: MariaDB's socket $MYSQL_SOCK would pass the 107-byte limit"
+
+# -- whose ports ----------------------------------------------------------------
+# A server is this stack's when it works in this stack's data directory:
+# redis-server runs in $VAR/redis/PORT, mariadbd in $VAR/mysql/data.
+
+# Exit 0 when something listens on TCP port $1 (any address).
+port_taken() {
+    local hex
+    hex=$(printf ':%04X' "$1")
+    awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# The pid listening on TCP port $1, when this user can see it.
+port_pid() {
+    local hex inode fd
+    hex=$(printf ':%04X' "$1")
+    for inode in $(awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { print $10 }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
+        fd=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "socket:\[$inode\]" -print -quit 2>/dev/null) || true
+        [ -n "$fd" ] || continue
+        fd=${fd#/proc/}
+        echo "${fd%%/*}"
+        return 0
+    done
+    return 1
+}
+
+ours() { local dir; dir=$(readlink "/proc/$1/cwd" 2>/dev/null) && [[ "$dir/" == "$VAR/"* ]]; }
+
+# Exit 0 when no port of this stack (Redis, their cluster bus ports, MariaDB)
+# is held by anything but this stack's own servers; else say, in one line,
+# who holds which, and where that other stack lives.
+ports_ours() {
+    local node port pid dir who
+    for port in $(for node in "${NODES[@]}"; do echo "${node##*:}" $((${node##*:} + 10000)); done) "$MYSQL_PORT"; do
+        port_taken "$port" || continue
+        pid=$(port_pid "$port") || pid=
+        [ -n "$pid" ] && ours "$pid" && continue
+        if [ -z "$pid" ]; then
+            who="a process this user cannot see"
+        else
+            dir=$(readlink "/proc/$pid/cwd" 2>/dev/null) || dir=
+            case "$dir" in
+                */redis/[0-9]*) who="$(cat "/proc/$pid/comm") (pid $pid) of the stack in ${dir%/redis/*}" ;;
+                */mysql/data) who="$(cat "/proc/$pid/comm") (pid $pid) of the stack in ${dir%/mysql/data}" ;;
+                *) who="$(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid, working in ${dir:-?})" ;;
+            esac
+        fi
+        say "port $port is taken by $who, not by this stack ($VAR), so it is not reused;" \
+            "to run a stack beside it, give this one other ports and its own data directory:" \
+            "DREAMRAID_CONFIG=conf/examples/second-stack.ini DREAMRAID_VAR=var-2 make test (docs/operations.md, \"Two stacks side by side\")"
+        return 1
+    done
+}
 
 # -- packages -------------------------------------------------------------------
 
@@ -140,10 +199,18 @@ redis_down() {
         dir=$(node_dir "$node")
         [ -f "$dir/redis.pid" ] || continue
         pid=$(cat "$dir/redis.pid")
-        rcli "$node" shutdown >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
-        # A node that was SIGSTOPped by a test is resumed so it can exit.
-        kill -CONT "$pid" 2>/dev/null || true
-        wait_for 10 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+        # A stale pidfile (after a reboot) may name someone else's process,
+        # and the port may be another stack's: stop only our own node.
+        if ours "$pid"; then
+            if [ "$(port_pid "${node##*:}")" = "$pid" ]; then
+                rcli "$node" shutdown >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+            else
+                kill "$pid" 2>/dev/null || true
+            fi
+            # A node that was SIGSTOPped by a test is resumed so it can exit.
+            kill -CONT "$pid" 2>/dev/null || true
+            wait_for 10 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+        fi
         rm -f "$dir/redis.pid"
     done
 }
@@ -195,21 +262,24 @@ EOF
 }
 
 migrate() {
-    "$ROOT/.venv/bin/python" -m dreamraid.admin migrate >&2 || die "applying conf/schema.sql failed"
+    "$PY" -m dreamraid.admin --config "$CONFIG" migrate >&2 || die "applying conf/schema.sql failed"
 }
 
 mysql_stop() {
     [ -f "$MYSQL_PID" ] || return 0
     local pid
     pid=$(cat "$MYSQL_PID")
-    kill "$pid" 2>/dev/null || true
-    wait_for 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+    if ours "$pid"; then
+        kill "$pid" 2>/dev/null || true
+        wait_for 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+    fi
     rm -f "$MYSQL_PID"
 }
 
 # -- commands -------------------------------------------------------------------
 
 up() {
+    ports_ours || exit 1
     ensure_packages
     mkdir -p "$VAR/redis"
     redis_up
@@ -222,11 +292,13 @@ status() { redis_status && mysql_up_now && mysql_user_ok; }
 
 case "${1:-}" in
     up) up ;;
-    ensure) if status >/dev/null 2>&1; then migrate; echo reused; else up; echo started; fi ;;
+    ensure)
+        ports_ours || exit 1
+        if status >/dev/null 2>&1; then migrate; echo reused; else up; echo started; fi ;;
     down) redis_down; mysql_stop; say "stopped" ;;
-    status) if status; then say "up"; else say "down"; exit 1; fi ;;
+    status) ports_ours || exit 1; if status; then say "up"; else say "down"; exit 1; fi ;;
     mysql-stop) mysql_stop ;;
-    mysql-start) mysql_start ;;
+    mysql-start) ports_ours || exit 1; mysql_start ;;
     reset) redis_down; mysql_stop; rm -rf "$VAR/redis" "$MYSQL_DIR"; say "reset" ;;
-    *) sed -n '2,13s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,15s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
 esac
