@@ -10,7 +10,8 @@ Relative paths in the file are resolved against the file's own directory,
 those given on the command line against the current directory.
 
 Run as ``python -m dreamraid.config shell [path]`` it prints the stack's
-settings as shell assignments, for ``scripts/stack.sh``.
+settings and the servers' addresses as shell assignments, for
+``scripts/stack.sh`` and ``scripts/run.sh``.
 """
 
 import configparser
@@ -488,8 +489,19 @@ def settings_options(server_name, sections):
     return Options
 
 
+def _client_address(listen):
+    """C{host:port} a client on this host reaches the endpoint C{listen} at, or C{listen} itself if that cannot be told."""
+    from dreamraid.client.session import listen_address
+
+    try:
+        host, port = listen_address(listen)
+    except ValueError:
+        return listen
+    return f"{host}:{port}"
+
+
 def shell_assignments(settings):
-    """The stack's settings as lines of C{NAME='value'} for a shell to eval."""
+    """The stack's settings, and the servers' addresses, as lines of C{NAME='value'} for a shell to eval."""
     m = settings.mysql
     values = {
         "REDIS_NODES": " ".join(f"{h}:{p}" for h, p in settings.redis.startup_nodes),
@@ -498,6 +510,11 @@ def shell_assignments(settings):
         "MYSQL_USER": m.user,
         "MYSQL_PASSWORD": m.password,
         "MYSQL_DATABASE": m.database,
+        "SESSION_ADDRESS": _client_address(settings.session.listen),
+        "SESSION_HTTP_ADDRESS": _client_address(settings.session.http_listen),
+        "GAME_ADDRESS": _client_address(settings.game.listen),
+        "GAME_HTTP_ADDRESS": _client_address(settings.game.http_listen),
+        "GAME_UDP_PORT": settings.game.udp_port,
     }
     return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in values.items())
 

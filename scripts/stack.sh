@@ -70,6 +70,15 @@ port_pid() {
 
 ours() { local dir; dir=$(readlink "/proc/$1/cwd" 2>/dev/null) && [[ "$dir/" == "$VAR/"* ]]; }
 
+# Exit 0 when process $1 has exited: gone, or a zombie its parent (init,
+# for these daemons) has not reaped yet.
+exited() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    stat=${stat##*) }
+    [ "${stat%% *}" = Z ]
+}
+
 # Exit 0 when no port of this stack (Redis, their cluster bus ports, MariaDB)
 # is held by anything but this stack's own servers; else say, in one line,
 # who holds which, and where that other stack lives.
@@ -209,7 +218,7 @@ redis_down() {
             fi
             # A node that was SIGSTOPped by a test is resumed so it can exit.
             kill -CONT "$pid" 2>/dev/null || true
-            wait_for 10 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+            wait_for 10 exited "$pid" || kill -9 "$pid" 2>/dev/null || true
         fi
         rm -f "$dir/redis.pid"
     done
@@ -271,7 +280,7 @@ mysql_stop() {
     pid=$(cat "$MYSQL_PID")
     if ours "$pid"; then
         kill "$pid" 2>/dev/null || true
-        wait_for 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+        wait_for 60 exited "$pid" || kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$MYSQL_PID"
 }

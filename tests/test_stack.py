@@ -23,11 +23,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from dreamraid.config import load_settings
+from dreamraid.config import load_settings, shell_assignments
 from dreamraid.services.database import connect
 from dreamraid.services.migrations import load_migrations
 from tests.cluster import node_command
-from tests.support import CONFIG, ROOT, STACK_CONFIG, STACK_SCRIPT, make_settings, require_stack
+from tests.support import (
+    CONFIG, ROOT, STACK_CONFIG, STACK_SCRIPT, eventually, http_get, make_settings, require_stack,
+)
 
 EXAMPLE = ROOT / "conf" / "examples" / "second-stack.ini"
 
@@ -70,6 +72,15 @@ class ExampleConfigTests(TestCase):
         self.assertEqual(example.session.game_servers, (("127.0.0.1", 9290),))  # its own game server
 
 
+    def test_shell_addresses(self):
+        """The shell assignments run.sh prints its servers' addresses from are the configuration's."""
+        text = shell_assignments(load_settings(EXAMPLE))
+        for line in ["SESSION_ADDRESS=127.0.0.1:9291", "SESSION_HTTP_ADDRESS=127.0.0.1:9391",
+                     "GAME_ADDRESS=127.0.0.1:9290", "GAME_HTTP_ADDRESS=127.0.0.1:9390", "GAME_UDP_PORT=50100",
+                     "MYSQL_PORT=3308", "REDIS_NODES='127.0.0.1:7100 127.0.0.1:7101"]:
+            self.assertIn(f"\n{line}", f"\n{text}")
+
+
 class _Script(ProcessProtocol):
     """What a run of the stack script printed, and how it ended."""
 
@@ -86,6 +97,10 @@ class _Script(ProcessProtocol):
     def processEnded(self, reason):
         code = reason.value.exitCode if isinstance(reason.value, ProcessTerminated) else 0
         self.ended.callback((b"".join(self.out).decode(), b"".join(self.err).decode(), code))
+
+    def output(self):
+        """All it printed so far, both streams."""
+        return b"".join(self.out + self.err).decode(errors="replace")
 
 
 async def run_stack(command, config, var, timeout=90.0):
@@ -263,12 +278,74 @@ class SecondStackTests(TestCase):
         out, err, code = await run_stack("down", config, self.var)
         self.assertEqual(code, 0, err)
         for pid in pids:
-            self.assertFalse(os.path.exists(f"/proc/{pid}"), f"pid {pid} still runs")
+            self.assertFalse(_running(pid), f"pid {pid} still runs")
         for port in _ports(second):
             self.assertTrue(_bindable(port), f"port {port} still taken")
         # The running stack still answers.
         self.assertEqual(await _in_thread(_thd_tables, self.settings.mysql), before)
 
 
+    async def test_make_run_takes_the_config(self):
+        """
+        `make run` (scripts/run.sh) with a second stack's configuration starts
+        that stack, its servers on that configuration's ports and the demo's
+        bots against them; stopped (SIGTERM, as Ctrl-C), it stops them all.
+        """
+        base = second_stack_ports()
+        config = os.path.join(self.var, "second.ini")
+        write_second_config(config, base)
+        second = load_settings(config)
+
+        async def down():
+            await run_stack("down", config, self.var)
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(down()))
+        run = _Script()
+        env = dict(os.environ, DREAMRAID_CONFIG=config, DREAMRAID_VAR=self.var, DREAMRAID_DEMO="1")
+        reactor.spawnProcess(run, "/bin/bash", ["/bin/bash", str(ROOT / "scripts" / "run.sh")], env=env, path=str(ROOT))
+
+        def kill():
+            if not run.ended.called:
+                run.transport.signalProcess("KILL")
+            return run.ended
+
+        self.addCleanup(kill)
+
+        async def serving():
+            if run.ended.called:
+                raise AssertionError(f"run.sh exited:\n{run.output()}")
+            return "run: serving" in run.output()
+
+        started = time.monotonic()
+        await eventually(serving, timeout=90)
+        self._log.info("make run served its demo in {seconds:.1f} s", seconds=time.monotonic() - started)
+        output = run.output()
+        self.assertIn("bots: 4 played, 0 failed", output)
+        session_http = f"127.0.0.1:{base + 10}"
+        self.assertIn(f"run: session server on 127.0.0.1:{base + 9} (health: http://{session_http}/health)", output)
+        self.assertIn(f"--config {config}", output)
+        for http in (session_http, f"127.0.0.1:{base + 8}"):
+            status, _ = await http_get(f"http://{http}/health")
+            self.assertEqual(status, 200)
+        datadir, _ = await _in_thread(_thd_server, second.mysql)
+        self.assertEqual(os.path.realpath(datadir), os.path.realpath(os.path.join(self.var, "mysql", "data")))
+
+        run.transport.signalProcess("TERM")
+        _, _, code = await run.ended
+        self.assertEqual(code, 0, run.output())
+        self.assertIn("stack: stopped", run.output())
+        for port in _ports(second):
+            self.assertTrue(_bindable(port), f"port {port} still taken")
+
+
 def _process_id(info):
     return next(line for line in info.decode().splitlines() if line.startswith("process_id:"))
+
+
+def _running(pid):
+    """True while process C{pid} runs (a zombie waiting for init to reap it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
