@@ -38,7 +38,11 @@ stack-reset: $(STAMP)
 protocol-doc: $(STAMP)
 	$(BIN)/dreamraid-protocol-doc
 
+# The benchmarks read conf/dreamraid.ini only: refuse to run them against a
+# stack of another configuration rather than load another stack's ports.
 bench: $(STAMP)
+	@[ -z "$$DREAMRAID_CONFIG" ] || [ "$$(realpath -m -- "$$DREAMRAID_CONFIG")" = "$$(realpath conf/dreamraid.ini)" ] || \
+		{ echo "make: the benchmarks use conf/dreamraid.ini's stack only; unset DREAMRAID_CONFIG"; exit 1; }
 	$(BIN)/python bench/codec.py --quick
 	scripts/stack.sh ensure >/dev/null
 	$(BIN)/python bench/redis_router.py --quick
