@@ -6,10 +6,18 @@ A datagram is dropped, and counted, when it is malformed, names a member
 its raid does not have or its MAC does not verify under the key of the
 member it names (forged: each member holds only its own key, so none can
 speak for another), names no raid hosted here (unknown), or repeats or
-precedes a sequence its member already sent (replayed; the host checks
-that).  A datagram the kernel will not take now (its send buffer is full)
+precedes a sequence its member already sent (replayed), is past its
+member's datagram rate (rate_limited), or carries a position that is not
+finite or outside the world (bad_position); the host checks the last
+three.  A datagram the kernel will not take now (its send buffer is full)
 is dropped and counted as unsent, as the network would drop it: the HP
 goes out again soon.
+
+The checks run cheapest first, and a member's rate is spent only by
+datagrams that member signed and has not sent before: the MAC is checked
+(about a microsecond) before the host's sequence and rate checks, so
+nobody without the member's key, and nobody replaying what it sent, can
+use up its budget and starve it; the body is decoded only after both.
 """
 
 from twisted.internet.protocol import DatagramProtocol
@@ -50,12 +58,19 @@ class RealtimeProtocol(DatagramProtocol):
         try:
             if member >= len(channel.keys):
                 raise packets.CodecError("no such member")
-            datagram = packets.open_datagram(channel.keys[member], data)
+            packets.verify_datagram(channel.keys[member], data)
+        except packets.CodecError:
+            self.host.forged()
+            return
+        if not self.host.admit(number, member, sequence):
+            return
+        try:
+            datagram = packets.decode_datagram(data)
             event = _EVENTS[datagram.message]
         except (packets.CodecError, KeyError):
             self.host.forged()
             return
-        self.host.datagram(number, member, sequence, event, datagram.body, address)
+        self.host.datagram(number, member, event, datagram.body, address)
 
     def send(self, address, event, key, number, member, sequence, body):
         """Sign C{event} with C{key}, the player's own, and send it to the player."""
