@@ -311,6 +311,19 @@ class HostedRaidTests(TestCase):
         self.assertEqual((counters["forged"], counters["replayed"], counters["rate_limited"], counters["received"]),
                          (2000, 1000, 0, 20))
 
+    def test_a_server_message_under_the_member_key_moves_nothing(self):
+        """
+        A boss_hp (a message only the host sends) sealed with member 0's
+        own key and the highest sequence is forged: it neither raises the
+        member's sequence nor spends its rate, so its next datagram gets
+        through.
+        """
+        self.hello(0)
+        self.receive(0, self.datagram(0, packets.BOSS_HP, {"hp": 0, "hp_sequence": 2**32 - 1}, sequence=2**32 - 1))
+        self.move(0, 5.0)
+        counters = self.host.counters
+        self.assertEqual((counters["forged"], counters["replayed"], counters["received"]), (1, 0, 2))
+
     def test_positions_that_are_not_finite_or_out_of_bounds_are_dropped(self):
         """
         A position with a NaN or infinite coordinate, or one beyond

@@ -13,18 +13,19 @@ three.  A datagram the kernel will not take now (its send buffer is full)
 is dropped and counted as unsent, as the network would drop it: the HP
 goes out again soon.
 
-The checks run cheapest first, and a member's rate is spent only by
-datagrams that member signed and has not sent before: the MAC is checked
-(about a microsecond) before the host's sequence and rate checks, so
-nobody without the member's key, and nobody replaying what it sent, can
-use up its budget and starve it; the body is decoded only after both.
+The checks run cheapest first, and a member's sequence and rate are
+spent only by datagrams that member signed and has not sent before: the
+message id (one a client sends) and the MAC (about a microsecond) are
+checked before the host's sequence and rate checks, so nobody without the
+member's key, and nobody replaying what it sent, can use up its budget
+and starve it; the body is decoded only after both.
 """
 
 from twisted.internet.protocol import DatagramProtocol
 
 from dreamraid.protocols import packets
 
-_EVENTS = {packets.UDP_HELLO: "hello", packets.POSITION: "position"}
+_EVENTS = {packets.UDP_HELLO.id: "hello", packets.POSITION.id: "position"}
 _MESSAGES = {"boss_hp": packets.BOSS_HP, "positions": packets.POSITIONS}
 
 
@@ -48,14 +49,17 @@ class RealtimeProtocol(DatagramProtocol):
 
     def datagramReceived(self, data, address):
         try:
-            _, number, member, sequence = packets.datagram_header(data)
+            message_id, number, member, sequence = packets.datagram_header(data)
         except packets.CodecError:
             self.host.forged()
             return
         channel = self.host.channel(number)
         if channel is None:
             return
+        event = _EVENTS.get(message_id)
         try:
+            if event is None:
+                raise packets.CodecError("not a datagram a client sends")
             if member >= len(channel.keys):
                 raise packets.CodecError("no such member")
             packets.verify_datagram(channel.keys[member], data)
@@ -65,12 +69,12 @@ class RealtimeProtocol(DatagramProtocol):
         if not self.host.admit(number, member, sequence):
             return
         try:
-            datagram = packets.decode_datagram(data)
-            event = _EVENTS[datagram.message]
-        except (packets.CodecError, KeyError):
+            body = packets.decode_datagram(data).body
+        except packets.CodecError:
+            # Signed with the member's key: only the member (a broken client) sends this.
             self.host.forged()
             return
-        self.host.datagram(number, member, event, datagram.body, address)
+        self.host.datagram(number, member, event, body, address)
 
     def send(self, address, event, key, number, member, sequence, body):
         """Sign C{event} with C{key}, the player's own, and send it to the player."""
