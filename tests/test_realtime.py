@@ -15,11 +15,11 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import TestCase
 
 from dreamraid.protocols import packets
-from dreamraid.protocols.realtime import RealtimeProtocol
+from dreamraid.protocols.realtime import READ_PER_TURN, RealtimeProtocol
 from dreamraid.services.matchmaking import Formed, Matchmaker
 from dreamraid.services.presence import Presence
 from dreamraid.services.raidhost import HP_REPEAT_AFTER, RELAY_INTERVAL, Channel, RaidHost, member_keys
-from tests.support import make_settings
+from tests.support import log_lines, make_settings
 
 KEYS = member_keys(bytes(range(16)), 2)
 PLAYER = ("127.0.0.1", 40000)
@@ -81,6 +81,17 @@ class RealtimeProtocolTests(TestCase):
         for name in ("channel", "forged", "unsent", "admit", "datagram"):
             self.assertEqual(inspect.signature(getattr(RecordingHost, name)),
                              inspect.signature(getattr(RaidHost, name)), name)
+
+    def test_reads_per_reactor_turn_are_capped(self):
+        """
+        The socket reads at most READ_PER_TURN bytes of datagrams at one
+        turn of the reactor (Twisted's 256 KiB default let a flood hold
+        every TCP player up for tens of milliseconds), and that is a few
+        hundred players' datagrams.
+        """
+        self.assertEqual(self.protocol.transport.maxThroughput, READ_PER_TURN)
+        self.assertLess(READ_PER_TURN, 64 * 1024)
+        self.assertGreaterEqual(READ_PER_TURN // 36, 100)
 
     def test_verified_datagram_reaches_the_host(self):
         self.assertEqual(self.host.udp_address, "127.0.0.1:50000")
@@ -251,9 +262,11 @@ class HostedRaidTests(TestCase):
         1,000 valid positions from one member in one tick: only the rest
         of its burst (its hello took a token) is let through and the others
         are relayed the last of those, not the flood's last; the rest are
-        dropped and counted as rate_limited.  A second later another 1,000
-        let through only a second's rate: burst + rate in all.
+        dropped and counted as rate_limited, and one log line names the
+        user.  A second later another 1,000 let through only a second's
+        rate: burst + rate in all.
         """
+        lines = log_lines(self)
         rate = self.settings.datagram_rate
         self.hello(0)
         self.hello(1)
@@ -271,6 +284,9 @@ class HostedRaidTests(TestCase):
         self.assertLessEqual(from_member_0, rate.burst + rate.per_second)
         self.assertGreaterEqual(from_member_0, rate.burst + rate.per_second - 1)
         self.assertEqual(self.host.counters["rate_limited"], 2001 - from_member_0)
+        self.assertEqual([line for line in lines if "datagram_rate" in line],
+                         [f"raid r1: user {MEMBERS[0]} (member 0) sends datagrams past [raids] datagram_rate; the "
+                          "excess is dropped and counted as rate_limited (logged once a raid)"])
 
     def test_an_honest_rate_passes(self):
         """

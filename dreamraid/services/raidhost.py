@@ -98,6 +98,7 @@ class _Hosted:
         self.last_sequence = {}  # member number -> highest datagram sequence heard
         self.positions = {}  # member number -> (x, y, state)
         self.buckets = {}  # member number -> its TokenBucket of datagrams, when the rate is not off
+        self.over_rate = set()  # member numbers logged as sending past the rate
         self.sent = 0  # sequence of the datagrams the host sends
         self.hp_sent_at = 0.0  # when the boss's HP last went to every player
 
@@ -496,7 +497,9 @@ class RaidHost(Service):
         it repeats or precedes a sequence the member already sent
         (replayed), or is past the member's C{datagram_rate}
         (rate_limited); each is counted.  A datagram past the rate still
-        raises the member's sequence, so it cannot be replayed later.
+        raises the member's sequence, so it cannot be replayed later.  A
+        member's first datagram past the rate in a raid is logged, naming
+        the user.
         """
         hosted = self._by_number.get(number)
         if hosted is None:
@@ -509,6 +512,11 @@ class RaidHost(Service):
         bucket = hosted.buckets.get(member)
         if bucket is not None and not bucket.allow(self._clock.seconds()):
             self.counters["rate_limited"] += 1
+            if member not in hosted.over_rate:
+                hosted.over_rate.add(member)
+                self._log.warn("raid {raid_id}: user {user_id} (member {member}) sends datagrams past [raids] "
+                               "datagram_rate; the excess is dropped and counted as rate_limited (logged once a "
+                               "raid)", raid_id=hosted.raid.raid_id, user_id=hosted.members[member], member=member)
             return False
         return True
 
