@@ -86,8 +86,8 @@ class RealtimeProtocolTests(TestCase):
         """
         The socket reads at most READ_PER_TURN bytes of datagrams at one
         turn of the reactor (Twisted's 256 KiB default let a flood hold
-        every TCP player up for tens of milliseconds), and that is a few
-        hundred players' datagrams.
+        every TCP player up for tens of milliseconds), and that is still at
+        least a hundred positions.
         """
         self.assertEqual(self.protocol.transport.maxThroughput, READ_PER_TURN)
         self.assertLess(READ_PER_TURN, 64 * 1024)
@@ -187,6 +187,8 @@ class IdleMatchmaker:
 
 
 class NobodyConnected:
+    """The host's players when none is connected to its process."""
+
     def connection_of(self, user_id):
         return None
 

@@ -28,10 +28,11 @@ from dreamraid.protocols import packets
 _EVENTS = {packets.UDP_HELLO.id: "hello", packets.POSITION.id: "position"}
 # Bytes of datagrams the socket reads at one turn of the reactor before it
 # turns to the other sockets and the timers.  Twisted's default, 256 KiB,
-# is some 7,000 players' datagrams: under a flood, 30-50 ms of work that
-# every TCP player's request waited behind.  16 KiB is about 450 of them,
-# 2 ms; an honest load is not slowed, as the socket is read again at the
-# next turn.
+# is some 7,000 players' datagrams: under a flood, tens of milliseconds of
+# work that every TCP player's request waited behind (a ping's p50 was
+# 63 ms, docs/operations.md).  4 KiB is about 110 of them, half a
+# millisecond; an honest load is not slowed, as the socket is read again
+# at the next turn.
 READ_PER_TURN = 4 * 1024
 _MESSAGES = {"boss_hp": packets.BOSS_HP, "positions": packets.POSITIONS}
 
