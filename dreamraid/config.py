@@ -26,6 +26,8 @@ from twisted.python import usage
 from dreamraid.tables import TableError, load_tables
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "conf" / "dreamraid.ini"
+# The largest finite float32, the type of a position's coordinates on the wire.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(Exception):
@@ -44,7 +46,8 @@ def _number(kind, low=None, high=None):
             value = kind(text)
         except ValueError:
             raise ValueError(f"expected {_KIND_TEXT[kind]}, got {text!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
+        # Written so that NaN, which compares false with everything, is out of range too.
+        if (low is not None and not value >= low) or (high is not None and not value <= high):
             raise ValueError(f"must be between {low} and {high}, got {value}")
         return value
 
@@ -366,6 +369,14 @@ class RaidSettings:
         _number(float, 1.0, 600.0), "seconds a raid's host stays alive without renewing; then its raids fail"
     )
     matchmaking_prefix: str = setting(_text, "hash tag of the matchmaking keys (servers that share a cluster share it)")
+    datagram_rate: object = setting(
+        _rate, "UDP datagrams a second and burst one raid member may send, hellos and positions together; "
+        "the excess is dropped and counted (or off)"
+    )
+    world_bound: float = setting(
+        _number(float, 1.0, FLOAT32_MAX), "a position's x and y must lie within -world_bound..world_bound, "
+        "or it is dropped and counted"
+    )
 
 
 SECTIONS = {

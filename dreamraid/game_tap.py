@@ -92,7 +92,8 @@ def _watch_game(metrics, router, players, host, matchmaker):
                   lambda: host.counters["received"])
     metrics.watch("dreamraid_udp_datagrams_sent", "Raid datagrams sent", "counter", lambda: host.counters["sent"])
     metrics.watch("dreamraid_udp_datagrams_dropped", "Raid datagrams dropped, by reason", "counter",
-                  lambda: {r: host.counters[r] for r in ("forged", "replayed", "unknown", "unsent")}, "reason")
+                  lambda: {r: host.counters[r] for r in ("forged", "replayed", "unknown", "rate_limited", "bad_position",
+                                                           "unsent")}, "reason")
 
 
 def _tcp_port(listen):

@@ -9,6 +9,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from dreamraid import config, game_tap, session_tap
+from dreamraid.services.limits import Rate
 from dreamraid.tables import TableError, load_tables, parse_tables
 from tests.support import CONFIG, ROOT
 
@@ -49,6 +50,7 @@ class ShippedConfigTests(TestCase):
         self.assertEqual((s.tokens.algorithm, s.tokens.audience, s.tokens.ttl), ("EdDSA", "dreamraid-game", 600))
         self.assertEqual(s.tokens.public_key, ROOT / "var" / "keys" / "token_ed25519.pub")
         self.assertEqual(s.tables.path, ROOT / "conf" / "tables.json")
+        self.assertEqual((s.raids.datagram_rate, s.raids.world_bound), (Rate(10.0, 20.0), 10000.0))
 
     def test_every_setting_is_in_the_file(self):
         """Each section's every field appears in the shipped file, and nothing else does."""
@@ -122,6 +124,14 @@ class BadConfigTests(TestCase):
         self.assertRefused("setting game.idle_timeout", ("game", "idle_timeout", "0.5"))
         self.assertRefused("setting mysql.pool_min", ("mysql", "pool_min", "9"))
         self.assertRefused("setting tokens.secret", ("tokens", "algorithm", "HS256"))
+
+    def test_bad_raid_datagram_limits(self):
+        """A datagram rate that is not per_second/burst, or a world bound past float32, names the setting."""
+        self.assertRefused("setting raids.datagram_rate ([raids] datagram_rate): expected per_second/burst or off",
+                           ("raids", "datagram_rate", "10"))
+        self.assertRefused("setting raids.world_bound", ("raids", "world_bound", "1e39"))
+        self.assertRefused("setting raids.world_bound", ("raids", "world_bound", "nan"))
+        self.assertIsNone(config.load_settings(write_config(self, ("raids", "datagram_rate", "off"))).raids.datagram_rate)
 
     def test_bad_tables(self):
         """A tables file that is missing or breaks a rule names tables.path."""

@@ -81,6 +81,8 @@ class MetricsTests(ServersCase):
         self.assertIn(("dreamraid_sync_backlog", ()), session_after)
         self.assertIn(("dreamraid_sync_oldest_job_seconds", ()), session_after)
         self.assertEqual(game_after[("dreamraid_matchmaking_queue", (("group", "1"),))], 0)
+        for reason in ("forged", "replayed", "unknown", "rate_limited", "bad_position", "unsent"):
+            self.assertIn(("dreamraid_udp_datagrams_dropped_total", (("reason", reason),)), game_after)
 
     async def test_metrics_off_serves_no_metrics(self):
         server = RunningServer(game_tap, "game", ["--tokens-public-key", self.public_key, "--game-metrics", "off"])

@@ -455,6 +455,36 @@ def datagram_header(data):
     return _DATAGRAM_HEADER.unpack_from(data)
 
 
+def verify_datagram(key, data):
+    """
+    Check a datagram's size and its MAC under C{key}, before anything else
+    is spent on it.
+
+    @raise CodecError: if it is malformed or its MAC does not verify.
+    """
+    if not DATAGRAM_HEADER_SIZE + MAC_SIZE <= len(data) <= MAX_DATAGRAM_SIZE:
+        raise CodecError("datagram size out of range", ErrorCode.MALFORMED_FRAME)
+    if not hmac.compare_digest(data[-MAC_SIZE:], _mac(key, data[:-MAC_SIZE])):
+        raise CodecError("datagram MAC does not verify", ErrorCode.MALFORMED_FRAME)
+
+
+def decode_datagram(data):
+    """
+    Decode a datagram L{verify_datagram} passed.
+
+    @raise CodecError: if its message is unknown or its body malformed.
+    """
+    message_id, raid_id, member, sequence = datagram_header(data)
+    found = DATAGRAMS.get(message_id)
+    if found is None:
+        raise UnknownMessage(f"unknown datagram id {message_id}")
+    try:
+        body = found._decode(data[:-MAC_SIZE], DATAGRAM_HEADER_SIZE)
+    except _DECODE_ERRORS as e:
+        raise MalformedBody(f"{found.name}: malformed body ({type(e).__name__})") from None
+    return Datagram(found, raid_id, member, sequence, body)
+
+
 def open_datagram(key, data):
     """
     Verify and decode a datagram.
@@ -462,18 +492,8 @@ def open_datagram(key, data):
     @raise CodecError: if it is malformed, its MAC does not verify under
         C{key}, or its message is unknown.
     """
-    message_id, raid_id, member, sequence = datagram_header(data)
-    signed, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
-    if not hmac.compare_digest(mac, _mac(key, signed)):
-        raise CodecError("datagram MAC does not verify", ErrorCode.MALFORMED_FRAME)
-    found = DATAGRAMS.get(message_id)
-    if found is None:
-        raise UnknownMessage(f"unknown datagram id {message_id}")
-    try:
-        body = found._decode(signed, DATAGRAM_HEADER_SIZE)
-    except _DECODE_ERRORS as e:
-        raise MalformedBody(f"{found.name}: malformed body ({type(e).__name__})") from None
-    return Datagram(found, raid_id, member, sequence, body)
+    verify_datagram(key, data)
+    return decode_datagram(data)
 
 
 # -- the registry: every message of the protocol -----------------------------------
@@ -764,7 +784,10 @@ UDP_HELLO = datagram(
 POSITION = datagram(
     2, "position", Sender.CLIENT,
     "The player's position and state, at most 10 a second; the host relays the latest of each "
-    "player to the others.",
+    "player to the others. The host takes at most [raids] datagram_rate datagrams from each member "
+    "(10 a second with a burst of 20 by default, hellos included) and drops the rest; it drops a "
+    "position whose x or y is not finite or lies outside -world_bound..world_bound ([raids] "
+    "world_bound, 10,000 by default).",
     "x" / Float32l, "y" / Float32l, "state" / Int8ul,
 )
 BOSS_HP = datagram(

@@ -75,3 +75,25 @@ class AddressCap:
 
     def held(self, address):
         return self._held.get(address, 0)
+
+
+class TokenBucket:
+    """
+    One token bucket at a L{Rate}, full at first: C{allow(now)} takes a token
+    if there is one.  Cheap enough to ask for every datagram.
+    """
+
+    __slots__ = ("_per_second", "_burst", "_tokens", "_last")
+
+    def __init__(self, rate, now):
+        self._per_second, self._burst = rate
+        self._tokens, self._last = rate.burst, now
+
+    def allow(self, now):
+        tokens = min(self._burst, self._tokens + (now - self._last) * self._per_second)
+        self._last = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
