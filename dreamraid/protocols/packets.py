@@ -563,6 +563,34 @@ LOGOUT = message(
     "after the reply.",
 )
 LOGGED_OUT = message(203, "logged_out", Sender.SERVER, "The reply to logout.")
+
+LEVEL_EXP = Struct("level" / Int16ul, "exp" / Int32ul)
+ENHANCE_CHANCE = Struct("enhancement" / Int16ul, "percent" / Int8ul)
+MONSTER = Struct("monster" / Int8ul, "exp" / Int32ul)
+ITEM_KIND = Struct("item_code" / Int32ul, "tab" / Int8ul, "stack" / Int32ul)
+
+GAME_TABLES = message(
+    204, "game_tables", Sender.CLIENT,
+    "The game tables this server plays by (conf/tables.json), so a client need not hard-code them. "
+    "Needs no authentication.",
+)
+TABLES = message(
+    205, "tables", Sender.SERVER,
+    "The reply to game_tables. Levels run from 1 to max_level; exp is cumulative and a player at "
+    "level L advances while exp >= the exp_to_advance entry of L (one entry for each level below "
+    "max_level, in level order). An enhancement at level E succeeds with the percent of E's "
+    "enhance_chances entry (one for each level below max_enhancement, which cannot be enhanced). "
+    "slots is the number of slots in each tab (slot numbers 0 to slots - 1); hunt_cooldown_ms the "
+    "shortest time between two hunts; monsters the kinds hunt takes with the exp each grants; "
+    "raid_exp_per_score the exp a cleared raid pays for each point of the player's score. items "
+    "lists every item code with its tab (0 equipment, 1 consumables, 2 materials) and how many "
+    "stack in one slot (always 1 for equipment); item_names holds their names in the same order, "
+    "separated by single line feeds (a name is never empty and never holds one).",
+    "max_level" / Int16ul, "exp_to_advance" / records(Int16ul, LEVEL_EXP),
+    "max_enhancement" / Int16ul, "enhance_chances" / records(Int16ul, ENHANCE_CHANCE),
+    "slots" / Int16ul, "hunt_cooldown_ms" / Int32ul, "monsters" / records(Int16ul, MONSTER),
+    "raid_exp_per_score" / Int16ul, "items" / records(Int16ul, ITEM_KIND), "item_names" / String,
+)
 HUNT = message(
     210, "hunt", Sender.CLIENT,
     "Hunt a monster of a kind from the game tables (1 to 5 by default). Errors: unknown_monster, "
@@ -778,3 +806,16 @@ POSITIONS = datagram(
     "The latest position and state of the other players, ten times a second.",
     "players" / records(Int8ul, Struct("member" / Int8ul, "x" / Float32l, "y" / Float32l, "state" / Int8ul)),
 )
+
+# What a server answers each client request with when it does not refuse it
+# (an error frame); None: no answer.  docs/protocol.md says so beside each.
+REPLY_OF = {
+    PING: PONG, PONG: None, HELLO: WELCOME,
+    REGISTER: REGISTERED, LOGIN: LOGGED_IN, ENTER_WORLD: WORLD_ENTERED,
+    AUTHENTICATE: AUTHENTICATED, LOGOUT: LOGGED_OUT, GAME_TABLES: TABLES, HUNT: HUNTED,
+    LIST_INVENTORY: INVENTORY, DELETE_ITEM: INVENTORY, MOVE_ITEM: INVENTORY, USE_ITEM: INVENTORY,
+    ENHANCE: ENHANCED, GRANT: INVENTORY, RANKING_PAGE: RANKING, MY_RANK: RANK,
+    CREATE_PARTY: PARTY, JOIN_PARTY: PARTY, LEAVE_PARTY: PARTY_LEFT, KICK_MEMBER: PARTY, MY_PARTY: PARTY,
+    QUEUE_RAID: QUEUED, CANCEL_QUEUE: QUEUE_CANCELLED, AUTHENTICATE_HANDOFF: AUTHENTICATED,
+    RAID_READY: RAID_READY_OK, RAID_HIT: HIT,
+}
