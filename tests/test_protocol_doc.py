@@ -90,8 +90,8 @@ class WhereEachMessageGoesTests(TestCase):
         shipped = docs.render()
         self.assertIn("| session server | TCP 9091 |", shipped)
         self.assertIn("| game server | TCP 9090, UDP 50000 |", shipped)
-        self.assertIn("| `rate_limits` | every other message: 20 a second, burst 40 | every other message: 10 a "
-                      "second, burst 20, `register`: 1 a second, burst 3, `login`: 1 a second, burst 5 |", shipped)
+        self.assertIn("| `rate_limits` | each message: 20 a second, burst 40 | `register`: 1 a second, burst 3, "
+                      "`login`: 1 a second, burst 5, each other message: 10 a second, burst 20 |", shipped)
         self.assertIn("| `frame_rate` | 100 a second, burst 200 | 50 a second, burst 100 |", shipped)
         other = docs.render(make_settings(session_listen="tcp:7091", game_listen="tcp:7090", game_udp_port="7000",
                                           game_rate_limits="hunt=2/4", game_frame_rate="off",

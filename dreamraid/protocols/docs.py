@@ -164,8 +164,9 @@ def _summary():
 def _rates(rates):
     if not rates:
         return "off"
-    return ", ".join(f"{'every other message' if name == '*' else f'`{name}`'}: {rate.per_second:g} a second, "
-                     f"burst {rate.burst:g}" for name, rate in rates.items())
+    ordered = sorted(rates.items(), key=lambda item: item[0] == "*")  # the named first, then each other
+    return ", ".join(f"{('each other message' if len(rates) > 1 else 'each message') if name == '*' else f'`{name}`'}: "
+                     f"{rate.per_second:g} a second, burst {rate.burst:g}" for name, rate in ordered)
 
 
 def _limits(settings):
@@ -399,9 +400,9 @@ def render(settings=None):
         "",
         *_limits(settings),
         "",
-        "A request past its bucket is answered `RATE_LIMITED` with its request id and not handled; a frame "
-        "that does not decode draws on the bucket of every other message. One request allowed resets the "
-        "count of refusals in a row. Pongs count too (each message name has its own bucket). Past the frame "
+        "A request past its bucket is answered `RATE_LIMITED` with its request id and not handled; frames "
+        "that do not decode share one more bucket, at the rate of each other message. One request allowed "
+        "resets the count of refusals in a row. Pongs count too. Past the frame "
         "budget nothing is refused: the server reads the connection more slowly, so replies come later.",
         "",
         "Game rules that limit a player: one `hunt` every `hunt_cooldown_ms` (`HUNT_COOLDOWN`), one "

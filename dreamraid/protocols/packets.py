@@ -773,7 +773,8 @@ RAID_READY_OK = message(268, "raid_ready_ok", Sender.SERVER, "The reply to raid_
 RAID_FIGHT = message(
     269, "raid_fight", Sender.SERVER,
     "Push to the raid's players on its host when the fight begins: the boss's HP and its "
-    "sequence, and the deadline (ms since the epoch).",
+    "sequence (the HP's, as in hit and boss_hp), and the deadline (ms since the epoch, by the "
+    "host's clock) after which the raid fails.",
     "raid_id" / String, "hp" / Int32ul, "sequence" / Int32ul, "deadline_ms" / Int64ul,
 )
 RAID_HIT = message(
