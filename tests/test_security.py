@@ -756,7 +756,7 @@ class NumericEdgeTests(SecurityCase):
         internal error), on an authenticated and an unauthenticated
         connection, each still answering pings; nothing unhandled is logged.
         """
-        self.assertEqual(set(FUZZED), set(REPLIES))
+        self.assertLessEqual(set(FUZZED), set(REPLIES))  # every fuzzed request has a declared reply
         # Thousands of frames as fast as answered: the limits (tested in tests/test_limits.py) would only slow it.
         server = await self.game_server("--game-auth-timeout", "120", "--game-rate-limits", "off",
                                         "--game-frame-rate", "off")
