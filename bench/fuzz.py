@@ -46,6 +46,9 @@ GOOD_CLIENTS = 100
 GOOD_INTERVAL = 0.1
 GOOD_REQUESTS = [packets.PING.encode(1, {"nonce": 7}), packets.LIST_INVENTORY.encode(1, {})]
 FUZZ_BATCH = 50
+# The request id of the ping that ends each fuzz batch (a request id 0 is refused).
+CLOSING_PING = 0xFFFFFFFF
+CLOSING_PING_ID = CLOSING_PING.to_bytes(4, "little")
 
 
 def percentile(values, fraction):
@@ -121,8 +124,8 @@ class Fuzzer(Frames):
     def frameReceived(self, message_id, frame):
         if message_id == packets.ERROR.id:
             self.tally["rejected"] += 1
-        elif message_id == packets.PONG.id and frame[4:8] == b"\x00\x00\x00\x00" and self.running:
-            self.send()  # the batch's closing ping (request id 0) is back
+        elif message_id == packets.PONG.id and frame[4:8] == CLOSING_PING_ID and self.running:
+            self.send()  # the batch's closing ping is back
 
     def send(self):
         self.transport.write(self.batches[self._next % len(self.batches)])
@@ -172,7 +175,7 @@ async def fuzz(reactor, arguments):
     tokens = json.load(open(arguments.tokens))
     rng = random.Random(arguments.seed)
     frames = fuzzed_frames(rng, 20_000)
-    closing_ping = packets.PING.encode(0, {"nonce": 0})
+    closing_ping = packets.PING.encode(CLOSING_PING, {"nonce": 0})
     batches = [b"".join(frames[i:i + FUZZ_BATCH]) + closing_ping for i in range(0, len(frames), FUZZ_BATCH)]
     tally = {"rejected": 0, "closed": 0, "opened": 0}
     state = {"running": False}

@@ -53,7 +53,8 @@ def makeService(options, reactor=None):
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     players = Players(verifier, presence, queue, reactor, game.presence_ttl)
     players.setServiceParent(top)
-    inventory = Inventory(router, load_tables(settings.tables.path), reactor, random.SystemRandom())
+    tables = load_tables(settings.tables.path)
+    inventory = Inventory(router, tables, reactor, random.SystemRandom())
     health = Health(reactor, {
         "redis": (router.check, redis.connect_timeout + 2 * redis.command_timeout),
         "kicks": (players.check_kicks, 1.0),
@@ -69,7 +70,7 @@ def makeService(options, reactor=None):
     matchmaker.setServiceParent(top)
     UDPServer(game.udp_port, RealtimeProtocol(host, game.public_host), interface=game.udp_interface).setServiceParent(top)
     factory = add_frontends(top, reactor, "dreamraid-game", game, health, GameFactory, players, inventory, ranking,
-                            parties, matchmaker, host)
+                            parties, matchmaker, host, tables)
     if factory.metrics is not None:
         _watch_game(factory.metrics, router, players, host, matchmaker)
     return top

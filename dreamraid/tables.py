@@ -126,6 +126,8 @@ def _items(entries):
             raise TableError(f"{name}: an item code is a whole number from 1 to 2147483647")
         if not isinstance(entry, dict) or entry.get("tab") not in TABS or not isinstance(entry.get("name"), str):
             raise TableError(f"{name}: needs a name and a tab ({', '.join(TABS)})")
+        if not entry["name"] or "\n" in entry["name"]:
+            raise TableError(f"{name}.name: must not be empty or hold a line feed")
         tab = TABS[entry["tab"]]
         stack = entry.get("stack", 1)
         if not isinstance(stack, int) or isinstance(stack, bool) or not 1 <= stack <= 1_000_000 or (tab == 0 and stack != 1):

@@ -216,6 +216,8 @@ class TablesTests(TestCase):
             (lambda t: t["items"].update({"x1": {"name": "n", "tab": "materials"}}), "items[x1]"),
             (lambda t: t["items"]["101"].update({"tab": "pockets"}), "items[101]"),
             (lambda t: t["items"]["101"].update({"stack": 5}), "items[101].stack"),
+            (lambda t: t["items"]["101"].update({"name": ""}), "items[101].name"),
+            (lambda t: t["items"]["101"].update({"name": "two\nlines"}), "items[101].name"),
             (lambda t: t["monsters"]["drops"]["1"][0].update({"item": 999}), "monsters.drops[1]"),
             (lambda t: t["monsters"]["drops"].update({"9": []}), "monsters.drops[9]"),
             (lambda t: t["monsters"].update({"cooldown_ms": -1}), "monsters.cooldown_ms"),

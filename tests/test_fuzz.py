@@ -23,6 +23,8 @@ FRAMES = 100_000
 DATAGRAMS = 100_000
 BATCH = 500
 DATAGRAM_BATCH = 100
+# The request id of the ping that ends each batch (not 0: that is refused).
+CLOSING_PING = 0xFFFFFFFF
 
 
 class _Fuzzer(Frames):
@@ -39,7 +41,7 @@ class _Fuzzer(Frames):
         if self.lost:  # closed after the last batch's pong: a logout's reply comes after the pong that follows it
             return defer.succeed(False)
         self._nonce, self._waiting = nonce, defer.Deferred()
-        self.transport.write(b"".join(frames) + packets.PING.encode(0, {"nonce": nonce}))
+        self.transport.write(b"".join(frames) + packets.PING.encode(CLOSING_PING, {"nonce": nonce}))
         return self._waiting
 
     def frameReceived(self, message_id, data):

@@ -131,6 +131,22 @@ class InventoryTests(InventoryCase):
         await self.refused(ErrorCode.UNKNOWN_ITEM, self.inventory.grant(user_id, 999, 1))
         self.assertEqual(await self.inventory.list(user_id), [SlotItem(1, 0, 201, 0, 20), SlotItem(1, 2, 201, 0, 5)])
 
+    async def test_use_and_enhance_only_items_of_their_kind(self):
+        """
+        An item the tables no longer say is a consumable (or equipment):
+        after a table change moved its code to another tab, or removed it,
+        use (enhance) of its slot is refused with WRONG_ITEM_KIND and changes
+        nothing; the player can still move or delete it.
+        """
+        user_id = await self.new_user(items={(1, 0): Item(301, 0, 5), (1, 1): Item(999, 0, 2),
+                                             (0, 0): Item(201, 0, 1), (0, 1): Item(998, 4, 1)})
+        before = await self.inventory.list(user_id)
+        for slot in (0, 1):
+            await self.refused(ErrorCode.WRONG_ITEM_KIND, self.inventory.use(user_id, slot))
+            await self.refused(ErrorCode.WRONG_ITEM_KIND, self.inventory.enhance(user_id, slot))
+        self.assertEqual((await self.inventory.list(user_id), await self.version(user_id)), (before, 0))
+        self.assertEqual(await self.inventory.delete(user_id, 1, 0), [SlotItem(1, 0, 0, 0, 0)])
+
     async def test_full_tab_and_unloaded_user(self):
         """A grant beyond the tab's room is refused and changes nothing; a user whose data is gone is refused."""
         user_id = await self.new_user()

@@ -171,7 +171,7 @@ class ProtocolLimitsTests(TestCase):
         server = factory.buildProtocol(address("10.0.0.1"))
         transport = StringTransport()
         server.makeConnection(transport)
-        for request_id in range(500):
+        for request_id in range(1, 501):
             self.ping(server, request_id)
         self.assertEqual({r[0] for r in Replies(transport).take()}, {"pong"})
 
@@ -266,7 +266,7 @@ class _Flooder(protocol.Protocol):
     def connectionMade(self):
         self.transport.pauseProducing()  # read nothing
         self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.transport.write(b"".join(packets.PING.encode(i % 60000, {"nonce": i}) for i in range(40000)))
+        self.transport.write(b"".join(packets.PING.encode(i % 60000 + 1, {"nonce": i}) for i in range(40000)))
 
     def connectionLost(self, reason):
         self.closed.callback(None)

@@ -9,7 +9,7 @@ from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.parties import membership_key, party_key
+from dreamraid.services.parties import CHANGE_REASONS, membership_key, party_key
 from tests.support import eventually
 from tests.test_game import GameServerCase
 
@@ -63,6 +63,8 @@ class PartyTests(GameServerCase):
         await a.request(packets.LEAVE_PARTY, {})
         left = await b.next_push("party_changed")
         self.assertEqual((left["reason"], left["user_id"], left["leader"]), ("left", a_id, b_id))
+        # Every reason sent is one the wire reference lists (parties.CHANGE_REASONS), and each was sent.
+        self.assertEqual({p["reason"] for p in [pushed, kicked, *told, left]}, set(CHANGE_REASONS))
         _, mine = await b.request(packets.MY_PARTY, {})
         self.assertEqual((mine["code"], mine["leader"], mine["members"]), (code, b_id, [{"user_id": b_id}]))
 

@@ -240,6 +240,31 @@ class RaidEndTests(MatchmakerCase):
             self.assertEqual((await ranking.own(user_id)).score, scores[user_id])
             await matchmaker.enqueue(user_id)  # refused (ALREADY_QUEUED) while still in the raid
 
+    async def test_a_failed_raid_tells_each_player_their_level_and_best(self):
+        """
+        A raid that runs out of time pays nothing, and its result says each
+        player's level and best score as they stand (not 0, which would read
+        as a best of 0).
+        """
+        lines = log_lines(self)
+        presence, told = await self.listening_presence()
+        matchmaker = self.matchmaker()
+        players = await self.queued_players(presence, matchmaker)
+        for user_id, level, best in zip(players, (4, 1), (17, 0)):
+            await self.router.execute("HSET", profile_key(user_id), "level", level, "best", best)
+        [formed] = await matchmaker.run_pass()
+        host = self.raid_host(presence, self.ranking(), matchmaker)
+        host.host(formed)
+        await eventually(lambda: defer.succeed(any(f"raid {formed.raid_id} hosted" in line for line in lines)))
+        for user_id in players:
+            host.ready(user_id, formed.raid_id)
+        host.hit(players[0], formed.raid_id)
+        self.clock.advance(SETTINGS.time_limit)
+        await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_result"]) == 2))
+        results = sorted((b["level"], b["best"], b["cleared"], b["score"], b["exp_gained"], b["changed"])
+                         for e, b in told if e == "raid_result")
+        self.assertEqual(results, [(1, 0, False, 0, 0, []), (4, 17, False, 0, 0, [])])
+
     async def test_a_raid_whose_setup_fails_frees_its_players_at_once(self):
         """
         Redis refuses the read of one player's weapon (WRONGTYPE) as the
@@ -259,7 +284,8 @@ class RaidEndTests(MatchmakerCase):
         await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_result"]) == 2))
         self.assertTrue(any(f"raid {formed.raid_id}: cannot set it up (WRONGTYPE" in line for line in lines), lines)
         self.assertEqual(len(host), 0)
-        self.assertEqual([body["cleared"] for event, body in told if event == "raid_result"], [False, False])
+        self.assertEqual([(body["cleared"], body["level"]) for event, body in told if event == "raid_result"],
+                         [(False, 1), (False, 1)])
         self.assertNotIn("raid_found", dict(told))
         for user_id in players:
             self.assertEqual(await self.router.execute("EXISTS", raid_mark_key(user_id)), 0)

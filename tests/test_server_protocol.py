@@ -75,6 +75,21 @@ class ServerProtocolTests(TestCase):
         self.send(packets.PING, 42, {"nonce": 7})
         self.assertEqual(self.replies.take(), [("pong", 42, {"nonce": 7})])
 
+    def test_request_id_zero_is_refused(self):
+        """
+        A request with id 0, which marks the server's pushes, is refused
+        with ZERO_REQUEST_ID (its answer could not be told from a push) and
+        not handled; the connection stays open.  A pong, which answers a
+        ping push, is the one message a client sends with id 0.
+        """
+        self.send(packets.PING, 0, {"nonce": 7})
+        self.send(packets.PONG, 0, {"nonce": 7})
+        self.send(packets.PING, 1, {"nonce": 8})
+        [(name, request_id, body), pong] = self.replies.take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 0, ErrorCode.ZERO_REQUEST_ID))
+        self.assertEqual(pong, ("pong", 1, {"nonce": 8}))
+        self.assertFalse(self.transport.disconnecting)
+
     def test_pipelined_requests(self):
         """Several requests in one segment get their replies in order, each with its id."""
         self.protocol.dataReceived(b"".join(packets.PING.encode(i, {"nonce": i * 10}) for i in (1, 2, 3)))

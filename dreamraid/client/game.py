@@ -99,6 +99,10 @@ class GameClient:
 
     # -- progression and inventory ----------------------------------------------------
 
+    async def game_tables(self):
+        """The server's game tables (levels, enhancement, monsters, items); a L{results.GameTables}."""
+        return results.game_tables(await self._body(packets.GAME_TABLES))
+
     async def hunt(self, monster):
         """Hunt a monster kind; a L{results.Hunted}."""
         body = await self._body(packets.HUNT, monster=monster)

@@ -113,6 +113,39 @@ class RaidResult(NamedTuple):
     changed: tuple  # of SlotItem: where the drops went
 
 
+class ItemKind(NamedTuple):
+    """What an item code is: its name, its tab (0 equipment, 1 consumables, 2 materials) and its stack size."""
+
+    name: str
+    tab: int
+    stack: int
+
+
+class GameTables(NamedTuple):
+    """The game tables a server plays by (its game_tables reply); every mapping is keyed by number."""
+
+    max_level: int
+    exp_to_advance: dict  # level -> cumulative exp needed to leave it
+    max_enhancement: int
+    enhance_chances: dict  # enhancement level -> percent chance of the next
+    slots: int  # per tab
+    hunt_cooldown_ms: int
+    monster_exp: dict  # monster kind -> exp a hunt grants
+    raid_exp_per_score: int
+    items: dict  # item code -> ItemKind
+
+
+def game_tables(body):
+    """The L{GameTables} of a tables body."""
+    names = body["item_names"].split("\n") if body["items"] else []
+    return GameTables(
+        body["max_level"], {e["level"]: e["exp"] for e in body["exp_to_advance"]},
+        body["max_enhancement"], {e["enhancement"]: e["percent"] for e in body["enhance_chances"]},
+        body["slots"], body["hunt_cooldown_ms"], {m["monster"]: m["exp"] for m in body["monsters"]},
+        body["raid_exp_per_score"],
+        {i["item_code"]: ItemKind(name, i["tab"], i["stack"]) for i, name in zip(body["items"], names)})
+
+
 def slot_items(records):
     return tuple(SlotItem(**r) for r in records)
 

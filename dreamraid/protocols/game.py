@@ -41,6 +41,24 @@ def _party_changed(body):
             "names": " ".join(m["name"] for m in body["members"])}
 
 
+def _tables(tables):
+    """The body of a tables reply: the L{dreamraid.tables.GameTables} as the wire carries them."""
+    items = sorted(tables.items.items())
+    return {
+        "max_level": tables.max_level,
+        "exp_to_advance": [{"level": level, "exp": exp} for level, exp in sorted(tables.exp_to_advance.items())],
+        "max_enhancement": tables.max_enhancement,
+        "enhance_chances": [{"enhancement": level, "percent": percent}
+                            for level, percent in sorted(tables.enhance_success_percent.items())],
+        "slots": tables.slots,
+        "hunt_cooldown_ms": tables.hunt_cooldown_ms,
+        "monsters": [{"monster": kind, "exp": exp} for kind, exp in sorted(tables.monster_exp.items())],
+        "raid_exp_per_score": tables.raid_exp_per_score,
+        "items": [{"item_code": code, "tab": kind.tab, "stack": kind.stack} for code, kind in items],
+        "item_names": "\n".join(kind.name for _, kind in items),
+    }
+
+
 # Events services push to players (IPlayerConnection.push): message and body.
 _PUSHES = {
     "party_changed": (packets.PARTY_CHANGED, _party_changed),
@@ -102,6 +120,12 @@ class GameProtocol(ServerProtocol):
         self.factory.liveness.authenticated(self.state)
         return packets.AUTHENTICATED, {"user_id": entered.user_id, "name": entered.name,
                                        "level": entered.level, "exp": entered.exp}
+
+    @handles(packets.GAME_TABLES, needs_auth=False)
+    def game_tables(self, body):
+        if self.factory.tables is None:
+            raise RequestRefused(ErrorCode.NOT_ACCEPTED, "this server has no game tables")
+        return packets.TABLES, self.factory.tables
 
     @handles(packets.LOGOUT)
     async def logout(self, body):
@@ -214,8 +238,17 @@ class GameFactory(ServerFactory):
 
     protocol = GameProtocol
 
-    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties, matchmaker, raids):
+    def __init__(self, server_name, settings, liveness, players, inventory, ranking, parties, matchmaker, raids,
+                 tables=None):
+        """
+        @param tables: the L{dreamraid.tables.GameTables} game_tables answers
+            with (None: it is refused).
+        @raise packets.CodecError: the tables do not fit the tables reply.
+        """
         super().__init__(server_name, settings, liveness)
+        self.tables = None if tables is None else _tables(tables)
+        if self.tables is not None:
+            packets.TABLES.encode(0, self.tables)  # a table the wire cannot carry stops start-up
         self.matchmaker = matchmaker
         self.raids = raids
         self.players = players

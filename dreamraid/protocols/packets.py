@@ -508,10 +508,15 @@ PING = message(
     2, "ping", Sender.BOTH,
     "A liveness probe. The server sends one as a push (request id 0) to a connection it has "
     "not heard from for a ping interval; the client answers with a pong carrying the same "
-    "nonce. A client may ping too and gets a pong reply.",
+    "nonce and request id 0. A client may ping too (with a request id not 0) and gets a pong reply.",
     "nonce" / Int32ul,
 )
-PONG = message(3, "pong", Sender.BOTH, "The answer to a ping, echoing its nonce.", "nonce" / Int32ul)
+PONG = message(
+    3, "pong", Sender.BOTH,
+    "The answer to a ping, echoing its nonce: a server's reply to a client's ping carries the ping's "
+    "request id; a client's answer to a server's ping push carries request id 0 and is not answered.",
+    "nonce" / Int32ul,
+)
 HELLO = message(
     4, "hello", Sender.CLIENT,
     "Optional first request: the client names itself and its protocol version.",
@@ -583,6 +588,33 @@ LOGOUT = message(
     "after the reply.",
 )
 LOGGED_OUT = message(203, "logged_out", Sender.SERVER, "The reply to logout.")
+
+LEVEL_EXP = Struct("level" / Int16ul, "exp" / Int32ul)
+ENHANCE_CHANCE = Struct("enhancement" / Int16ul, "percent" / Int8ul)
+MONSTER = Struct("monster" / Int8ul, "exp" / Int32ul)
+ITEM_KIND = Struct("item_code" / Int32ul, "tab" / Int8ul, "stack" / Int32ul)
+
+GAME_TABLES = message(
+    204, "game_tables", Sender.CLIENT,
+    "The game tables this server plays by (its conf/tables.json), so a client need not hard-code them.",
+)
+TABLES = message(
+    205, "tables", Sender.SERVER,
+    "The reply to game_tables. Levels run from 1 to max_level; exp is cumulative and a player at "
+    "level L advances while exp >= the exp_to_advance entry of L (one entry for each level below "
+    "max_level, in level order). An enhancement at level E succeeds with the percent of E's "
+    "enhance_chances entry (one for each level below max_enhancement, which cannot be enhanced). "
+    "slots is the number of slots in each tab (slot numbers 0 to slots - 1); hunt_cooldown_ms the "
+    "shortest time between two hunts; monsters the kinds hunt takes with the exp each grants; "
+    "raid_exp_per_score the exp a cleared raid pays for each point of the player's score. items "
+    "lists every item code with its tab (0 equipment, 1 consumables, 2 materials) and how many "
+    "stack in one slot (always 1 for equipment); item_names holds their names in the same order, "
+    "separated by single line feeds (a name is never empty and never holds one).",
+    "max_level" / Int16ul, "exp_to_advance" / records(Int16ul, LEVEL_EXP),
+    "max_enhancement" / Int16ul, "enhance_chances" / records(Int16ul, ENHANCE_CHANCE),
+    "slots" / Int16ul, "hunt_cooldown_ms" / Int32ul, "monsters" / records(Int16ul, MONSTER),
+    "raid_exp_per_score" / Int16ul, "items" / records(Int16ul, ITEM_KIND), "item_names" / String,
+)
 HUNT = message(
     210, "hunt", Sender.CLIENT,
     "Hunt a monster of a kind from the game tables (1 to 5 by default). Errors: unknown_monster, "
@@ -601,8 +633,8 @@ LIST_INVENTORY = message(
 )
 INVENTORY = message(
     221, "inventory", Sender.SERVER,
-    "Occupied slots; also the reply to every inventory change, listing the slots it changed "
-    "(an emptied slot has item_code 0).",
+    "Occupied slots, by tab then slot; also the reply to every inventory change, listing the slots it "
+    "changed (an emptied slot has item_code 0).",
     "items" / records(Int16ul, SLOT_ITEM),
 )
 DELETE_ITEM = message(
@@ -611,19 +643,25 @@ DELETE_ITEM = message(
 )
 MOVE_ITEM = message(
     223, "move_item", Sender.CLIENT,
-    "Move an item to another slot of the same tab: swap if the target is taken, merge stacks of "
-    "the same code up to the stack size. Errors: bad_slot, empty_slot.",
+    "Move an item to another slot of the same tab: onto an empty slot it moves; onto a stack of the "
+    "same code that is not full it merges up to the stack size (the rest stays in from_slot); onto "
+    "anything else (a full stack included) the two swap. The reply lists the slots changed (none when "
+    "from_slot is to_slot). Errors: "
+    "bad_slot, empty_slot (from_slot is empty).",
     "tab" / Int8ul, "from_slot" / Int16ul, "to_slot" / Int16ul,
 )
 USE_ITEM = message(
     224, "use_item", Sender.CLIENT,
-    "Use one of the consumables in a slot. Errors: bad_slot, empty_slot.",
+    "Use one of the consumables in a slot of the consumables tab (its count goes down by one; the "
+    "last empties the slot). Errors: bad_slot, empty_slot, wrong_item_kind (the tables no longer "
+    "call that item a consumable).",
     "slot" / Int16ul,
 )
 ENHANCE = message(
     225, "enhance", Sender.CLIENT,
-    "Try to enhance the equipment in a slot; the server rolls against the table's chance for its "
-    "level. Errors: bad_slot, empty_slot, max_enhancement.",
+    "Try to enhance the equipment in a slot of the equipment tab; the server rolls against the "
+    "table's chance for its level. Errors: bad_slot, empty_slot, max_enhancement, wrong_item_kind "
+    "(the tables no longer call that item equipment).",
     "slot" / Int16ul,
 )
 ENHANCED = message(
@@ -723,12 +761,15 @@ MATCHMAKING = message(
 )
 RAID_FOUND = message(
     265, "raid_found", Sender.SERVER,
-    "Push to every player of a raid just formed, from its host: the raid's id; the host's client "
-    "address (host:port) and a handoff ticket, single use and short-lived, for a player connected "
-    "to another game server to authenticate_handoff there (the client library moves by itself); "
-    "the UDP channel: address, raid number, this player's member number and this player's own "
-    "16-byte key (hex) for the MAC of the datagrams it sends and is sent (each member has a "
-    "different key, so none can sign datagrams as another); and the players in member-number order.",
+    "Push to every player of a raid just formed, from its host: the raid's id (the raid_id of "
+    "raid_ready, raid_hit and the raid pushes); the host's client address (host:port) and a handoff "
+    "ticket, single use and short-lived, for a player connected to another game server to "
+    "authenticate_handoff there (the client library moves by itself); the UDP channel: its address "
+    "(host:port), the raid number (the raid field of every datagram of the raid), this player's "
+    "member number (from 0: the member field of every datagram to and from this player) and this "
+    "player's own 16-byte key (32 hex digits) for the MAC of the datagrams it sends and is sent "
+    "(each member has a different key, so none can sign datagrams as another); and the players' "
+    "user ids in member-number order.",
     "raid_id" / String, "host" / String, "ticket" / String,
     "udp" / String, "raid_number" / Int32ul, "member" / Int8ul, "key" / String,
     "members" / records(Int8ul, PARTY_MEMBER),
@@ -742,15 +783,18 @@ AUTHENTICATE_HANDOFF = message(
 )
 RAID_READY = message(
     267, "raid_ready", Sender.CLIENT,
-    "The player is ready to fight (on the raid's host); the fight begins when all are, or after "
-    "ready_grace with who is there. Errors: not_in_raid.",
+    "The player is ready to fight (on the raid's host); the fight begins when all are, or ready_grace "
+    "after the raid formed with who is there (a player who never sends raid_ready stays in the raid: "
+    "they may hit once it fights, and get its result and pay). Sending it again, or once the fight has "
+    "begun, changes nothing. Errors: not_in_raid (also when this is not the raid's host).",
     "raid_id" / String,
 )
 RAID_READY_OK = message(268, "raid_ready_ok", Sender.SERVER, "The reply to raid_ready.")
 RAID_FIGHT = message(
     269, "raid_fight", Sender.SERVER,
     "Push to the raid's players on its host when the fight begins: the boss's HP and its "
-    "sequence, and the deadline (ms since the epoch).",
+    "sequence (the HP's, as in hit and boss_hp), and the deadline (ms since the epoch, by the "
+    "host's clock) after which the raid fails.",
     "raid_id" / String, "hp" / Int32ul, "sequence" / Int32ul, "deadline_ms" / Int64ul,
 )
 RAID_HIT = message(
@@ -767,11 +811,14 @@ HIT = message(
 )
 RAID_RESULT = message(
     272, "raid_result", Sender.SERVER,
-    "Push to every player of a raid at its end: cleared or not, the player's score (0 on a "
-    "failure) and the team's, and what a clear paid: exp, the level after, the best score and "
-    "the inventory slots the drops changed, as stored (a drop with no room is lost). A clear "
-    "that could not pay the player (the raid outlived its longest life) says level 0 and nothing "
-    "paid; a player whose pay Redis never confirmed is not sent one.",
+    "Push to every player of a raid at its end: cleared or not, the player's score and the team's, "
+    "and what a clear paid: exp, the level after, the best score and the inventory slots the drops "
+    "changed, as stored (a drop with no room is lost). A failure (time out, or the raid's host lost) "
+    "scores 0 for everyone and pays nothing: exp_gained 0, no slots, and level and best are the "
+    "player's own as they stand (0 only if the server could not read them). A clear that could not "
+    "pay the player (the raid outlived its longest life) says level 0 and nothing paid; a player whose "
+    "pay Redis never confirmed is not sent one. A client takes the first result of a raid and drops "
+    "any later one.",
     "raid_id" / String, "cleared" / Flag, "score" / Int32ul, "team_score" / Int32ul,
     "exp_gained" / Int32ul, "level" / Int8ul, "best" / Int32ul, "changed" / records(Int16ul, SLOT_ITEM),
 )
@@ -792,12 +839,27 @@ POSITION = datagram(
 )
 BOSS_HP = datagram(
     3, "boss_hp", Sender.SERVER,
-    "The boss's HP and its sequence, after every change and at least once a second: a client "
-    "keeps the highest sequence it has seen and drops the rest.",
+    "The boss's HP and its sequence (the HP's own, as in hit and raid_fight: not the datagram's), "
+    "after every change and at least once a second: a client keeps the HP of the highest "
+    "hp_sequence it has seen and drops the rest.",
     "hp" / Int32ul, "hp_sequence" / Int32ul,
 )
 POSITIONS = datagram(
     4, "positions", Sender.SERVER,
-    "The latest position and state of the other players, ten times a second.",
+    "The latest position and state of the other players (by member number; those who sent none are "
+    "left out), ten times a second.",
     "players" / records(Int8ul, Struct("member" / Int8ul, "x" / Float32l, "y" / Float32l, "state" / Int8ul)),
 )
+
+# What a server answers each client request with when it does not refuse it
+# (an error frame); None: no answer.  docs/protocol.md says so beside each.
+REPLY_OF = {
+    PING: PONG, PONG: None, HELLO: WELCOME,
+    REGISTER: REGISTERED, LOGIN: LOGGED_IN, ENTER_WORLD: WORLD_ENTERED,
+    AUTHENTICATE: AUTHENTICATED, LOGOUT: LOGGED_OUT, GAME_TABLES: TABLES, HUNT: HUNTED,
+    LIST_INVENTORY: INVENTORY, DELETE_ITEM: INVENTORY, MOVE_ITEM: INVENTORY, USE_ITEM: INVENTORY,
+    ENHANCE: ENHANCED, GRANT: INVENTORY, RANKING_PAGE: RANKING, MY_RANK: RANK,
+    CREATE_PARTY: PARTY, JOIN_PARTY: PARTY, LEAVE_PARTY: PARTY_LEFT, KICK_MEMBER: PARTY, MY_PARTY: PARTY,
+    QUEUE_RAID: QUEUED, CANCEL_QUEUE: QUEUE_CANCELLED, AUTHENTICATE_HANDOFF: AUTHENTICATED,
+    RAID_READY: RAID_READY_OK, RAID_HIT: HIT,
+}

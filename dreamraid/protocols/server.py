@@ -192,6 +192,9 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         message, request_id, body = frame
         if self.buckets is not None and not self._within_rate(message.name, request_id):
             return
+        if request_id == 0 and message is not packets.PONG:
+            self._reply_error(0, ErrorCode.ZERO_REQUEST_ID)  # its answer could not be told from a push
+            return
         entry = self.handlers.get(message.id)
         if entry is None:
             self._reply_error(request_id, ErrorCode.NOT_ACCEPTED, f"{message.name} is not accepted here")

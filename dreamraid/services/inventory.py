@@ -191,12 +191,15 @@ changed_version()
 return {1, unpack(changed)}
 """
 
-# ARGV: slot of the consumables tab.  {0} if empty, else {1, code, changed...}.
+# KIND (prepended by Inventory): the codes the tables call consumables.
+# ARGV: slot of the consumables tab.  {0} if empty, {-2} if its item is not a
+# consumable (the tables changed), else {1, code, changed...}.
 _USE = _LIBRARY + """
 local key, slot = KEYS[3], ARGV[1]
 local item = redis.call('HGET', key, slot)
 if not item then return {0} end
 local code, enhancement, count = parse(item)
+if not KIND[code] then return {-2} end
 if count > 1 then
   redis.call('HSET', key, slot, code .. ':0:' .. (count - 1))
 else
@@ -207,14 +210,17 @@ changed_version()
 return {1, code, unpack(changed)}
 """
 
+# KIND (prepended by Inventory): the codes the tables call equipment.
 # ARGV: slot of the equipment tab, a roll from 0 to 99, the max level, then
-# the success percent at each level from 0.  {0} empty, {-1, level} at the
-# max, else {1 or 2 (failed), the level now}.
+# the success percent at each level from 0.  {0} empty, {-2} not equipment
+# (the tables changed), {-1, level} at the max, else {1 or 2 (failed), the
+# level now}.
 _ENHANCE = _LIBRARY + """
 local key, slot = KEYS[2], ARGV[1]
 local item = redis.call('HGET', key, slot)
 if not item then return {0} end
 local code, enhancement, count = parse(item)
+if not KIND[code] then return {-2} end
 local max = tonumber(ARGV[3])
 if enhancement >= max then return {-1, enhancement} end
 if tonumber(ARGV[2]) >= tonumber(ARGV[4 + enhancement]) then return {2, enhancement} end
@@ -243,6 +249,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {-9} end
 """
 NOT_LIVE = -9
 NOT_MARKED = -8
+WRONG_KIND = -2
 
 
 class SlotItem(NamedTuple):
@@ -297,9 +304,15 @@ def _live(reply):
 
 
 def _slots_changed(reply, skip=1):
-    """The changed slots after the reply's first C{skip} values; EMPTY_SLOT when the script found nothing."""
+    """
+    The changed slots after the reply's first C{skip} values; EMPTY_SLOT
+    when the script found nothing, WRONG_ITEM_KIND when the item is not of
+    the kind the request takes.
+    """
     if reply[0] == 0:
         raise RequestRefused(ErrorCode.EMPTY_SLOT)
+    if reply[0] == WRONG_KIND:
+        raise RequestRefused(ErrorCode.WRONG_ITEM_KIND)
     return _changed(reply[skip:])
 
 
@@ -318,6 +331,8 @@ def _rewarded(reply, exp):
 def _enhanced(reply, slot):
     if reply[0] == 0:
         raise RequestRefused(ErrorCode.EMPTY_SLOT)
+    if reply[0] == WRONG_KIND:
+        raise RequestRefused(ErrorCode.WRONG_ITEM_KIND, "only equipment is enhanced")
     if reply[0] == -1:
         raise RequestRefused(ErrorCode.MAX_ENHANCEMENT)
     return Enhanced(slot, reply[0] == 1, int(reply[1]))
@@ -334,6 +349,12 @@ def _listed(replies):
     for tab, flat in zip(TABS, replies):
         items += _changed([v for i in range(0, len(flat), 2) for v in (tab, flat[i], flat[i + 1])])
     return sorted(items)
+
+
+def _kind_table(tables, tab):
+    """The Lua table C{KIND}: the item codes the tables put in C{tab}."""
+    codes = ", ".join(f"[{code}] = true" for code, kind in sorted(tables.items.items()) if kind.tab == tab)
+    return f"local KIND = {{{codes}}}\n"
 
 
 class Inventory:
@@ -353,9 +374,12 @@ class Inventory:
         # move script carries the stack table: one script call per move.
         stacks = ", ".join(f"[{code}] = {kind.stack}" for code, kind in sorted(tables.items.items()) if kind.stack > 1)
         move = f"local STACKS = {{{stacks}}}\n" + _MOVE
+        # Use and enhance take only items the tables (which may have changed
+        # since an item was stored) put in the tab they work on.
+        use, enhance = (_kind_table(tables, CONSUMABLES) + _USE, _kind_table(tables, EQUIPMENT) + _ENHANCE)
         # By name, for benchmarks that call a script without the service around it.
         self.scripts = {name: Script(router, _LIVE_CHECK + source) for name, source in (
-            ("hunt", _HUNT), ("reward", _REWARD), ("delete", _DELETE), ("move", move), ("use", _USE), ("enhance", _ENHANCE),
+            ("hunt", _HUNT), ("reward", _REWARD), ("delete", _DELETE), ("move", move), ("use", use), ("enhance", enhance),
             ("grant", _GRANT))}
         t = tables
         self._thresholds = [t.exp_to_advance[level] for level in range(1, t.max_level)]

@@ -28,6 +28,17 @@ CODE_LENGTH = 6
 
 PARTY_CHANGED = "party_changed"
 
+# The reasons of a party_changed push, each with who is told; the wire
+# reference (docs/protocol.md) lists them from here.
+JOINED, LEFT, KICKED = "joined", "left", "kicked"
+CHANGE_REASONS = {
+    JOINED: "user_id joined the party; the members already in it are told (the one joining gets the party reply)",
+    LEFT: "user_id left the party (leave_party, logout or a dropped connection); the members still in it are told, "
+          "with the leader it has now (nobody is told when the last member leaves: the party is gone)",
+    KICKED: "the leader removed user_id; the members still in it are told (the leader too), and user_id gets it with "
+            "an empty code, leader 0 and no members",
+}
+
 
 def party_key(code):
     return f"{{p:{code}}}:party"
@@ -188,7 +199,7 @@ class Parties:
             await self._release([membership_key(user_id)], [code])
             raise RequestRefused(ErrorCode.NO_SUCH_PARTY if reply[0] == -1 else ErrorCode.PARTY_FULL)
         party = _party(code, reply)
-        await self._tell(party, [u for u, _ in party.members if u != user_id], "joined", user_id)
+        await self._tell(party, [u for u, _ in party.members if u != user_id], JOINED, user_id)
         return party
 
     async def leave(self, user_id):
@@ -196,7 +207,7 @@ class Parties:
         party = await self.party_of(user_id)
         if party is None:
             raise RequestRefused(ErrorCode.NOT_IN_PARTY)
-        await self._remove_member(party.code, user_id, user_id, "left")
+        await self._remove_member(party.code, user_id, user_id, LEFT)
 
     async def kick(self, leader_id, user_id):
         """The leader removes a member; the party after.  The kicked member and the rest are told."""
@@ -205,8 +216,8 @@ class Parties:
             raise RequestRefused(ErrorCode.NOT_IN_PARTY)
         if user_id == leader_id:
             raise RequestRefused(ErrorCode.NOT_A_MEMBER, "the leader leaves with leave_party")
-        after = await self._remove_member(party.code, user_id, leader_id, "kicked")
-        await self._presence.tell([user_id], PARTY_CHANGED, _body(None, "kicked", user_id))
+        after = await self._remove_member(party.code, user_id, leader_id, KICKED)
+        await self._presence.tell([user_id], PARTY_CHANGED, _body(None, KICKED, user_id))
         return after
 
     async def leave_if_any(self, user_id):

@@ -248,10 +248,20 @@ class RaidHost(Service):
         self._finishing.add(d)
         d.addBoth(lambda _: self._finishing.discard(d))
 
-    def _tell_failed(self, raid_id, members):
-        return gather([self._tell(raid_id, u, {
-            "raid_id": raid_id, "cleared": False, "score": 0, "team_score": 0, "exp_gained": 0, "level": 0,
-            "best": 0, "changed": []}) for u in members])
+    async def _tell_failed(self, raid_id, members):
+        """Tell the players the raid failed: it paid nothing, and each keeps the level and best they had."""
+        standings = await gather([self._standing(u) for u in members])
+        await gather([self._tell(raid_id, u, {
+            "raid_id": raid_id, "cleared": False, "score": 0, "team_score": 0, "exp_gained": 0, "level": level,
+            "best": best, "changed": []}) for u, (level, best) in zip(members, standings)])
+
+    async def _standing(self, user_id):
+        """C{(level, best score)} of a player as stored now, for a result that paid nothing; (0, 0) if unreadable."""
+        try:
+            level, best = await self._router.execute("HMGET", profile_key(user_id), "level", "best")
+        except REDIS_ERRORS:
+            return 0, 0
+        return int(level or 0), int(best or 0)
 
     async def _tell(self, raid_id, user_id, body):
         """Push a raid's result to one player; a failure is logged, and the others are told all the same."""
@@ -394,6 +404,9 @@ class RaidHost(Service):
         self._log.info("raid {raid_id} ended: {outcome}, team score {team_score}, scores {scores}",
                        raid_id=raid_id, outcome="cleared" if result.cleared else "failed",
                        team_score=result.team_score, scores={str(u): s for u, s in result.scores.items()})
+        if not result.cleared:
+            await self._tell_failed(raid_id, members)
+            return
         await gather([self._tell(raid_id, u, {
             "raid_id": raid_id, "cleared": result.cleared, "score": result.scores[u],
             "team_score": result.team_score, "exp_gained": rewarded.exp_gained if rewarded else 0,
