@@ -1,13 +1,18 @@
 """
 Settings: ``conf/dreamraid.ini`` read into typed, validated, frozen objects.
 
-The ini file holds every setting; this module holds only their types, rules and
+The shipped ini file holds every setting; this module holds only their types, rules and
 help text, so there is one place for each default.  A setting can be
 overridden on the command line (``--section-key value``); an unknown or invalid
 setting raises L{ConfigError} naming it, which stops start-up.
 
 Relative paths in the file are resolved against the file's own directory,
 those given on the command line against the current directory.
+
+A file may hold only some settings and name the file it changes in
+``[include] base = PATH``: it is read over that one (a second local stack's
+config changes only the addresses; ``conf/examples/second-stack.ini``).  A
+relative path setting is resolved against the directory of the file that set it.
 
 Run as ``python -m dreamraid.config shell [path]`` it prints the stack's
 settings and the servers' addresses as shell assignments, for
@@ -415,13 +420,14 @@ def option_name(section, key):
     return f"{section}-{key}".replace("_", "-")
 
 
-def _build_section(section, cls, raw, base, overrides):
+def _build_section(section, cls, raw, overrides):
+    """C{cls} from C{raw} (C{{key: (text, directory of the file that set it)}}) under C{overrides}."""
     values = {}
     for f in dataclasses.fields(cls):
         if (section, f.name) in overrides:
             text, where, relative_to = overrides[section, f.name], f"--{option_name(section, f.name)}", Path.cwd()
         elif f.name in raw:
-            text, where, relative_to = raw[f.name], f"[{section}] {f.name}", base
+            (text, relative_to), where = raw[f.name], f"[{section}] {f.name}"
         else:
             raise ConfigError(f"setting {section}.{f.name} is missing")
         try:
@@ -441,14 +447,17 @@ def _build_section(section, cls, raw, base, overrides):
     return built
 
 
-def load_settings(path=DEFAULT_PATH, overrides=None):
-    """
-    Read and validate a configuration file.
+# The section a file names the file it changes in (C{base = PATH}); not a section of settings.
+INCLUDE = "include"
 
-    @param overrides: C{{(section, key): text}} applied over the file.
-    @raise ConfigError: naming the first bad, missing or unknown setting.
+
+def _read_layers(path, including=()):
     """
-    path = Path(path).resolve()
+    The settings of the file C{path} over those of its C{[include] base}:
+    C{{section: {key: (text, directory of the file that set it)}}}.
+    """
+    if path in including:
+        raise ConfigError(f"configuration file {path} includes itself")
     parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
     try:
         with open(path, encoding="utf-8") as f:
@@ -457,16 +466,32 @@ def load_settings(path=DEFAULT_PATH, overrides=None):
         raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
     except configparser.Error as e:
         raise ConfigError(f"configuration file {path} is malformed: {e}") from None
-    unknown = sorted(set(parser.sections()) - set(SECTIONS))
+    unknown = sorted(set(parser.sections()) - set(SECTIONS) - {INCLUDE})
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {path}")
+    layers = {}
+    if parser.has_section(INCLUDE):
+        include = dict(parser[INCLUDE])
+        if set(include) != {"base"}:
+            raise ConfigError(f"setting include.base: [include] in {path} takes only base = PATH")
+        layers = _read_layers((path.parent / include["base"].strip()).resolve(), (*including, path))
+    for section in parser.sections():
+        if section != INCLUDE:
+            layers.setdefault(section, {}).update((key, (text, path.parent)) for key, text in parser[section].items())
+    return layers
+
+
+def load_settings(path=DEFAULT_PATH, overrides=None):
+    """
+    Read and validate a configuration file (over the one it includes, if any).
+
+    @param overrides: C{{(section, key): text}} applied over the file.
+    @raise ConfigError: naming the first bad, missing or unknown setting.
+    """
+    path = Path(path).resolve()
+    layers = _read_layers(path)
     overrides = overrides or {}
-    sections = {
-        name: _build_section(
-            name, cls, dict(parser[name]) if parser.has_section(name) else {}, path.parent, overrides
-        )
-        for name, cls in SECTIONS.items()
-    }
+    sections = {name: _build_section(name, cls, layers.get(name, {}), overrides) for name, cls in SECTIONS.items()}
     return Settings(path=path, **sections)
 
 

@@ -145,6 +145,45 @@ class BadConfigTests(TestCase):
         self.assertRaises(config.ConfigError, config.load_settings, path)
 
 
+class IncludeTests(TestCase):
+    """A file that names a base in C{[include]} changes only what it sets."""
+
+    def write(self, directory, text):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "layer.ini"
+        path.write_text(text)
+        return path
+
+    def test_layer_over_the_shipped_file(self):
+        """Its own settings win; the rest, relative paths included, are the base file's, resolved against the base's directory."""
+        path = self.write(Path(self.mktemp()) / "a" / "b",
+                          f"[include]\nbase = {CONFIG}\n[game]\nping_interval = 2.5\n")
+        shipped, layered = config.load_settings(CONFIG), config.load_settings(path)
+        self.assertEqual(layered.game.ping_interval, 2.5)
+        self.assertEqual(layered.game.listen, shipped.game.listen)
+        self.assertEqual(layered.tokens.public_key, shipped.tokens.public_key)  # ../var/keys from conf/, not from a/b/
+        self.assertEqual(layered.path, path.resolve())
+
+    def test_relative_path_is_the_setting_files(self):
+        """A relative path the layer sets is resolved against the layer's directory."""
+        directory = Path(self.mktemp()).resolve()
+        (directory / "t").mkdir(parents=True)
+        (directory / "t" / "tables.json").write_text((ROOT / "conf" / "tables.json").read_text())
+        path = self.write(directory, f"[include]\nbase = {CONFIG}\n[tables]\npath = t/tables.json\n")
+        self.assertEqual(config.load_settings(path).tables.path, directory / "t" / "tables.json")
+
+    def test_refusals(self):
+        """A file including itself, an [include] with another key, and a missing base are refused with a clear message."""
+        directory = Path(self.mktemp())
+        itself = self.write(directory, "[include]\nbase = layer.ini\n")
+        self.assertRaisesRegex(config.ConfigError, "includes itself", config.load_settings, itself)
+        other = self.write(directory / "x", f"[include]\nbase = {CONFIG}\nextra = 1\n")
+        self.assertRaisesRegex(config.ConfigError, r"include\.base", config.load_settings, other)
+        missing = self.write(directory / "y", "[include]\nbase = nowhere.ini\n")
+        self.assertRaisesRegex(config.ConfigError, "cannot read configuration file .*nowhere.ini",
+                               config.load_settings, missing)
+
+
 class OptionsTests(TestCase):
     """The twistd options of both servers."""
 
