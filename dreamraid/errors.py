@@ -64,7 +64,7 @@ class ErrorCode(enum.IntEnum):
     RAID_NOT_FIGHTING = 70
     HIT_TOO_SOON = 71
     HANDOFF_REFUSED = 72
-    PARTY_CHANGED = 73
+    PARTY_CHANGED_WHILE_QUEUEING = 73
 
 
 ERROR_TEXT = {
@@ -119,8 +119,8 @@ ERROR_TEXT = {
     ErrorCode.RAID_NOT_FIGHTING: "the raid's fight has not begun, or has ended",
     ErrorCode.HIT_TOO_SOON: "a player's hits must be hit_interval apart",
     ErrorCode.HANDOFF_REFUSED: "the handoff ticket is used, expired or not this user's",
-    ErrorCode.PARTY_CHANGED: "the party changed (a member joined or left) while it was being queued; nothing is "
-                             "queued: queue again",
+    ErrorCode.PARTY_CHANGED_WHILE_QUEUEING: "the party changed (a member joined or left) while it was being "
+                                            "queued; nothing is queued: queue again",
 }
 
 

@@ -201,7 +201,11 @@ class QueueRacedByAJoinTests(MatchmakerCase):
         self.listening = listening.server_id
 
     async def party_of(self, parties, size):
-        """A party of C{size} new users, each present on the listening server: C{(party, its members)}."""
+        """
+        A party of C{size} new users and one more user outside it, all
+        present on the listening server: C{(party, the users)}, the leader
+        first and the one outside last.
+        """
         users = [await self.new_user() for _ in range(size + 1)]
         for user_id in users:
             await self.router.execute("SET", presence_key(user_id), self.listening)
@@ -230,14 +234,15 @@ class QueueRacedByAJoinTests(MatchmakerCase):
         """
         A player joins after the leader's queue request read the party and
         before its ticket is checked: the request is refused with
-        party_changed, no ticket waits, and the member told queued is then
-        told cancelled.  The join's own withdrawal finds nothing left.
+        party_changed_while_queueing, no ticket waits, and the member told
+        queued is then told cancelled.  The join's own withdrawal finds
+        nothing left.
         """
         parties = JoinWhileQueueing(self.router, self.presence, random.Random(3), 4)
         matchmaker = self.matchmaker(raid_size=4, parties=parties)
         party, (leader, member, joiner) = await self.party_of(parties, 2)
         parties.join_next = (joiner, party.code)
-        await self.refused(ErrorCode.PARTY_CHANGED, matchmaker.enqueue(leader))
+        await self.refused(ErrorCode.PARTY_CHANGED_WHILE_QUEUEING, matchmaker.enqueue(leader))
         self.assertEqual(await matchmaker.queue_lengths(), dict.fromkeys(range(1, GROUPS + 1), 0))
         self.assertFalse(await matchmaker.withdraw([leader, member, joiner], await parties.party_of(leader)))
         await self.everything_told()

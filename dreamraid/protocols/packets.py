@@ -693,8 +693,9 @@ QUEUE_RAID = message(
     "Wait for a raid: the user's party (only its leader may queue it) or the user alone. The "
     "reply is queued; the other members get a matchmaking push. A party that changes (a join, a "
     "leave, a kick) while queued is taken out of the queue, and every member is told (see "
-    "matchmaking). Errors: not_party_leader, already_queued, party_changed (a member joined or left "
-    "while it was being queued: nothing waits, the members told queued are told cancelled).",
+    "matchmaking). Errors: not_party_leader, already_queued, party_changed_while_queueing (a member "
+    "joined or left while it was being queued: nothing waits, the members told queued are told "
+    "cancelled).",
 )
 QUEUED = message(261, "queued", Sender.SERVER, "The reply to queue_raid: the ticket's level group.",
                  "group" / Int8ul)

@@ -370,7 +370,7 @@ class Matchmaker(Service):
         is not, and the request is refused.  A change after that second
         read takes the ticket out itself (L{withdraw}).
 
-        @raise RequestRefused: NOT_PARTY_LEADER, ALREADY_QUEUED, PARTY_CHANGED.
+        @raise RequestRefused: NOT_PARTY_LEADER, ALREADY_QUEUED, PARTY_CHANGED_WHILE_QUEUEING.
         """
         party = await self._led_party(user_id)
         members = [u for u, _ in party.members] if party else [user_id]
@@ -387,7 +387,7 @@ class Matchmaker(Service):
             await self._cancel_ticket(self._keys, [ticket])
             # After the queued push, so that one is not the last they hear.
             await self._presence.tell(others, MATCHMAKING, CANCELLED)
-            raise RequestRefused(ErrorCode.PARTY_CHANGED)
+            raise RequestRefused(ErrorCode.PARTY_CHANGED_WHILE_QUEUEING)
         # A pass right after this request's reply, not before it.
         self._clock.callLater(0, lambda: defer.ensureDeferred(self._pass_logged()))
         return group
