@@ -65,6 +65,7 @@ class ErrorCode(enum.IntEnum):
     HIT_TOO_SOON = 71
     HANDOFF_REFUSED = 72
     ZERO_REQUEST_ID = 73
+    PARTY_CHANGED_WHILE_QUEUEING = 74
 
 
 ERROR_TEXT = {
@@ -121,6 +122,8 @@ ERROR_TEXT = {
     ErrorCode.HANDOFF_REFUSED: "the handoff ticket is used, expired or not this user's",
     ErrorCode.ZERO_REQUEST_ID: "a request's id must be 1 or more: 0 marks the server's pushes (only a pong, "
                                "which answers one, carries it); the request was not handled",
+    ErrorCode.PARTY_CHANGED_WHILE_QUEUEING: "the party changed (a member joined or left) while it was being "
+                                            "queued; nothing is queued: queue again",
 }
 
 

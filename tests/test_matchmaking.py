@@ -39,12 +39,12 @@ class MatchmakerCase(InventoryCase):
         self.presence = Presence(self.router, "test-matchmaking", 30, 900)
         self.formed = []
 
-    def matchmaker(self, raid_size=2, router=None, seed=1, clock=None, presence=None):
+    def matchmaker(self, raid_size=2, router=None, seed=1, clock=None, presence=None, parties=None):
         raids = test_settings(raids_matchmaking_prefix=self.prefix, raids_widen_after="30",
                               raids_raid_size=str(raid_size)).raids
         router = router or self.router
         presence = presence or self.presence
-        parties = Parties(router, presence, random.Random(seed), raid_size)
+        parties = parties or Parties(router, presence, random.Random(seed), raid_size)
         return Matchmaker(router, presence, parties, clock or self.clock, random.Random(seed), raids, 200,
                           self.formed.append)
 

@@ -51,7 +51,7 @@ class RecordingPresence:
         self.renewed.append((self.clock.seconds(), user_id))
         return defer.succeed(user_id not in self.gone)
 
-    def leave(self, user_id, jti):
+    def leave(self, user_id, jti, wait_for_handoff=False):
         return defer.succeed(False)
 
 

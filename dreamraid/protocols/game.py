@@ -80,13 +80,26 @@ class GameProtocol(ServerProtocol):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if self.user_id is not None:
-            defer.ensureDeferred(self._leave_game(self.user_id))
-            defer.ensureDeferred(self.factory.players.leave(self))
+            defer.ensureDeferred(self._closed(self.user_id))
+
+    async def _closed(self, user_id):
+        """
+        The connection went away: if that ended the player's session, they
+        left the game.  A connection replaced by a newer one (a raid
+        handoff, a second login) or closed while a handoff ticket of its
+        player waits (L{Players.leave}) is not a leave: the party and the
+        ticket stay.
+        """
+        if await self.factory.players.leave(self):
+            await self._leave_game(user_id)
+        else:
+            self._log.info("user {user_id}: a connection closed without leaving the game (a newer connection or a "
+                           "raid's host has the player); the party and any ticket stay", user_id=user_id)
 
     async def _leave_game(self, user_id):
-        """A player gone: their waiting ticket and their party go too (a formed raid keeps them)."""
-        await self.factory.matchmaker.cancel_if_queued(user_id)
-        await self.factory.parties.leave_if_any(user_id)
+        """A player gone: their party and waiting ticket go too (a formed raid keeps them)."""
+        party = await self.factory.parties.leave_if_any(user_id)
+        await self.factory.matchmaker.withdraw([user_id], party)
 
     def kick(self, code):
         self.drop(code)
@@ -114,7 +127,7 @@ class GameProtocol(ServerProtocol):
     async def _entered(self, entered):
         if not self.connected:
             # The connection went away while Redis answered: it took the user over for nothing.
-            await self.factory.players.leave(self)
+            await self._closed(self.user_id)
             return None
         self.name = entered.name
         self.factory.liveness.authenticated(self.state)
@@ -131,8 +144,8 @@ class GameProtocol(ServerProtocol):
     async def logout(self, body):
         # Frames after this one (a pipelined hunt, say) are no longer this player's.
         self.state.authenticated = False
-        await self._leave_game(self.user_id)
-        await self.factory.players.leave(self)
+        if await self.factory.players.leave(self, wait_for_handoff=False):
+            await self._leave_game(self.user_id)
         self.user_id = None
         self.close_after_reply = True
         return packets.LOGGED_OUT, {}
@@ -202,7 +215,8 @@ class GameProtocol(ServerProtocol):
     def raid_hit(self, body):
         return packets.HIT, self.factory.raids.hit(self.user_id, body["raid_id"])._asdict()
 
-    # A party that changes while its ticket waits is taken out of the queue.
+    # A party that changes while its ticket waits is taken out of the queue,
+    # after the change (Matchmaker.withdraw says why), and every member hears it.
 
     @handles(packets.CREATE_PARTY)
     async def create_party(self, body):
@@ -211,21 +225,22 @@ class GameProtocol(ServerProtocol):
     @handles(packets.JOIN_PARTY)
     async def join_party(self, body):
         party = await self.factory.parties.join(self.user_id, self.name, body["code"])
-        await self.factory.matchmaker.cancel_if_queued(party.leader)
+        # The party's ticket, and any the joiner had alone.
+        await self.factory.matchmaker.withdraw([u for u, _ in party.members], party)
         return packets.PARTY, _party(party)
 
     @handles(packets.LEAVE_PARTY)
     async def leave_party(self, body):
         user_id = self.user_id  # a logout while this runs sets it to None
-        await self.factory.matchmaker.cancel_if_queued(user_id)
-        await self.factory.parties.leave(user_id)
+        party = await self.factory.parties.leave(user_id)
+        await self.factory.matchmaker.withdraw([user_id], party)
         return packets.PARTY_LEFT, {}
 
     @handles(packets.KICK_MEMBER)
     async def kick_member(self, body):
         user_id = self.user_id  # a logout while this runs sets it to None
         party = await self.factory.parties.kick(user_id, body["user_id"])
-        await self.factory.matchmaker.cancel_if_queued(user_id)
+        await self.factory.matchmaker.withdraw([body["user_id"]], party)
         return packets.PARTY, _party(party)
 
     @handles(packets.MY_PARTY)

@@ -713,20 +713,27 @@ PARTY = message(
 )
 JOIN_PARTY = message(
     252, "join_party", Sender.CLIENT,
-    "Join the party with this invite code (letters are taken in either case). Errors: "
-    "already_in_party, no_such_party, party_full.",
+    "Join the party with this invite code (letters are taken in either case). A party changed "
+    "while its ticket waits leaves the queue: its ticket (and any the joiner queued alone) is "
+    "withdrawn and every member, leader and joiner included, gets a matchmaking push with state "
+    "cancelled. Errors: already_in_party, no_such_party, party_full.",
     "code" / String,
 )
 LEAVE_PARTY = message(
     253, "leave_party", Sender.CLIENT,
-    "Leave the party; if the leader leaves, the member who joined next leads. Logging out or "
-    "dropping the connection leaves too. Errors: not_in_party.",
+    "Leave the party; if the leader leaves, the member who joined next leads. Its waiting ticket is "
+    "withdrawn: every member, the one leaving included, gets a matchmaking push with state "
+    "cancelled. Logging out or dropping the connection leaves too, but a connection replaced by a "
+    "newer one (a raid handoff, a second login) does not, nor one closed while its player moves "
+    "to a raid's host with a handoff ticket (until the ticket is used or expires). "
+    "Errors: not_in_party.",
 )
 PARTY_LEFT = message(254, "party_left", Sender.SERVER, "The reply to leave_party.")
 KICK_MEMBER = message(
     255, "kick_member", Sender.CLIENT,
-    "The leader removes a member; the reply is party. Errors: not_in_party, not_party_leader, "
-    "not_a_member.",
+    "The leader removes a member; the reply is party. Its waiting ticket is withdrawn: every "
+    "member, the leader and the one kicked included, gets a matchmaking push with state "
+    "cancelled. Errors: not_in_party, not_party_leader, not_a_member.",
     "user_id" / Int64ul,
 )
 PARTY_CHANGED = message(
@@ -742,8 +749,11 @@ MY_PARTY = message(257, "my_party", Sender.CLIENT, "The user's party; the reply 
 QUEUE_RAID = message(
     260, "queue_raid", Sender.CLIENT,
     "Wait for a raid: the user's party (only its leader may queue it) or the user alone. The "
-    "reply is queued; the other members get a matchmaking push. A party that changes while "
-    "queued is taken out of the queue. Errors: not_party_leader, already_queued.",
+    "reply is queued; the other members get a matchmaking push. A party that changes (a join, a "
+    "leave, a kick) while queued is taken out of the queue, and every member is told (see "
+    "matchmaking). Errors: not_party_leader, already_queued, party_changed_while_queueing (a member "
+    "joined or left while it was being queued: nothing waits, the members told queued are told "
+    "cancelled).",
 )
 QUEUED = message(261, "queued", Sender.SERVER, "The reply to queue_raid: the ticket's level group.",
                  "group" / Int8ul)
@@ -755,8 +765,13 @@ CANCEL_QUEUE = message(
 QUEUE_CANCELLED = message(263, "queue_cancelled", Sender.SERVER, "The reply to cancel_queue.")
 MATCHMAKING = message(
     264, "matchmaking", Sender.SERVER,
-    "Push to the members of a party whose leader queued it (state queued, with the group) or whose "
-    "ticket was taken out of the queue (state cancelled, group 0).",
+    "Push about a waiting ticket. State queued, with the group: to the other members when the "
+    "leader queued the party. State cancelled, group 0: the ticket no longer waits and was not "
+    "matched. On cancel_queue the other members get it (the leader has the reply); when the party "
+    "changed (join_party, leave_party, kick_member, a member logging out or dropping) every member "
+    "of the withdrawn ticket and of the party as it is now gets it, the one who acted included; "
+    "when the ticket's game server died, its members get it. A ticket is withdrawn once, so each "
+    "member hears one cancelled per ticket.",
     "state" / String, "group" / Int8ul,
 )
 RAID_FOUND = message(
@@ -777,8 +792,10 @@ RAID_FOUND = message(
 AUTHENTICATE_HANDOFF = message(
     266, "authenticate_handoff", Sender.CLIENT,
     "Instead of authenticate, on a raid's host: the ticket from raid_found, which becomes the "
-    "user's live session (the connection elsewhere is closed with logged_in_elsewhere). The "
-    "reply is authenticated. Errors: handoff_refused, already_authenticated.",
+    "user's live session (the connection elsewhere is closed with logged_in_elsewhere). A move "
+    "is not a leave: the party keeps the player and nobody is told, in either order (the old "
+    "connection may close first: the session waits for the ticket). The reply is authenticated. "
+    "Errors: handoff_refused, already_authenticated.",
     "user_id" / Int64ul, "ticket" / String,
 )
 RAID_READY = message(

@@ -18,6 +18,8 @@ hot spot; a pass costs one script call, and passes are cheap.
     {mm}:players         hash: user id -> ticket id, or "r:<raid id>"
     {mm}:raid_until      sorted set: raid id -> when its players are free again
     {mm}:raid_members    hash: raid id -> its players
+    {mm}:ticket_parties  hash: ticket id -> "code version" of the party
+                         it was queued as (a party's ticket only)
 
 A pass takes the oldest ticket and fills a raid with the next compatible
 ones in order; then the next oldest, and so on.  Tickets are compatible in
@@ -60,6 +62,11 @@ FORGET_SERVER_AFTER_MS = 3_600_000
 TICKET_GRACE_MS = 30_000
 
 
+def _queued_as(party):
+    """What a ticket records of the party it holds: C{"code version"}, or '' for a player alone."""
+    return f"{party.code} {party.version}" if party else ""
+
+
 def level_group(level):
     """Levels 1-2 group 1, 3-5 group 2, ... 15 group 6."""
     return level // 3 + 1
@@ -70,15 +77,16 @@ def matchmaking_keys(prefix):
     tag = f"{{{prefix}}}"
     return ([f"{tag}:queue:{g}" for g in range(1, GROUPS + 1)]
             + [f"{tag}:{name}" for name in ("tickets", "players", "raid_until", "raid_members", "order", "raid_host",
-                                            "leases", "checkpoints", "servers")])
+                                            "leases", "checkpoints", "servers", "ticket_parties")])
 
 
 # KEYS: the queues of groups 1..6, tickets, players, raid_until, raid_members,
-# order, raid_host, leases, checkpoints, servers.
+# order, raid_host, leases, checkpoints, servers, ticket_parties.
 _LIBRARY = LUA_SPLIT + """
 local G = %d
 local TICKETS, PLAYERS, UNTIL, MEMBERS, ORDER = KEYS[G + 1], KEYS[G + 2], KEYS[G + 3], KEYS[G + 4], KEYS[G + 5]
 local HOSTS, LEASES, CHECKPOINTS, SERVERS = KEYS[G + 6], KEYS[G + 7], KEYS[G + 8], KEYS[G + 9]
+local PARTIES = KEYS[G + 10]
 -- The raid is over: its players are free, its records gone.
 local function forget_raid(raid)
   local members = redis.call('HGET', MEMBERS, raid) or ''
@@ -100,24 +108,27 @@ local function drop_ticket(id)
   local t = split(redis.call('HGET', TICKETS, id))
   redis.call('ZREM', KEYS[tonumber(t[1])], id)
   redis.call('HDEL', TICKETS, id)
+  redis.call('HDEL', PARTIES, id)
   local members = {}
   for i = #t - tonumber(t[4]) + 1, #t do members[#members + 1] = t[i] end
   return members
 end
 """ % GROUPS
 
-# ARGV: ticket id, group, now ms, server id, lease ms, members...  {1}, or
-# {-1, member} when a member already waits or raids.  The queuing server is
-# alive: its lease is renewed.
+# ARGV: ticket id, group, now ms, server id, lease ms, the party's "code
+# version" (or '' for a player alone), members...  {1}, or {-1, member}
+# when a member already waits or raids.  The queuing server is alive: its
+# lease is renewed.
 _ENQUEUE = _LIBRARY + """
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if redis.call('HEXISTS', PLAYERS, ARGV[i]) == 1 then return {-1, ARGV[i]} end
 end
 local members = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   redis.call('HSET', PLAYERS, ARGV[i], ARGV[1])
   members[#members + 1] = ARGV[i]
 end
+if ARGV[6] ~= '' then redis.call('HSET', PARTIES, ARGV[1], ARGV[6]) end
 local order = redis.call('INCR', ORDER)
 redis.call('HSET', TICKETS, ARGV[1], table.concat({ARGV[2], ARGV[3], order, #members, ARGV[4], unpack(members)}, ' '))
 redis.call('ZADD', KEYS[tonumber(ARGV[2])], ARGV[3], ARGV[1])
@@ -125,16 +136,40 @@ redis.call('ZADD', LEASES, 'GT', tonumber(ARGV[3]) + tonumber(ARGV[5]), ARGV[4])
 return {1}
 """
 
-# ARGV: user id.  {0} when no ticket of theirs waits, else {1, members...}.
+# ARGV: a party's code and version, or '' and '', then user ids.  Takes
+# out the waiting ticket of each user (a party's is found through any of
+# its members), but not one queued as that party at that version or later:
+# {tickets taken out, their members...}.
 _CANCEL = _LIBRARY + """
-local id = redis.call('HGET', PLAYERS, ARGV[1])
-if not id or string.sub(id, 1, 2) == 'r:' then return {0} end
-if redis.call('HEXISTS', TICKETS, id) == 0 then
-  redis.call('HDEL', PLAYERS, ARGV[1])
-  return {0}
+local count, members = 0, {}
+for i = 3, #ARGV do
+  local user = ARGV[i]
+  local id = redis.call('HGET', PLAYERS, user)
+  if id and string.sub(id, 1, 2) ~= 'r:' then
+    local queued_as = split(redis.call('HGET', PARTIES, id) or '')
+    if redis.call('HEXISTS', TICKETS, id) == 0 then
+      redis.call('HDEL', PLAYERS, user)
+    elseif ARGV[1] ~= '' and queued_as[1] == ARGV[1] and tonumber(queued_as[2]) >= tonumber(ARGV[2]) then
+      -- queued as the party is now: a change after this one's withdraws it
+    else
+      count = count + 1
+      for _, m in ipairs(drop_ticket(id)) do
+        redis.call('HDEL', PLAYERS, m)
+        members[#members + 1] = m
+      end
+    end
+  end
 end
-local members = drop_ticket(id)
-for _, m in ipairs(members) do redis.call('HDEL', PLAYERS, m) end
+return {count, unpack(members)}
+"""
+
+# ARGV: ticket id.  Takes out that ticket if it still waits: {1, members...}, else {0}.
+_CANCEL_TICKET = _LIBRARY + """
+if redis.call('HEXISTS', TICKETS, ARGV[1]) == 0 then return {0} end
+local members = drop_ticket(ARGV[1])
+for _, m in ipairs(members) do
+  if redis.call('HGET', PLAYERS, m) == ARGV[1] then redis.call('HDEL', PLAYERS, m) end
+end
 return {1, unpack(members)}
 """
 
@@ -298,6 +333,7 @@ class Matchmaker(Service):
         self.waited = None  # or a histogram, labelled by group, of the seconds formed raids' tickets waited
         self._enqueue = Script(router, _ENQUEUE)
         self._cancel = Script(router, _CANCEL)
+        self._cancel_ticket = Script(router, _CANCEL_TICKET)
         self._match = Script(router, _MATCH)
         self._release = Script(router, _RELEASE)
         self._renew = Script(router, _RENEW)
@@ -327,40 +363,82 @@ class Matchmaker(Service):
         Queue the user's party (the user must lead it) or the user alone;
         the level group.  The other members are told.
 
-        @raise RequestRefused: NOT_PARTY_LEADER, ALREADY_QUEUED.
+        The party is read before its ticket is written, in another slot, so
+        the ticket records the party's version, and the party is read again
+        once the ticket waits: if it changed in between (a join, a leave),
+        the ticket is taken out, whoever was told it was queued is told it
+        is not, and the request is refused.  A change after that second
+        read takes the ticket out itself (L{withdraw}).
+
+        @raise RequestRefused: NOT_PARTY_LEADER, ALREADY_QUEUED, PARTY_CHANGED_WHILE_QUEUEING.
         """
-        party = await self._parties.party_of(user_id)
-        if party is not None and party.leader != user_id:
-            raise RequestRefused(ErrorCode.NOT_PARTY_LEADER, "the party's leader queues it")
+        party = await self._led_party(user_id)
         members = [u for u, _ in party.members] if party else [user_id]
         levels = await gather([self._router.execute("HGET", profile_key(u), "level") for u in members])
         group = level_group(max(int(level or 1) for level in levels))
-        reply = await self._enqueue(self._keys, [self._new_id(), group, self._now_ms(), self._presence.server_id,
-                                                 self._lease_ms, *members])
+        ticket = self._new_id()
+        reply = await self._enqueue(self._keys, [ticket, group, self._now_ms(), self._presence.server_id,
+                                                 self._lease_ms, _queued_as(party), *members])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.ALREADY_QUEUED)
-        await self._presence.tell([u for u in members if u != user_id], MATCHMAKING,
-                                  {"state": "queued", "group": group})
+        others = [u for u in members if u != user_id]
+        await self._presence.tell(others, MATCHMAKING, {"state": "queued", "group": group})
+        if _queued_as(await self._parties.party_of(user_id)) != _queued_as(party):
+            await self._cancel_ticket(self._keys, [ticket])
+            # After the queued push, so that one is not the last they hear.
+            await self._presence.tell(others, MATCHMAKING, CANCELLED)
+            raise RequestRefused(ErrorCode.PARTY_CHANGED_WHILE_QUEUEING)
         # A pass right after this request's reply, not before it.
         self._clock.callLater(0, lambda: defer.ensureDeferred(self._pass_logged()))
         return group
 
+    async def _led_party(self, user_id):
+        """The user's L{Party}, or None.  @raise RequestRefused: NOT_PARTY_LEADER."""
+        party = await self._parties.party_of(user_id)
+        if party is not None and party.leader != user_id:
+            raise RequestRefused(ErrorCode.NOT_PARTY_LEADER, "the party's leader queues it")
+        return party
+
     async def cancel(self, user_id):
         """Take the user's waiting ticket out of the queue; its members are told.  @raise RequestRefused: NOT_QUEUED."""
-        reply = await self._cancel(self._keys, [user_id])
-        if reply[0] != 1:
+        reply = await self._cancel(self._keys, ["", "", user_id])
+        if reply[0] == 0:
             raise RequestRefused(ErrorCode.NOT_QUEUED)
         members = [int(m) for m in reply[1:]]
         await self._presence.tell([u for u in members if u != user_id], MATCHMAKING, CANCELLED)
 
-    async def cancel_if_queued(self, user_id):
-        """For a player who leaves the game or their party: cancel their waiting ticket, if any; never raises."""
+    async def withdraw(self, user_ids, party=None):
+        """
+        The one way a party change (a join, a leave, a kick) or a player
+        leaving the game takes tickets out of the queue: take out the
+        waiting ticket of each of C{user_ids} (a party's is found through
+        any of its members) unless it was queued as C{party} (the
+        L{Party} as the change left it, or None) or a later version of
+        it, and tell every member of each ticket taken out, and every
+        member of C{party}, C{matchmaking: cancelled}, on whichever
+        process holds them.  Call it after the change: a ticket queued
+        before the change is then taken out here, one queued after it is
+        the party as it is (L{enqueue}).  Never raises (a failure is
+        logged); whether a ticket was taken out.
+        """
+        user_ids = list(user_ids)
+        stamp = [party.code, party.version] if party else ["", ""]
         try:
-            await self.cancel(user_id)
-        except RequestRefused:
-            pass
-        except RedisClusterError as e:
-            self._log.warn("user {user_id} left, but their ticket may still wait: {error}", user_id=user_id, error=e)
+            reply = await self._cancel(self._keys, [*stamp, *user_ids])
+        except REDIS_ERRORS as e:
+            self._log.warn("users {user_ids}: their party changed or they left, but their ticket may still wait: "
+                           "{error}", user_ids=user_ids, error=e)
+            return False
+        if reply[0] == 0:
+            return False
+        members = [int(m) for m in reply[1:]] + [u for u, _ in (party.members if party else [])]
+        told = list(dict.fromkeys(members))
+        try:
+            await self._presence.tell(told, MATCHMAKING, CANCELLED)
+        except REDIS_ERRORS as e:
+            self._log.warn("matchmaking: cannot tell users {user_ids} their ticket was withdrawn: {error}",
+                           user_ids=told, error=e)
+        return True
 
     async def queue_lengths(self):
         """C{{level group: tickets waiting}}, every group."""

@@ -5,14 +5,18 @@ joined next leads; the leader may kick.  Every member, on whichever game
 server process, is told of every change (L{Presence.tell}).
 
     {p:<code>}:party   hash: leader, ids and names (space-separated, in
-                       join order), size
+                       join order), size, version (raised by every change,
+                       so a queued ticket can tell whether it is the party's
+                       as it is now)
     {u:<id>}:party     the code of the user's party
 
 The two keys live in different slots, so no one script changes both: a
 user first claims their own key (at most one party each), then the party
 changes; a failure gives the claim back.  A claim that names a party which
 does not list the user (its process died between the two steps) is stale
-and taken over.  A player who logs out or drops leaves their party.
+and taken over.  A player who logs out or drops leaves their party; one
+whose old connection closes because they moved (a raid handoff) or logged
+in again does not.
 """
 
 import string
@@ -51,15 +55,15 @@ def membership_key(user_id):
 # Shared: the party's state as a reply.
 _LIBRARY = LUA_SPLIT + """
 local function state(status)
-  local p = redis.call('HMGET', KEYS[1], 'leader', 'ids', 'names')
-  return {status, p[1], p[2], p[3]}
+  local p = redis.call('HMGET', KEYS[1], 'leader', 'ids', 'names', 'version')
+  return {status, p[1], p[2], p[3], p[4]}
 end
 """
 
 # ARGV: leader id, name, size.  {0} if the code is taken, else the state.
 _CREATE = _LIBRARY + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
-redis.call('HSET', KEYS[1], 'leader', ARGV[1], 'ids', ARGV[1], 'names', ARGV[2], 'size', ARGV[3])
+redis.call('HSET', KEYS[1], 'leader', ARGV[1], 'ids', ARGV[1], 'names', ARGV[2], 'size', ARGV[3], 'version', 1)
 return state(1)
 """
 
@@ -73,6 +77,7 @@ for _, id in ipairs(ids) do
 end
 if #ids >= tonumber(p[3]) then return {-2} end
 redis.call('HSET', KEYS[1], 'ids', p[1] .. ' ' .. ARGV[1], 'names', p[2] .. ' ' .. ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'version', 1)
 return state(1)
 """
 
@@ -100,6 +105,7 @@ local leader = p[1]
 if leader == ARGV[1] then leader = kept_ids[1] end
 redis.call('HSET', KEYS[1], 'leader', leader, 'ids', table.concat(kept_ids, ' '),
            'names', table.concat(kept_names, ' '))
+redis.call('HINCRBY', KEYS[1], 'version', 1)
 return state(1)
 """
 
@@ -123,11 +129,12 @@ class Party(NamedTuple):
     code: str
     leader: int
     members: list  # [(user_id, name)] in join order
+    version: int = 0  # raised by every change of the party
 
 
 def _party(code, reply):
     ids, names = reply[2].decode().split(), reply[3].decode().split()
-    return Party(code, int(reply[1]), [(int(i), n) for i, n in zip(ids, names)])
+    return Party(code, int(reply[1]), [(int(i), n) for i, n in zip(ids, names)], int(reply[4] or 0))
 
 
 def _body(party, reason, subject):
@@ -168,7 +175,7 @@ class Parties:
             raise RequestRefused(ErrorCode.ALREADY_IN_PARTY)
 
     async def party_of_code(self, code):
-        reply = await self._router.execute("HMGET", party_key(code), "leader", "ids", "names")
+        reply = await self._router.execute("HMGET", party_key(code), "leader", "ids", "names", "version")
         return None if reply[0] is None else _party(code, [1, *reply])
 
     async def party_of(self, user_id):
@@ -203,11 +210,14 @@ class Parties:
         return party
 
     async def leave(self, user_id):
-        """Leave the user's party; the others are told (and one leads, if the leader left)."""
+        """
+        Leave the user's party; the others are told (and one leads, if the
+        leader left).  The party left behind, or None if it is gone.
+        """
         party = await self.party_of(user_id)
         if party is None:
             raise RequestRefused(ErrorCode.NOT_IN_PARTY)
-        await self._remove_member(party.code, user_id, user_id, LEFT)
+        return await self._remove_member(party.code, user_id, user_id, LEFT)
 
     async def kick(self, leader_id, user_id):
         """The leader removes a member; the party after.  The kicked member and the rest are told."""
@@ -221,12 +231,16 @@ class Parties:
         return after
 
     async def leave_if_any(self, user_id):
-        """For a player who logs out or drops: leave their party, if they are in one; never raises."""
+        """
+        For a player who logs out or drops: leave their party, if they are
+        in one; the party left behind, or None.  Never raises.
+        """
         try:
             if await self.party_of(user_id) is not None:
-                await self.leave(user_id)
+                return await self.leave(user_id)
         except Exception as e:
             self._log.warn("user {user_id} left the game but not their party: {error}", user_id=user_id, error=e)
+        return None
 
     async def _remove_member(self, code, user_id, by, reason):
         reply = await self._remove([party_key(code)], [user_id, by])

@@ -52,6 +52,7 @@ class Players(Service):
         self._renewals = None
         self._kicks = None
         self._failures = FailureLog(self._log, clock)
+        self._handoff_waits = set()  # Deferreds of closed connections' players moving to a raid's host
 
     def __len__(self):
         return len(self._connections)
@@ -67,12 +68,14 @@ class Players(Service):
         super().stopService()
         if self._renewals.running:
             self._renewals.stop()
+        for wait in list(self._handoff_waits):
+            wait.cancel()
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self):
         """Let every player go (their data is synced) and close their connections, before Redis goes."""
         connections = list(self._connections.values())
-        await gather([self.leave(c) for c in connections])
+        await gather([self.leave(c, wait_for_handoff=False) for c in connections])
         for connection in connections:
             connection.user_id = None
             connection.kick(ErrorCode.SHUTTING_DOWN)
@@ -137,21 +140,49 @@ class Players(Service):
             if connection is not None:
                 connection.push(event, body)
 
-    async def leave(self, connection):
+    async def leave(self, connection, wait_for_handoff=True):
         """
         The connection logged out or went away: end its session if it is
-        still the live one, and have the user's data written back.
+        still the live one, and have the user's data written back; whether
+        that ended it (the player left the game, and the leave rules apply).
+
+        A connection replaced by a newer one (a raid handoff, a second
+        login) ends nothing.  With C{wait_for_handoff} (a connection that
+        closed, not a logout), one whose player has a raid handoff ticket
+        waiting ends nothing yet: the player is moving to the raid's host,
+        and the old connection may close before the new one arrives there.
+        The session is kept until the ticket is used or expires, then ended
+        only if still this connection's.
         """
         user_id = connection.user_id
         if self._connections.get(user_id) is connection:
             del self._connections[user_id]
             del self._slices[user_id % RENEWAL_SLICES][user_id]
+        wait_for_handoff = wait_for_handoff and self.running  # stopping lets every player go at once
         try:
-            if await self._presence.leave(user_id, connection.jti):
+            ended = await self._presence.leave(user_id, connection.jti, wait_for_handoff)
+            while not isinstance(ended, bool):  # the seconds a handoff ticket still waits
+                self._log.info("user {user_id}: a connection closed while a raid handoff ticket waits; the "
+                               "session waits {seconds:.1f} s for the player to move", user_id=user_id, seconds=ended)
+                await self._waiting_for_handoff(ended)
+                ended = await self._presence.leave(user_id, connection.jti, wait_for_handoff)
+            if ended:
                 await self._queue.enqueue(user_id, "logout")
+        except defer.CancelledError:
+            return False  # stopping: the session expires by itself and the next checkpoint syncs the user
         except REDIS_ERRORS as e:
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
+            return False
+        return ended
+
+    def _waiting_for_handoff(self, seconds):
+        """A Deferred that fires once the handoff ticket's C{seconds} have passed; cancelled when this stops."""
+        if not self.running:
+            return defer.fail(defer.CancelledError())
+        wait = task.deferLater(self._clock, seconds, lambda: None)
+        self._handoff_waits.add(wait)
+        return wait.addBoth(lambda result: (self._handoff_waits.discard(wait), result)[1])
 
     async def _renew_slices(self, count):
         """

@@ -59,11 +59,14 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
-# KEYS: session, presence.  ARGV: jti, server id.  Ends the session, and the
-# presence if this server's, while jti is still the live session (a newer
-# login keeps both); 1 if it was.
+# KEYS: session, presence, handoff.  ARGV: jti, server id, '1' to wait for
+# a handoff.  Ends the session, and the presence if this server's, while
+# jti is still the live session (a newer login keeps both); 1 if it was,
+# 0 if not.  Asked to wait, while a handoff ticket waits: ends nothing,
+# {the ticket's ms left}.
 _LEAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' and redis.call('PTTL', KEYS[3]) > 0 then return {redis.call('PTTL', KEYS[3])} end
 redis.call('DEL', KEYS[1])
 if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 1
@@ -85,6 +88,11 @@ redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 local profile = redis.call('HMGET', KEYS[4], 'name', 'level', 'exp')
 return {1, previous, profile[1], profile[2], profile[3]}
 """
+
+
+def _left(reply):
+    """The leave script's reply: True or False, or the handoff ticket's seconds left."""
+    return reply[0] / 1000 if isinstance(reply, list) else bool(reply)
 
 
 class Entered(NamedTuple):
@@ -150,9 +158,16 @@ class Presence:
         return self._renew([session_key(user_id), presence_key(user_id)],
                            [jti, self.server_id, self._presence_ms, self._session_ms]).addCallback(bool)
 
-    def leave(self, user_id, jti):
-        """End the session and presence if still this connection's; a Deferred of whether the session was."""
-        return self._leave([session_key(user_id), presence_key(user_id)], [jti, self.server_id]).addCallback(bool)
+    def leave(self, user_id, jti, wait_for_handoff=False):
+        """
+        End the session and presence if still this connection's; a Deferred
+        of whether the session was.  With C{wait_for_handoff} (a connection
+        closed, not a logout) and a raid handoff ticket of the user
+        waiting, end nothing (the player is moving to the raid's host): a
+        Deferred of the seconds the ticket has left, a float.
+        """
+        keys = [session_key(user_id), presence_key(user_id), handoff_key(user_id)]
+        return self._leave(keys, [jti, self.server_id, "1" if wait_for_handoff else "0"]).addCallback(_left)
 
     async def tell(self, user_ids, event, body):
         """
