@@ -105,7 +105,8 @@ ERROR_TEXT = {
     ErrorCode.INVENTORY_FULL: "no room in that tab",
     ErrorCode.UNKNOWN_ITEM: "no item has that code",
     ErrorCode.GRANT_DISABLED: "the grant command is off on this server",
-    ErrorCode.BAD_RANGE: "a ranking page starts at position 1 or later and holds 1 to 100 entries",
+    ErrorCode.BAD_RANGE: "a number of the request is out of its range (a ranking page starts at position 1 or "
+                         "later and holds 1 to 100 entries; a grant's count is 1 or more)",
     ErrorCode.ALREADY_IN_PARTY: "the user is in a party already; leave it first",
     ErrorCode.NO_SUCH_PARTY: "no party has that invite code",
     ErrorCode.PARTY_FULL: "the party has as many members as a raid",

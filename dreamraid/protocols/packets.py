@@ -613,8 +613,8 @@ ENHANCED = message(
 GRANT = message(
     227, "grant", Sender.CLIENT,
     "Development only (off unless [game] dev_grant = on): put count of an item into its tab, all "
-    "or nothing. Errors: grant_disabled, unknown_item, inventory_full (they do not all fit; nothing "
-    "was added).",
+    "or nothing. Errors: grant_disabled, unknown_item, bad_range (a count of 0), inventory_full "
+    "(they do not all fit; nothing was added).",
     "item_code" / Int32ul, "count" / Int32ul,
 )
 
