@@ -40,6 +40,7 @@ class ErrorCode(enum.IntEnum):
     NAME_TAKEN = 32
     WRONG_CREDENTIALS = 33
     LOGIN_THROTTLED = 34
+    REGISTER_THROTTLED = 35
 
     UNKNOWN_MONSTER = 40
     HUNT_COOLDOWN = 41
@@ -94,6 +95,8 @@ ERROR_TEXT = {
     ErrorCode.NAME_TAKEN: "that user name is taken",
     ErrorCode.WRONG_CREDENTIALS: "no such user, or the wrong password",
     ErrorCode.LOGIN_THROTTLED: "too many failed logins for this account or address; wait and try again",
+    ErrorCode.REGISTER_THROTTLED: "this address has registered as many accounts as the server allows for now; "
+                                  "wait and try again",
     ErrorCode.LOGGED_IN_ELSEWHERE: "the same user logged in again elsewhere; this connection is closed",
     ErrorCode.ALREADY_AUTHENTICATED: "this connection is authenticated already",
     ErrorCode.UNKNOWN_MONSTER: "no monster of that kind",

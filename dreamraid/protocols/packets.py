@@ -510,7 +510,8 @@ REGISTER = message(
     100, "register", Sender.CLIENT,
     "Create an account. The name is 3 to 20 of A-Z, a-z, 0-9 and _ (unique regardless of "
     "letter case); the password 8 to 128 characters. Errors: invalid_name, invalid_password, "
-    "name_taken, unavailable.",
+    "register_throttled (the address created [session] registrations_per_address accounts in the "
+    "window), name_taken, unavailable.",
     "name" / String, "password" / String,
 )
 REGISTERED = message(101, "registered", Sender.SERVER, "The reply to register: the new user's id.",
