@@ -524,7 +524,7 @@ async def run(reactor, arguments, settings, work, cores):
         *shared, "--game-udp-port", "0", "--game-dev-grant", "on", "--raids-matchmaking-prefix", mm_prefix])
         for i in range(cores)]
     session = start_server(reactor, "session", "dreamraid-session", "session", [
-        *shared, "--tokens-private-key", private,
+        *shared, "--tokens-private-key", private, "--session-registrations-per-address", "0",
         "--session-game-servers", ",".join(f"127.0.0.1:{g.port}" for g in games)])
     servers = [session, *games]
     router = RedisCluster.from_settings(reactor, random.Random(), settings.redis)

@@ -245,6 +245,10 @@ class SessionSettings(ServerSettings):
     board_check_interval: float = setting(
         _number(float, 0.1, 86400.0), "seconds between checks that Redis still has the ranking board"
     )
+    registrations_per_address: int = setting(
+        _number(int, 0, 1_000_000), "accounts one client address may create per registration_window (0: no cap)"
+    )
+    registration_window: float = setting(_number(float, 1.0, 86400.0), "seconds of the per-address registration window")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ class ErrorCode(enum.IntEnum):
     NAME_TAKEN = 32
     WRONG_CREDENTIALS = 33
     LOGIN_THROTTLED = 34
+    REGISTER_THROTTLED = 35
 
     UNKNOWN_MONSTER = 40
     HUNT_COOLDOWN = 41
@@ -96,6 +97,8 @@ ERROR_TEXT = {
     ErrorCode.NAME_TAKEN: "that user name is taken",
     ErrorCode.WRONG_CREDENTIALS: "no such user, or the wrong password",
     ErrorCode.LOGIN_THROTTLED: "too many failed logins for this account or address; wait and try again",
+    ErrorCode.REGISTER_THROTTLED: "this address has registered as many accounts as the server allows for now; "
+                                  "wait and try again",
     ErrorCode.LOGGED_IN_ELSEWHERE: "the same user logged in again elsewhere; this connection is closed",
     ErrorCode.ALREADY_AUTHENTICATED: "this connection is authenticated already",
     ErrorCode.UNKNOWN_MONSTER: "no monster of that kind",
@@ -107,7 +110,8 @@ ERROR_TEXT = {
     ErrorCode.INVENTORY_FULL: "no room in that tab",
     ErrorCode.UNKNOWN_ITEM: "no item has that code",
     ErrorCode.GRANT_DISABLED: "the grant command is off on this server",
-    ErrorCode.BAD_RANGE: "a ranking page starts at position 1 or later and holds 1 to 100 entries",
+    ErrorCode.BAD_RANGE: "a number of the request is out of its range (a ranking page starts at position 1 or "
+                         "later and holds 1 to 100 entries; a grant's count is 1 or more)",
     ErrorCode.ALREADY_IN_PARTY: "the user is in a party already; leave it first",
     ErrorCode.NO_SUCH_PARTY: "no party has that invite code",
     ErrorCode.PARTY_FULL: "the party has as many members as a raid",

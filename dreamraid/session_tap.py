@@ -7,7 +7,8 @@ from twisted.internet import threads
 from dreamraid.config import SESSION_SECTIONS, settings_options
 from dreamraid.frontends import add_frontends
 from dreamraid.protocols.session import SessionFactory
-from dreamraid.services.accounts import Accounts, LoginThrottle, MysqlAccountStore, PasswordHasher
+from dreamraid.services.accounts import (
+    Accounts, LoginThrottle, MysqlAccountStore, PasswordHasher, RedisAttemptWindows, RegistrationThrottle)
 from dreamraid.services.database import Database
 from dreamraid.services.health import Health
 from dreamraid.services.livestore import LiveStore
@@ -49,7 +50,10 @@ def makeService(options, reactor=None):
         raise SystemExit(f"dreamraid-session: {e} (dreamraid-admin keys creates the key pair)") from None
     a = settings.accounts
     hasher = PasswordHasher(run_in_thread, secure_random, a.scrypt_n, a.scrypt_r, a.scrypt_p)
-    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(router, a), issuer)
+    windows = RedisAttemptWindows(router, secure_random)
+    registrations = RegistrationThrottle(windows, settings.session.registrations_per_address,
+                                         settings.session.registration_window)
+    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(windows, a), registrations, issuer)
     live = LiveStore(router)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     game_servers = GameServers(router, reactor, settings.raids.matchmaking_prefix, settings.session.game_servers)

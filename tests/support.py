@@ -139,6 +139,12 @@ def when_logged(testcase, text):
     return seen
 
 
+# Tests register from 127.0.0.1 all over one shared Redis, many accounts a
+# run: their session servers have no per-address registration cap unless a
+# test sets one (an option given later wins).
+TEST_SERVER_OPTIONS = {"session": ["--session-registrations-per-address", "0"], "game": []}
+
+
 def _free_ports(section, port, http_port):
     """Options putting a server on free ports (a game server's raid UDP too)."""
     options = [f"--{section}-listen", f"tcp:{port}:interface=127.0.0.1",
@@ -162,7 +168,8 @@ class RunningServer(_Listening):
     def __init__(self, tap, section, extra=()):
         self.port, self.http_port = free_port(), free_port()
         options = tap.Options()
-        options.parseOptions(["--config", str(STACK_CONFIG), *_free_ports(section, self.port, self.http_port), *extra])
+        options.parseOptions(["--config", str(STACK_CONFIG), *_free_ports(section, self.port, self.http_port),
+                              *TEST_SERVER_OPTIONS[section], *extra])
         self.service = tap.makeService(options, reactor)
 
     def start(self, testcase):
@@ -229,7 +236,8 @@ class ServerProcess(_Listening):
         self.port, self.http_port = free_port(), free_port()
         self._args = [
             os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", plugin,
-            "--config", str(STACK_CONFIG), *_free_ports(section, self.port, self.http_port), *extra,
+            "--config", str(STACK_CONFIG), *_free_ports(section, self.port, self.http_port),
+            *TEST_SERVER_OPTIONS[section], *extra,
         ]
         self._child = ChildProcess()
 

@@ -51,6 +51,9 @@ class ShippedConfigTests(TestCase):
         self.assertEqual(s.tokens.public_key, ROOT / "var" / "keys" / "token_ed25519.pub")
         self.assertEqual(s.tables.path, ROOT / "conf" / "tables.json")
         self.assertEqual((s.raids.datagram_rate, s.raids.world_bound), (Rate(10.0, 20.0), 10000.0))
+        self.assertEqual((s.accounts.failures_per_account, s.accounts.account_window), (5, 60.0))
+        self.assertEqual((s.accounts.failures_per_address, s.accounts.address_window), (20, 600.0))
+        self.assertEqual((s.session.registrations_per_address, s.session.registration_window), (10, 600.0))
 
     def test_every_setting_is_in_the_file(self):
         """Each section's every field appears in the shipped file, and nothing else does."""
@@ -104,6 +107,8 @@ class BadConfigTests(TestCase):
         """A number out of range names the setting and the range."""
         self.assertRefused("setting mysql.port", ("mysql", "port", "70000"))
         self.assertRefused("setting game.max_frame_size", ("game", "max_frame_size", "65536"))
+        self.assertRefused("setting session.registrations_per_address", ("session", "registrations_per_address", "-1"))
+        self.assertRefused("setting session.registration_window", ("session", "registration_window", "0"))
 
     def test_bad_endpoint(self):
         """An endpoint string Twisted cannot parse names the setting."""

@@ -12,7 +12,7 @@ import math
 import random
 
 from twisted.internet import task
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
@@ -55,6 +55,18 @@ class InventoryCase(TestCase):
 
     async def version(self, user_id):
         return int(await self.router.execute("HGET", data_keys(user_id)[0], "version"))
+
+
+class GrantArgumentTests(SynchronousTestCase):
+    """A grant's arguments are checked before any script runs (no stack needed)."""
+
+    def test_count_zero_and_unknown_item(self):
+        """A count of 0 is BAD_RANGE (not UNKNOWN_ITEM); an unknown code is UNKNOWN_ITEM whatever the count."""
+        inventory = Inventory(None, TABLES, task.Clock(), random.Random(1))
+        for item_code, count, code in [(201, 0, ErrorCode.BAD_RANGE), (101, 0, ErrorCode.BAD_RANGE),
+                                       (999, 1, ErrorCode.UNKNOWN_ITEM), (999, 0, ErrorCode.UNKNOWN_ITEM)]:
+            refused = self.failureResultOf(inventory.grant(1, item_code, count), RequestRefused).value
+            self.assertEqual(refused.code, code, (item_code, count))
 
 
 class HuntTests(InventoryCase):
@@ -129,6 +141,7 @@ class InventoryTests(InventoryCase):
         self.assertEqual(await self.inventory.delete(user_id, 1, 1), [SlotItem(1, 1, 0, 0, 0)])
         await self.refused(ErrorCode.EMPTY_SLOT, self.inventory.delete(user_id, 1, 1))
         await self.refused(ErrorCode.UNKNOWN_ITEM, self.inventory.grant(user_id, 999, 1))
+        await self.refused(ErrorCode.BAD_RANGE, self.inventory.grant(user_id, 201, 0))
         self.assertEqual(await self.inventory.list(user_id), [SlotItem(1, 0, 201, 0, 20), SlotItem(1, 2, 201, 0, 5)])
 
     async def test_use_and_enhance_only_items_of_their_kind(self):

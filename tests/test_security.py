@@ -635,8 +635,9 @@ def answers(message, body, authenticated):
     elif message in (packets.USE_ITEM, packets.ENHANCE):
         inside = body["slot"] in slots
     elif message is packets.GRANT:
-        known = body["item_code"] in TABLES.items and body["count"] >= 1
-        return (True, {E.INVENTORY_FULL}) if known else (False, {E.UNKNOWN_ITEM})
+        if body["item_code"] not in TABLES.items:
+            return False, {E.UNKNOWN_ITEM}
+        return (True, {E.INVENTORY_FULL}) if body["count"] >= 1 else (False, {E.BAD_RANGE})
     elif message is packets.RANKING_PAGE:
         return (True, set()) if body["first"] >= 1 and 1 <= body["count"] <= PAGE_LIMIT else (False, {E.BAD_RANGE})
     elif message is packets.KICK_MEMBER:

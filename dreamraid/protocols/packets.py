@@ -535,7 +535,8 @@ REGISTER = message(
     100, "register", Sender.CLIENT,
     "Create an account. The name is 3 to 20 of A-Z, a-z, 0-9 and _ (unique regardless of "
     "letter case); the password 8 to 128 characters. Errors: invalid_name, invalid_password, "
-    "name_taken, unavailable.",
+    "register_throttled (the address created [session] registrations_per_address accounts in the "
+    "window), name_taken, unavailable.",
     "name" / String, "password" / String,
 )
 REGISTERED = message(101, "registered", Sender.SERVER, "The reply to register: the new user's id.",
@@ -671,8 +672,8 @@ ENHANCED = message(
 GRANT = message(
     227, "grant", Sender.CLIENT,
     "Development only (off unless [game] dev_grant = on): put count of an item into its tab, all "
-    "or nothing. Errors: grant_disabled, unknown_item, inventory_full (they do not all fit; nothing "
-    "was added).",
+    "or nothing. Errors: grant_disabled, unknown_item, bad_range (a count of 0), inventory_full "
+    "(they do not all fit; nothing was added).",
     "item_code" / Int32ul, "count" / Int32ul,
 )
 

@@ -13,7 +13,8 @@ class SessionProtocol(ServerProtocol):
 
     @handles(packets.REGISTER, needs_auth=False)
     async def register(self, body):
-        user_id = await self.factory.accounts.register(body["name"], body["password"])
+        address = self.transport.getPeer().host
+        user_id = await self.factory.accounts.register(body["name"], body["password"], address)
         return packets.REGISTERED, {"user_id": user_id}
 
     @handles(packets.LOGIN, needs_auth=False)

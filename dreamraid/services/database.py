@@ -2,11 +2,19 @@
 MySQL/MariaDB access for the session server: an adbapi connection pool (a
 Service) whose work runs as named thread functions, so PyMySQL never blocks
 the reactor.  Only the session server talks to MySQL.
+
+Thread functions never commit: the pool commits after them.  So a call whose
+pooled connection turns out to be dead (MariaDB restarted since it was last
+used) has committed nothing, and the server rolls back whatever it began:
+the call runs once more on a fresh connection, in the same thread, instead
+of failing.  A timeout is not a dead connection (the statement may still be
+running), and a failed commit is not retried.
 """
 
 import pymysql
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
+from twisted.logger import Logger
 
 # Any error the driver raises.
 MySQLError = pymysql.MySQLError
@@ -35,6 +43,48 @@ def connect(mysql, database=None):
 # broke, or a lock wait or deadlock aborted the transaction: worth a retry
 # later.  Other errors are bugs and are not retried.
 MYSQL_UNAVAILABLE = (pymysql.err.OperationalError, pymysql.err.InterfaceError, adbapi.ConnectionLost)
+
+
+# PyMySQL's codes for a connection found dead: the server has gone away (a
+# write failed), and lost connection (a read found it closed).
+_CONNECTION_GONE = (2006, 2013)
+_log = Logger(namespace="dreamraid.services.database")
+
+
+def is_lost_connection(error):
+    """
+    Whether C{error} says the connection was dead (closed by the server, as
+    by a restart), rather than that a statement failed or a read timed out.
+    """
+    if isinstance(error, pymysql.err.InterfaceError):
+        return error.args[:1] == (0,)  # PyMySQL's "the connection is closed"
+    if isinstance(error, pymysql.err.OperationalError) and error.args[:1] and error.args[0] in _CONNECTION_GONE:
+        # A read that timed out raises the same code: the server may only be slow.
+        return not isinstance(error.__context__, TimeoutError)
+    return False
+
+
+def _thd_once_more_if_gone(connection, function, *args):
+    """
+    C{function(connection, *args)}; if it finds the connection dead, once
+    more on a fresh one.  Safe because it has not committed (see the module
+    docstring); C{connection} is the pool's, which PyMySQL reopens in place.
+    """
+    try:
+        return function(connection, *args)
+    except MySQLError as e:
+        if not is_lost_connection(e):
+            raise
+        _log.info("MySQL connection found dead ({error}); running {function} once more on a new one",
+                  error=e, function=getattr(function, "__name__", function))
+    connection.connect()
+    return function(connection, *args)
+
+
+def _thd_in_cursor(connection, function, *args):
+    """C{function(cursor, *args)} on a cursor of C{connection}."""
+    with connection.cursor() as cursor:
+        return function(cursor, *args)
 
 
 def _thd_ping(connection):
@@ -79,12 +129,16 @@ class Database(Service):
         return super().stopService()
 
     def run(self, function, *args):
-        """C{function(connection, *args)} in a pool thread; a Deferred of its result, timed into C{latency}."""
-        return self._timed(self.pool.runWithConnection(function, *args))
+        """
+        C{function(connection, *args)} in one transaction in a pool thread
+        (once more if the connection was dead; it must not commit): a
+        Deferred of its result, timed into C{latency}.
+        """
+        return self._timed(self.pool.runWithConnection(_thd_once_more_if_gone, function, *args))
 
     def interact(self, function, *args):
-        """C{function(cursor, *args)} in one transaction in a pool thread; timed like L{run}."""
-        return self._timed(self.pool.runInteraction(function, *args))
+        """C{function(cursor, *args)} in one transaction in a pool thread, like L{run}."""
+        return self.run(_thd_in_cursor, function, *args)
 
     def _timed(self, d):
         if self.latency is not None:

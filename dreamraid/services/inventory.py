@@ -458,11 +458,14 @@ class Inventory:
     def grant(self, user_id, item_code, count):
         """
         Development only: add C{count} of an item to its tab, all or nothing;
-        the changed slots.  Refused with INVENTORY_FULL, changing nothing,
-        when they do not all fit.
+        the changed slots.  Refused with UNKNOWN_ITEM for a code not in the
+        tables, BAD_RANGE for a count of 0, and INVENTORY_FULL, changing
+        nothing, when they do not all fit.
         """
         kind = self._tables.items.get(item_code)
-        if kind is None or count < 1:
+        if kind is None:
             return defer.fail(RequestRefused(ErrorCode.UNKNOWN_ITEM))
+        if count < 1:
+            return defer.fail(RequestRefused(ErrorCode.BAD_RANGE, "a grant's count is 1 or more"))
         args = [kind.tab, item_code, count, kind.stack, self._tables.slots]
         return self._run("grant", user_id, args).addCallback(_granted)
