@@ -57,13 +57,18 @@ class GameProtocol(ServerProtocol):
 
     user_id = None
     jti = None
+    holder = None
     name = None
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        # After the ordered request running now, if any: an authenticate may yet make this connection a player.
+        self.in_order(self._gone)
+
+    def _gone(self):
         if self.user_id is not None:
-            defer.ensureDeferred(self._leave_game(self.user_id))
-            defer.ensureDeferred(self.factory.players.leave(self))
+            return defer.ensureDeferred(self.factory.players.leave(self, self._leave_game))
+        return None
 
     async def _leave_game(self, user_id):
         """A player gone: their waiting ticket and their party go too (a formed raid keeps them)."""
@@ -80,35 +85,43 @@ class GameProtocol(ServerProtocol):
             if self.factory.metrics is not None:
                 self.factory.metrics.replied(message)
 
-    @handles(packets.AUTHENTICATE, needs_auth=False)
+    # Requests that change who the connection is or where its player belongs
+    # are ordered: one at a time per connection, in arrival order.
+
+    @handles(packets.AUTHENTICATE, needs_auth=False, ordered=True)
     async def authenticate(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        return await self._entered(await self.factory.players.authenticate(self, body["token"]))
+        return await self._entered(self.factory.players.authenticate(self, body["token"]))
 
-    @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False)
+    @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False, ordered=True)
     async def authenticate_handoff(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        entered = await self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"])
-        return await self._entered(entered)
+        return await self._entered(self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"]))
 
-    async def _entered(self, entered):
+    async def _entered(self, entering):
+        try:
+            entered = await entering
+        except RequestRefused as e:
+            # Refused credentials close the connection once the error is written: no trying token after token.
+            # Redis out of reach (UNAVAILABLE) says nothing of them: the client may try again.
+            if e.code != ErrorCode.UNAVAILABLE:
+                self.close_after_reply = True
+            raise
         if not self.connected:
-            # The connection went away while Redis answered: it took the user over for nothing.
-            await self.factory.players.leave(self)
+            # The connection went away while Redis answered: its leave, queued behind this, lets the user go.
             return None
         self.name = entered.name
         self.factory.liveness.authenticated(self.state)
         return packets.AUTHENTICATED, {"user_id": entered.user_id, "name": entered.name,
                                        "level": entered.level, "exp": entered.exp}
 
-    @handles(packets.LOGOUT)
+    @handles(packets.LOGOUT, ordered=True)
     async def logout(self, body):
         # Frames after this one (a pipelined hunt, say) are no longer this player's.
         self.state.authenticated = False
-        await self._leave_game(self.user_id)
-        await self.factory.players.leave(self)
+        await self.factory.players.leave(self, self._leave_game)
         self.user_id = None
         self.close_after_reply = True
         return packets.LOGGED_OUT, {}
@@ -160,11 +173,11 @@ class GameProtocol(ServerProtocol):
         return packets.RANK, (await self.factory.ranking.own(self.user_id))._asdict()
 
 
-    @handles(packets.QUEUE_RAID)
+    @handles(packets.QUEUE_RAID, ordered=True)
     async def queue_raid(self, body):
         return packets.QUEUED, {"group": await self.factory.matchmaker.enqueue(self.user_id)}
 
-    @handles(packets.CANCEL_QUEUE)
+    @handles(packets.CANCEL_QUEUE, ordered=True)
     async def cancel_queue(self, body):
         await self.factory.matchmaker.cancel(self.user_id)
         return packets.QUEUE_CANCELLED, {}
@@ -180,24 +193,24 @@ class GameProtocol(ServerProtocol):
 
     # A party that changes while its ticket waits is taken out of the queue.
 
-    @handles(packets.CREATE_PARTY)
+    @handles(packets.CREATE_PARTY, ordered=True)
     async def create_party(self, body):
         return packets.PARTY, _party(await self.factory.parties.create(self.user_id, self.name))
 
-    @handles(packets.JOIN_PARTY)
+    @handles(packets.JOIN_PARTY, ordered=True)
     async def join_party(self, body):
         party = await self.factory.parties.join(self.user_id, self.name, body["code"])
         await self.factory.matchmaker.cancel_if_queued(party.leader)
         return packets.PARTY, _party(party)
 
-    @handles(packets.LEAVE_PARTY)
+    @handles(packets.LEAVE_PARTY, ordered=True)
     async def leave_party(self, body):
         user_id = self.user_id  # a logout while this runs sets it to None
         await self.factory.matchmaker.cancel_if_queued(user_id)
         await self.factory.parties.leave(user_id)
         return packets.PARTY_LEFT, {}
 
-    @handles(packets.KICK_MEMBER)
+    @handles(packets.KICK_MEMBER, ordered=True)
     async def kick_member(self, body):
         user_id = self.user_id  # a logout while this runs sets it to None
         party = await self.factory.parties.kick(user_id, body["user_id"])
