@@ -169,7 +169,7 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     # -- the frame budget -----------------------------------------------------------
 
     def stringReceived(self, payload):
-        if self.closing:
+        if self.transport.disconnecting:
             return  # the rest of a write that arrived with a frame that closed the connection
         if self.frame_budget is not None and not self.frame_budget.allow("*"):
             # Over budget: this frame and the rest already read wait (the framing loop stops), the socket is not read.
@@ -220,14 +220,43 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             return
         method, needs_auth, ordered = entry
         started = None if self.factory.metrics is None else heard  # liveness and metrics share the clock
-        if ordered or (needs_auth and self._steps_waiting and not self.state.authenticated):
-            self.in_order(lambda: None if self.closing else self._serve(method, needs_auth, request_id, message,
-                                                                         body, started))
+        if needs_auth and not self.state.authenticated:
+            if self._steps_waiting:  # maybe behind an authenticate
+                self._wait_turn(method, needs_auth, request_id, message, body, started)
+            else:
+                self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
             return
-        self._serve(method, needs_auth, request_id, message, body, started)
+        if ordered:
+            self._wait_turn(method, needs_auth, request_id, message, body, started)
+            return
+        # The hot path (reads, hunts, hits), kept to one call of the handler.
+        try:
+            result = getattr(self, method)(body)
+        except Exception:
+            self._request_failed(Failure(), request_id, message, started)
+            return
+        if inspect.iscoroutine(result):
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(
+                self._reply, self._request_failed,
+                callbackArgs=(request_id, message, started), errbackArgs=(request_id, message, started),
+            )
+            return
+        self._reply(result, request_id, message, started)
 
-    def _serve(self, method, needs_auth, request_id, message, body, started):
-        """Run the handler and answer; a Deferred that fires once it has answered, if it has not yet."""
+    def _wait_turn(self, *request):
+        # Not a lambda in frameReceived: a closure there would slow every request down, ordered or not.
+        self.in_order(lambda: self._serve_in_order(*request))
+
+    def _serve_in_order(self, method, needs_auth, request_id, message, body, started):
+        """
+        An ordered request's turn: run the handler and answer, unless the
+        connection is closing; a Deferred that fires once it has answered,
+        if it has not yet.
+        """
+        if self.closing:
+            return None
         if needs_auth and not self.state.authenticated:
             self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
             return None
