@@ -168,3 +168,96 @@ class GameServerTests(GameServerCase):
         with self.assertRaises(RemoteError) as raised:
             await client.request(packets.GRANT, {"item_code": 101, "count": 1})
         self.assertEqual(raised.exception.code, ErrorCode.GRANT_DISABLED)
+
+
+class NewestAuthenticationTests(GameServerCase):
+    """
+    The newest authentication of a user wins, on one game server process or
+    across two, also when it reuses the token of the one before (a client
+    reconnecting after its link dropped does): the older connection is told
+    LOGGED_IN_ELSEWHERE and closed, its leave ends nothing, and the newer
+    one keeps the session through presence renewals.
+    """
+
+    PRESENCE_TTL = "1.5"  # renewed every 0.5 s
+
+    def jti(self, token):
+        return jwt.decode(token, options={"verify_signature": False})["jti"].encode()
+
+    async def renewed(self, user_id):
+        """Wait for the next renewal of the user's presence: its TTL going up again."""
+        last = [None]
+
+        async def went_up():
+            ttl = await self.router.execute("PTTL", presence_key(user_id))
+            up = last[0] is not None and ttl > last[0]
+            last[0] = ttl
+            return up
+
+        await eventually(went_up, timeout=10, interval=0.05)
+
+    async def assertPlaysOn(self, client, user_id, token, holder):
+        """
+        After the older connection's leave ran: the session is still the
+        token's, the presence still C{holder}'s, and the newer connection is
+        served and stays through two renewals.
+        """
+        self.assertEqual(await self.router.execute("GET", session_key(user_id)), self.jti(token))
+        self.assertEqual(await self.router.execute("GET", presence_key(user_id)), holder)
+        _, hunted = await client.request(packets.HUNT, {"monster": 1})
+        self.assertEqual(hunted["exp_gained"], 1)
+        for _ in range(2):
+            await self.renewed(user_id)
+        self.assertTrue(client.connected)
+        self.assertEqual(await self.router.execute("GET", session_key(user_id)), self.jti(token))
+        self.assertEqual(await self.router.execute("GET", presence_key(user_id)), holder)
+        _, listed = await client.request(packets.LIST_INVENTORY, {})
+        self.assertIsInstance(listed["items"], list)
+
+    async def test_same_token_twice_on_one_process(self):
+        """The same token authenticated twice on one process: the first connection goes, the second plays on."""
+        server = await self.game_server("--game-presence-ttl", self.PRESENCE_TTL)
+        players = server.part("Players")
+        user_id = await self.new_user()
+        token = await self.entered_token(user_id)
+        first, _ = await self.authenticated(server, token)
+        first_here = players.connection_of(user_id)
+        first_left = defer.Deferred()
+        leave = players.leave
+
+        async def leave_watched(connection, *args):
+            outcome = await leave(connection, *args)
+            if connection is first_here:
+                first_left.callback(outcome)
+            return outcome
+
+        players.leave = leave_watched
+        second, _ = await self.authenticated(server, token)
+        holder = await self.router.execute("GET", presence_key(user_id))
+        await first.closed.addTimeout(10, reactor)
+        self.assertEqual(first.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
+        await first_left.addTimeout(10, reactor)
+        await self.assertPlaysOn(second, user_id, token, holder)
+
+    async def test_same_token_on_two_processes(self):
+        """
+        The same token authenticated on a second game server process: the
+        first process is told and closes its connection, whose leave ends
+        nothing; the second plays on, and the first never takes the presence
+        back.
+        """
+        first_server, second_server = await gather([self.game_process("--game-presence-ttl", self.PRESENCE_TTL),
+                                                     self.game_process("--game-presence-ttl", self.PRESENCE_TTL)])
+        user_id = await self.new_user()
+        token = await self.entered_token(user_id)
+        first, _ = await self.authenticated(first_server, token)
+        second, _ = await self.authenticated(second_server, token)
+        holder = await self.router.execute("GET", presence_key(user_id))
+        await first.closed.addTimeout(10, reactor)
+        self.assertEqual(first.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
+
+        async def first_left():
+            return f"user {user_id}: a replaced connection closed" in first_server.output()
+
+        await eventually(first_left, timeout=10)
+        await self.assertPlaysOn(second, user_id, token, holder)

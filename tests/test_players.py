@@ -1,6 +1,8 @@
 """
 Players' presence renewals, driven by a task.Clock against a recording
-presence, and against the real Redis Cluster for an error reply.
+presence, and against the real Redis Cluster for an error reply; and the
+newest authentication of a user winning, with the same token, on one
+process or two, against the real Redis Cluster.
 """
 
 import inspect
@@ -16,7 +18,8 @@ from zope.interface.verify import verifyObject
 from dreamraid.errors import ErrorCode
 from dreamraid.services.livestore import profile_key, session_key
 from dreamraid.services.players import RENEWAL_SLICES, IPlayerConnection, Players
-from dreamraid.services.presence import Presence, handoff_key, presence_key
+from dreamraid.services.tokens import Claims, ITokenVerifier
+from dreamraid.services.presence import Entered, Left, Presence, handoff_key, presence_key
 from tests import cluster
 from tests.support import eventually, log_lines, require_stack, when_logged
 
@@ -26,12 +29,13 @@ TTL = 300.0
 class RecordingPresence:
     """
     The part of L{Presence} Players uses; every session is live unless named
-    in C{gone}.  Renewing a user in C{failing} fails with that error; one in
-    C{broken} raises at once, as a bug would.
+    in C{gone}, and held by its connection unless named in C{replaced}.
+    Renewing a user in C{failing} fails with that error; one in C{broken}
+    raises at once, as a bug would.
     """
 
     def __init__(self, clock):
-        self.clock, self.renewed, self.gone = clock, [], set()
+        self.clock, self.renewed, self.gone, self.replaced = clock, [], set(), set()
         self.failing, self.broken = {}, set()
 
     def listen(self, on_kick, on_notice):
@@ -41,24 +45,26 @@ class RecordingPresence:
         return defer.succeed(None)
 
     def enter_handoff(self, user_id, ticket):
-        return defer.succeed(None)
+        return defer.succeed(Entered(user_id, "n", 1, 0, f"test {user_id}", ""))
 
-    def renew(self, user_id, jti):
+    def renew(self, user_id, jti, holder):
         if user_id in self.broken:
             raise TypeError("a bug")
         if user_id in self.failing:
             return defer.fail(self.failing[user_id])
         self.renewed.append((self.clock.seconds(), user_id))
-        return defer.succeed(user_id not in self.gone)
+        if user_id in self.replaced:
+            return defer.succeed(ErrorCode.LOGGED_IN_ELSEWHERE)
+        return defer.succeed(ErrorCode.SESSION_NOT_LIVE if user_id in self.gone else None)
 
-    def leave(self, user_id, jti, wait_for_handoff=False):
-        return defer.succeed(False)
+    def leave(self, user_id, jti, holder, wait_for_handoff=False):
+        return defer.succeed(Left.NOT_LIVE)
 
 
 @implementer(IPlayerConnection)
 class FakeConnection:
     def __init__(self):
-        self.user_id = self.jti = None
+        self.user_id = self.jti = self.holder = None
         self.kicked = []
 
     def kick(self, code):
@@ -79,6 +85,7 @@ class RenewalTests(TestCase):
 
     def test_fakes_match_the_real_interfaces(self):
         verifyObject(IPlayerConnection, FakeConnection())
+        verifyObject(ITokenVerifier, FakeVerifier())
         for name in ("listen", "enter_handoff", "renew", "leave"):
             self.assertEqual(inspect.signature(getattr(RecordingPresence, name)),
                              inspect.signature(getattr(Presence, name)), name)
@@ -115,6 +122,24 @@ class RenewalTests(TestCase):
         self.presence.gone.add(2)
         self.clock.advance(TTL / 3)
         self.assertEqual((connections[1].kicked, connections[2].kicked), ([], [ErrorCode.SESSION_NOT_LIVE]))
+
+    def test_a_kick_from_another_process_closes_only_the_authentication_it_names(self):
+        """
+        A kick names the authentication another process replaced: a
+        connection here that authenticated since (a newer one) stays.
+        """
+        connection = self.join([1])[1]
+        self.players.taken_over(1, "another-server 7")
+        self.assertEqual(connection.kicked, [])
+        self.players.taken_over(1, connection.holder)
+        self.assertEqual(connection.kicked, [ErrorCode.LOGGED_IN_ELSEWHERE])
+
+    def test_a_replaced_connection_is_closed_at_renewal(self):
+        """A renewal that finds a newer authentication holding the user closes the connection with LOGGED_IN_ELSEWHERE."""
+        connections = self.join([1, 2])
+        self.presence.replaced.add(2)
+        self.clock.advance(TTL / 3)
+        self.assertEqual((connections[1].kicked, connections[2].kicked), ([], [ErrorCode.LOGGED_IN_ELSEWHERE]))
 
     def test_a_player_who_left_is_not_renewed(self):
         connections = self.join([1, 2])
@@ -198,3 +223,134 @@ class RenewalAgainstRedisTests(TestCase):
         self.clock.advance(TTL / 3)
         await eventually(lambda: self.router.execute("EXISTS", presence_key(broken)))
         self.assertEqual(connections[broken].kicked, [])
+
+
+@implementer(ITokenVerifier)
+class FakeVerifier:
+    """Takes C{"<user id>:<jti>"} for a token with those claims."""
+
+    def verify(self, token):
+        user_id, jti = token.split(":")
+        return Claims(int(user_id), jti, 0, 0)
+
+
+class RecordingQueue:
+    """Keeps the sync jobs asked for."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def enqueue(self, user_id, reason):
+        self.jobs.append((user_id, reason))
+        return defer.succeed(None)
+
+
+class NewestAuthenticationTests(TestCase):
+    """
+    Two game server processes' players (two Presences on the real Redis
+    Cluster, timers on a task.Clock): the newest authentication of a user
+    holds them, also with the same token, and a replaced connection's leave
+    or renewal changes nothing of the newer one's.
+    """
+
+    timeout = 60
+
+    async def setUp(self):
+        require_stack()
+        self.router = cluster.router()
+        self.addCleanup(self.router.stopService)
+        await self.router.refresh()
+        self.clock = Clock()
+        self.queue = RecordingQueue()
+        self.processes = []
+        for name in ("a", "b"):
+            presence = Presence(self.router, f"test-newest-{name}-{random.getrandbits(40):x}", TTL, 900)
+            players = Players(FakeVerifier(), presence, self.queue, self.clock, TTL)
+            players.startService()
+            self.addCleanup(players.stopService)
+            await players.when_listening()
+            self.processes.append(players)
+        self.user_id = random.randrange(10**13, 10**14)
+        keys = [session_key(self.user_id), presence_key(self.user_id), profile_key(self.user_id)]
+        self.addCleanup(lambda: self.router.execute("DEL", *keys))
+        await self.router.execute("SET", session_key(self.user_id), "jti1")
+        await self.router.execute("HSET", profile_key(self.user_id), "name", "n", "level", 1, "exp", 0)
+        self.left_game = []
+
+    async def authenticated(self, players):
+        connection = FakeConnection()
+        await players.authenticate(connection, f"{self.user_id}:jti1")
+        return connection
+
+    async def leave(self, players, connection):
+        async def leave_game(user_id):
+            self.left_game.append(user_id)
+
+        return await players.leave(connection, leave_game)
+
+    async def renew(self):
+        """Run a round of renewals and wait until it has renewed the user's presence."""
+        await self.router.execute("PEXPIRE", presence_key(self.user_id), int(1000 * TTL // 3))
+        self.clock.advance(TTL / 3)
+
+        async def renewed():
+            return await self.router.execute("PTTL", presence_key(self.user_id)) > 1000 * TTL // 2
+
+        await eventually(renewed)
+
+    async def assertHeldBy(self, connection):
+        """The session is still the token's and the presence the connection's."""
+        self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"jti1")
+        self.assertEqual(await self.router.execute("GET", presence_key(self.user_id)), connection.holder.encode())
+
+    async def test_same_token_on_one_process(self):
+        """
+        The older connection is closed; its leave finds it replaced and ends
+        nothing (the player stays in their party, no sync); renewals keep
+        the newer one, whose own leave then ends the session.
+        """
+        here = self.processes[0]
+        older = await self.authenticated(here)
+        newer = await self.authenticated(here)
+        self.assertEqual((older.kicked, newer.kicked), ([ErrorCode.LOGGED_IN_ELSEWHERE], []))
+        self.assertNotEqual(older.holder, newer.holder)
+        self.assertIs(await self.leave(here, older), Left.REPLACED)
+        self.assertEqual((self.left_game, self.queue.jobs), ([], []))
+        await self.assertHeldBy(newer)
+        await self.renew()
+        await self.assertHeldBy(newer)
+        self.assertEqual(newer.kicked, [])
+        self.assertIs(await self.leave(here, newer), Left.ENDED)
+        self.assertEqual((self.left_game, self.queue.jobs), ([self.user_id], [(self.user_id, "logout")]))
+        self.assertIsNone(await self.router.execute("GET", session_key(self.user_id)))
+
+    async def test_same_token_on_another_process(self):
+        """
+        The older process is told and closes its connection, whose leave
+        ends nothing; the newer process's renewals keep the user.
+        """
+        first, second = self.processes
+        older = await self.authenticated(first)
+        newer = await self.authenticated(second)
+        await eventually(lambda: defer.succeed(older.kicked))
+        self.assertEqual((older.kicked, newer.kicked), ([ErrorCode.LOGGED_IN_ELSEWHERE], []))
+        self.assertIs(await self.leave(first, older), Left.REPLACED)
+        self.assertEqual((self.left_game, self.queue.jobs), ([], []))
+        await self.renew()
+        await self.assertHeldBy(newer)
+        self.assertEqual(newer.kicked, [])
+
+    async def test_a_lost_kick_is_made_good_by_the_renewal(self):
+        """
+        A connection whose kick never came (pub/sub lost it) is closed by
+        its next renewal, which leaves the newer holder's presence alone.
+        """
+        first, _ = self.processes
+        older = await self.authenticated(first)
+        await self.router.execute("SET", presence_key(self.user_id), "a-process-whose-kick-was-lost 1")
+        self.clock.advance(TTL / 3)
+        await eventually(lambda: defer.succeed(older.kicked))
+        self.assertEqual(older.kicked, [ErrorCode.LOGGED_IN_ELSEWHERE])
+        self.assertEqual(await self.router.execute("GET", presence_key(self.user_id)),
+                         b"a-process-whose-kick-was-lost 1")
+        self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"jti1")

@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.errors import ERROR_TEXT, ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
 from dreamraid.services.liveness import IPeer, Liveness
@@ -243,3 +243,154 @@ class ServerProtocolTests(TestCase):
         self.assertEqual(len(self.liveness), 1)
         self.protocol.connectionLost(None)
         self.assertEqual(len(self.liveness), 0)
+
+
+class OrderingProtocol(ServerProtocol):
+    """
+    Handlers whose answers the test releases one by one: C{register} and
+    C{login} are ordered (C{login} needs authentication), C{enter_world} is
+    not (and needs authentication).  A C{register} named "auth"
+    authenticates the connection when released; one named "refuse" is
+    refused and closes the connection, as a refused authenticate does.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.calls, self.pending = [], []
+
+    def _answer(self, kind, body):
+        self.calls.append((kind, body["name"] if "name" in body else body["token"]))
+        d = Deferred()
+        self.pending.append(d)
+        return d
+
+    @handles(packets.REGISTER, needs_auth=False, ordered=True)
+    async def ordered(self, body):
+        if body["name"] == "refuse":
+            self.close_after_reply = True
+            raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
+        await self._answer("ordered", body)
+        if body["name"] == "auth":
+            self.factory.liveness.authenticated(self.state)
+        return packets.REGISTERED, {"user_id": len(self.calls)}
+
+    @handles(packets.LOGIN, ordered=True)
+    def ordered_needing_auth(self, body):
+        return self._answer("ordered_needing_auth", body).addCallback(
+            lambda _: (packets.REGISTERED, {"user_id": len(self.calls)}))
+
+    @handles(packets.ENTER_WORLD)
+    def unordered(self, body):
+        return self._answer("unordered", body).addCallback(lambda _: (packets.REGISTERED, {"user_id": 0}))
+
+
+class OrderedRequestTests(TestCase):
+    """Ordered requests run one at a time per connection, in arrival order; the rest stay concurrent."""
+
+    def setUp(self):
+        self.clock = Clock()
+        settings = make_settings().game
+        self.liveness = Liveness(self.clock, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
+        self.liveness.startService()
+        self.addCleanup(self.liveness.stopService)
+        self.factory = ServerFactory("dreamraid-test", settings, self.liveness)
+        self.factory.protocol = OrderingProtocol
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.replies = Replies(self.transport)
+
+    def write(self, *frames):
+        """Every C{(message, request id, body)} in one write."""
+        self.protocol.dataReceived(b"".join(message.encode(i, body) for message, i, body in frames))
+
+    def release(self, count=1):
+        """Let the oldest C{count} handlers still waiting answer."""
+        for _ in range(count):
+            self.protocol.pending.pop(0).callback(None)
+
+    def test_one_at_a_time_in_order_while_others_go_on(self):
+        """
+        Ordered requests in one write start only once the one before has
+        answered, in arrival order; an unordered one is served at once
+        meanwhile, and its answer does not wait for theirs.
+        """
+        self.liveness.authenticated(self.protocol.state)
+        self.write((packets.REGISTER, 1, {"name": "a", "password": ""}),
+                   (packets.LOGIN, 2, {"name": "b", "password": ""}),
+                   (packets.ENTER_WORLD, 3, {"token": "c"}),
+                   (packets.REGISTER, 4, {"name": "d", "password": ""}))
+        self.assertEqual(self.protocol.calls, [("ordered", "a"), ("unordered", "c")])
+        self.protocol.pending.pop(1).callback(None)  # the unordered one answers first
+        self.assertEqual([r[1] for r in self.replies.take()], [3])
+        self.release()
+        self.assertEqual(self.protocol.calls[2:], [("ordered_needing_auth", "b")])
+        self.assertEqual([r[1] for r in self.replies.take()], [1])
+        self.release()
+        self.assertEqual(self.protocol.calls[3:], [("ordered", "d")])
+        self.release()
+        self.assertEqual([r[1] for r in self.replies.take()], [2, 4])
+        self.assertEqual(self.protocol._steps_waiting, 0)
+
+    def test_authentication_is_checked_when_an_ordered_request_runs(self):
+        """
+        Behind an ordered request that authenticates, in the same write, an
+        ordered request and an unordered one that need authentication are
+        served once it has; without it they are refused NOT_AUTHENTICATED.
+        """
+        self.write((packets.REGISTER, 1, {"name": "auth", "password": ""}),
+                   (packets.LOGIN, 2, {"name": "b", "password": ""}),
+                   (packets.ENTER_WORLD, 3, {"token": "c"}))
+        self.assertEqual(self.protocol.calls, [("ordered", "auth")])
+        self.release()
+        self.assertEqual(self.protocol.calls[1:], [("ordered_needing_auth", "b")])
+        self.release()
+        self.assertEqual(self.protocol.calls[2:], [("unordered", "c")])
+        self.release()
+        self.assertEqual([(name, i) for name, i, _ in self.replies.take()],
+                         [("registered", 1), ("registered", 2), ("registered", 3)])
+
+        other = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        other.makeConnection(transport)
+        other.dataReceived(packets.REGISTER.encode(1, {"name": "a", "password": ""})
+                           + packets.LOGIN.encode(2, {"name": "b", "password": ""})
+                           + packets.ENTER_WORLD.encode(3, {"token": "c"}))
+        other.pending.pop(0).callback(None)
+        self.assertEqual([(name, i, body.get("code")) for name, i, body in Replies(transport).take()],
+                         [("registered", 1, None), ("error", 2, ErrorCode.NOT_AUTHENTICATED),
+                          ("error", 3, ErrorCode.NOT_AUTHENTICATED)])
+        self.assertEqual(other.calls, [("ordered", "a")])
+
+    def test_a_refusal_that_closes_ends_the_write(self):
+        """
+        A refused request that closes the connection (as a refused
+        authenticate does) is answered with its error, then the connection
+        closes; nothing after it in the same write, ordered or not, runs.
+        """
+        self.write((packets.REGISTER, 1, {"name": "refuse", "password": ""}),
+                   (packets.PING, 2, {"nonce": 1}),
+                   (packets.REGISTER, 3, {"name": "auth", "password": ""}))
+        self.assertEqual(self.replies.take(), [("error", 1, {"code": ErrorCode.SESSION_NOT_LIVE,
+                                                             "detail": ERROR_TEXT[ErrorCode.SESSION_NOT_LIVE]})])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.protocol.calls, [])
+
+    def test_steps_queued_when_the_connection_closes_are_skipped(self):
+        """Ordered requests still waiting when the connection drops never run; a step of the protocol's own does."""
+        self.write((packets.REGISTER, 1, {"name": "a", "password": ""}),
+                   (packets.REGISTER, 2, {"name": "b", "password": ""}))
+        ran = []
+        self.protocol.connectionLost(None)
+        self.protocol.in_order(lambda: ran.append("leave"))
+        self.release()
+        self.assertEqual((self.protocol.calls, ran), ([("ordered", "a")], ["leave"]))
+        self.assertEqual(self.replies.take(), [])
+
+    def test_a_failing_step_is_logged_and_the_next_runs(self):
+        """A step that raises is logged with its traceback; the steps after it still run."""
+        ran = []
+        self.protocol.in_order(lambda: 1 / 0)
+        self.protocol.in_order(lambda: ran.append("next"))
+        self.assertEqual(ran, ["next"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

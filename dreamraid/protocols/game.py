@@ -75,26 +75,18 @@ class GameProtocol(ServerProtocol):
 
     user_id = None
     jti = None
+    holder = None
     name = None
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
-        if self.user_id is not None:
-            defer.ensureDeferred(self._closed(self.user_id))
+        # After the ordered request running now, if any: an authenticate may yet make this connection a player.
+        self.in_order(self._gone)
 
-    async def _closed(self, user_id):
-        """
-        The connection went away: if that ended the player's session, they
-        left the game.  A connection replaced by a newer one (a raid
-        handoff, a second login) or closed while a handoff ticket of its
-        player waits (L{Players.leave}) is not a leave: the party and the
-        ticket stay.
-        """
-        if await self.factory.players.leave(self):
-            await self._leave_game(user_id)
-        else:
-            self._log.info("user {user_id}: a connection closed without leaving the game (a newer connection or a "
-                           "raid's host has the player); the party and any ticket stay", user_id=user_id)
+    def _gone(self):
+        if self.user_id is not None:
+            return defer.ensureDeferred(self.factory.players.leave(self, self._leave_game))
+        return None
 
     async def _leave_game(self, user_id):
         """A player gone: their party and waiting ticket go too (a formed raid keeps them)."""
@@ -111,23 +103,32 @@ class GameProtocol(ServerProtocol):
             if self.factory.metrics is not None:
                 self.factory.metrics.replied(message)
 
-    @handles(packets.AUTHENTICATE, needs_auth=False)
+    # Requests that change who the connection is or where its player belongs
+    # are ordered: one at a time per connection, in arrival order.
+
+    @handles(packets.AUTHENTICATE, needs_auth=False, ordered=True)
     async def authenticate(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        return await self._entered(await self.factory.players.authenticate(self, body["token"]))
+        return await self._entered(self.factory.players.authenticate(self, body["token"]))
 
-    @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False)
+    @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False, ordered=True)
     async def authenticate_handoff(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        entered = await self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"])
-        return await self._entered(entered)
+        return await self._entered(self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"]))
 
-    async def _entered(self, entered):
+    async def _entered(self, entering):
+        try:
+            entered = await entering
+        except RequestRefused as e:
+            # Refused credentials close the connection once the error is written: no trying token after token.
+            # Redis out of reach (UNAVAILABLE) says nothing of them: the client may try again.
+            if e.code != ErrorCode.UNAVAILABLE:
+                self.close_after_reply = True
+            raise
         if not self.connected:
-            # The connection went away while Redis answered: it took the user over for nothing.
-            await self._closed(self.user_id)
+            # The connection went away while Redis answered: its leave, queued behind this, lets the user go.
             return None
         self.name = entered.name
         self.factory.liveness.authenticated(self.state)
@@ -140,12 +141,11 @@ class GameProtocol(ServerProtocol):
             raise RequestRefused(ErrorCode.NOT_ACCEPTED, "this server has no game tables")
         return packets.TABLES, self.factory.tables
 
-    @handles(packets.LOGOUT)
+    @handles(packets.LOGOUT, ordered=True)
     async def logout(self, body):
         # Frames after this one (a pipelined hunt, say) are no longer this player's.
         self.state.authenticated = False
-        if await self.factory.players.leave(self, wait_for_handoff=False):
-            await self._leave_game(self.user_id)
+        await self.factory.players.leave(self, self._leave_game, wait_for_handoff=False)
         self.user_id = None
         self.close_after_reply = True
         return packets.LOGGED_OUT, {}
@@ -197,11 +197,11 @@ class GameProtocol(ServerProtocol):
         return packets.RANK, (await self.factory.ranking.own(self.user_id))._asdict()
 
 
-    @handles(packets.QUEUE_RAID)
+    @handles(packets.QUEUE_RAID, ordered=True)
     async def queue_raid(self, body):
         return packets.QUEUED, {"group": await self.factory.matchmaker.enqueue(self.user_id)}
 
-    @handles(packets.CANCEL_QUEUE)
+    @handles(packets.CANCEL_QUEUE, ordered=True)
     async def cancel_queue(self, body):
         await self.factory.matchmaker.cancel(self.user_id)
         return packets.QUEUE_CANCELLED, {}
@@ -218,25 +218,25 @@ class GameProtocol(ServerProtocol):
     # A party that changes while its ticket waits is taken out of the queue,
     # after the change (Matchmaker.withdraw says why), and every member hears it.
 
-    @handles(packets.CREATE_PARTY)
+    @handles(packets.CREATE_PARTY, ordered=True)
     async def create_party(self, body):
         return packets.PARTY, _party(await self.factory.parties.create(self.user_id, self.name))
 
-    @handles(packets.JOIN_PARTY)
+    @handles(packets.JOIN_PARTY, ordered=True)
     async def join_party(self, body):
         party = await self.factory.parties.join(self.user_id, self.name, body["code"])
         # The party's ticket, and any the joiner had alone.
         await self.factory.matchmaker.withdraw([u for u, _ in party.members], party)
         return packets.PARTY, _party(party)
 
-    @handles(packets.LEAVE_PARTY)
+    @handles(packets.LEAVE_PARTY, ordered=True)
     async def leave_party(self, body):
         user_id = self.user_id  # a logout while this runs sets it to None
         party = await self.factory.parties.leave(user_id)
         await self.factory.matchmaker.withdraw([user_id], party)
         return packets.PARTY_LEFT, {}
 
-    @handles(packets.KICK_MEMBER)
+    @handles(packets.KICK_MEMBER, ordered=True)
     async def kick_member(self, body):
         user_id = self.user_id  # a logout while this runs sets it to None
         party = await self.factory.parties.kick(user_id, body["user_id"])

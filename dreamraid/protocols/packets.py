@@ -573,10 +573,18 @@ SLOT_ITEM = Struct("tab" / Int8ul, "slot" / Int16ul, "item_code" / Int32ul, "enh
 AUTHENTICATE = message(
     200, "authenticate", Sender.CLIENT,
     "The first request on a game server: the token from login, after enter_world made it the "
-    "user's live session. Errors: the token_* codes, session_not_live, already_authenticated. "
-    "A connection that has not authenticated within auth_timeout is closed. A second "
-    "authentication of the same user anywhere closes this connection after an error push "
-    "logged_in_elsewhere.",
+    "user's live session. Errors: the token_* codes, session_not_live, already_authenticated, "
+    "unavailable. A refused token (any error but already_authenticated and unavailable) closes "
+    "the connection once the error is sent, and nothing sent after it is served; a connection "
+    "that has not authenticated within auth_timeout is closed too. The newest authentication "
+    "of a user wins, on any game server and also with the same token: the older connection "
+    "gets an error push logged_in_elsewhere and is closed, and the newer one keeps the session "
+    "(and the party, ticket and raid place). Requests that change who the connection is or "
+    "where its player belongs (authenticate, authenticate_handoff, logout, create_party, "
+    "join_party, leave_party, kick_member, queue_raid, cancel_queue) are served one at a time "
+    "per connection, in the order sent, however many are pipelined; other requests are served "
+    "as they arrive, except that one needing authentication sent behind a pending "
+    "authenticate waits for it.",
     "token" / String,
 )
 AUTHENTICATED = message(
@@ -724,10 +732,10 @@ LEAVE_PARTY = message(
     253, "leave_party", Sender.CLIENT,
     "Leave the party; if the leader leaves, the member who joined next leads. Its waiting ticket is "
     "withdrawn: every member, the one leaving included, gets a matchmaking push with state "
-    "cancelled. Logging out or dropping the connection leaves too, but a connection replaced by a "
-    "newer one (a raid handoff, a second login) does not, nor one closed while its player moves "
-    "to a raid's host with a handoff ticket (until the ticket is used or expires). "
-    "Errors: not_in_party.",
+    "cancelled. Logging out or dropping the connection leaves too, but a connection closed because "
+    "a newer authentication of the player replaced it (a second login, a raid handoff) does not: "
+    "the player goes on there; nor does one closed while its player moves to a raid's host with a "
+    "handoff ticket (until the ticket is used or expires). Errors: not_in_party.",
 )
 PARTY_LEFT = message(254, "party_left", Sender.SERVER, "The reply to leave_party.")
 KICK_MEMBER = message(
@@ -796,7 +804,7 @@ AUTHENTICATE_HANDOFF = message(
     "user's live session (the connection elsewhere is closed with logged_in_elsewhere). A move "
     "is not a leave: the party keeps the player and nobody is told, in either order (the old "
     "connection may close first: the session waits for the ticket). The reply is authenticated. "
-    "Errors: handoff_refused, already_authenticated.",
+    "Errors: handoff_refused (the connection is then closed), already_authenticated, unavailable.",
     "user_id" / Int64ul, "ticket" / String,
 )
 RAID_READY = message(

@@ -19,6 +19,20 @@ did not answer (L{STORE_UNAVAILABLE}) gets C{UNAVAILABLE} and a warning at
 most once a minute per message; anything else is logged with its traceback
 and answered with C{INTERNAL_ERROR}.  The game and session protocols
 add their handlers to L{ServerProtocol.handlers}.
+
+Order: a handler marked C{ordered} (those that change who the connection is
+or where its player belongs) runs only once every ordered request before it
+on the connection has been answered, one at a time in the order they
+arrived, however many arrive in one write; its authentication is checked
+when it runs, so it may follow C{authenticate} in the same write.  Other
+requests are served at once, concurrently (reads and hits stay pipelined),
+except that one needing authentication that arrives while the connection
+is not authenticated waits its turn with the ordered ones (it may be
+waiting behind an C{authenticate}).  A protocol queues its own steps with
+L{ServerProtocol.in_order} (the game server's leave when a connection
+closes).  Once the connection is closing (a handler set
+C{close_after_reply}, a drop), frames still unread and steps not yet run
+are ignored.
 """
 
 import collections
@@ -44,11 +58,15 @@ from dreamraid.services.liveness import IPeer
 BUDGET_WAIT = 0.1
 
 
-def handles(message, needs_auth=True):
-    """Mark a protocol method as the handler of C{message}."""
+def handles(message, needs_auth=True, ordered=False):
+    """
+    Mark a protocol method as the handler of C{message}; C{ordered}: it runs
+    one at a time, in arrival order, with the connection's other ordered
+    requests (see the module's docstring).
+    """
 
     def mark(method):
-        method.handles = (message, needs_auth)
+        method.handles = (message, needs_auth, ordered)
         return method
 
     return mark
@@ -64,8 +82,8 @@ class HandlerTable(type):
             table.update(getattr(base, "handlers", {}))
         for attr, value in namespace.items():
             if hasattr(value, "handles"):
-                message, needs_auth = value.handles
-                table[message.id] = (attr, needs_auth)
+                message, needs_auth, ordered = value.handles
+                table[message.id] = (attr, needs_auth, ordered)
         cls.handlers = table
 
 
@@ -77,8 +95,10 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     state = None
     address = None  # the client's host, counted against the per-address cap
     buckets = None  # its L{RequestBuckets}, if requests are limited
-    # A handler sets this to close the connection once its reply is written.
+    # A handler sets this to close the connection once its reply (or error) is written.
     close_after_reply = False
+    _in_order = None  # the Deferred the connection's ordered steps are chained on
+    _steps_waiting = 0  # ordered steps queued or running
     _limited_in_row = 0
     _unread_since = None  # the timer that drops a client not reading its replies
     _unread_bytes = 0
@@ -149,6 +169,8 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
     # -- the frame budget -----------------------------------------------------------
 
     def stringReceived(self, payload):
+        if self.transport.disconnecting:
+            return  # the rest of a write that arrived with a frame that closed the connection
         if self.frame_budget is not None and not self.frame_budget.allow("*"):
             # Over budget: this frame and the rest already read wait (the framing loop stops), the socket is not read.
             self._held = payload
@@ -199,11 +221,18 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
         if entry is None:
             self._reply_error(request_id, ErrorCode.NOT_ACCEPTED, f"{message.name} is not accepted here")
             return
-        method, needs_auth = entry
-        if needs_auth and not self.state.authenticated:
-            self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
-            return
+        method, needs_auth, ordered = entry
         started = None if self.factory.metrics is None else heard  # liveness and metrics share the clock
+        if needs_auth and not self.state.authenticated:
+            if self._steps_waiting:  # maybe behind an authenticate
+                self._wait_turn(method, needs_auth, request_id, message, body, started)
+            else:
+                self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
+            return
+        if ordered:
+            self._wait_turn(method, needs_auth, request_id, message, body, started)
+            return
+        # The hot path (reads, hunts, hits), kept to one call of the handler.
         try:
             result = getattr(self, method)(body)
         except Exception:
@@ -218,6 +247,61 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             )
             return
         self._reply(result, request_id, message, started)
+
+    def _wait_turn(self, *request):
+        # Not a lambda in frameReceived: a closure there would slow every request down, ordered or not.
+        self.in_order(lambda: self._serve_in_order(*request))
+
+    def _serve_in_order(self, method, needs_auth, request_id, message, body, started):
+        """
+        An ordered request's turn: run the handler and answer, unless the
+        connection is closing; a Deferred that fires once it has answered,
+        if it has not yet.
+        """
+        if self.closing:
+            return None
+        if needs_auth and not self.state.authenticated:
+            self._reply_error(request_id, ErrorCode.NOT_AUTHENTICATED)
+            return None
+        try:
+            result = getattr(self, method)(body)
+        except Exception:
+            self._request_failed(Failure(), request_id, message, started)
+            return None
+        if inspect.iscoroutine(result):
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(
+                self._reply, self._request_failed,
+                callbackArgs=(request_id, message, started), errbackArgs=(request_id, message, started),
+            )
+        self._reply(result, request_id, message, started)
+        return None
+
+    @property
+    def closing(self):
+        """Whether the connection is closed or closing: nothing more it sent is served."""
+        return not self.connected or self.transport.disconnecting
+
+    def in_order(self, step):
+        """
+        Run C{step()} (which may return a Deferred) once every step passed
+        here before it has finished: the connection's ordered requests, and
+        whatever else must not interleave with them.  A step that fails is
+        logged; the next runs anyway.
+        """
+        if self._in_order is None:
+            self._in_order = defer.succeed(None)
+        self._steps_waiting += 1
+        self._in_order.addCallback(lambda _: step())
+        self._in_order.addErrback(self._step_failed)
+        self._in_order.addBoth(self._step_done)
+
+    def _step_failed(self, failure):
+        self._log.failure("an ordered step of {peer} failed", failure, peer=self.transport.getPeer())
+
+    def _step_done(self, _):
+        self._steps_waiting -= 1
 
     def _within_rate(self, name, request_id):
         """
@@ -270,6 +354,8 @@ class ServerProtocol(FrameReceiver, metaclass=HandlerTable):
             self.write_frame(packets.error_frame(request_id, code, detail))
             if self.factory.metrics is not None:
                 self.factory.metrics.refused(code)
+            if self.close_after_reply:
+                self.transport.loseConnection()
 
     def _request_failed(self, failure, request_id, message, started):
         if failure.check(RequestRefused):

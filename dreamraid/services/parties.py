@@ -4,19 +4,24 @@ join with it, up to the raid size.  When the leader leaves, the member who
 joined next leads; the leader may kick.  Every member, on whichever game
 server process, is told of every change (L{Presence.tell}).
 
-    {p:<code>}:party   hash: leader, ids and names (space-separated, in
-                       join order), size, version (raised by every change,
-                       so a queued ticket can tell whether it is the party's
-                       as it is now)
-    {u:<id>}:party     the code of the user's party
+    {p:<code>}:party        hash: leader, ids and names (space-separated,
+                            in join order), size, version (raised by every
+                            change, so a queued ticket can tell whether it
+                            is the party's as it is now)
+    {u:<id>}:party          the code of the user's party
+    {u:<id>}:party_claim    the code of a claim of the user's not yet
+                            finished, with a TTL (C{claim_ttl})
 
 The two keys live in different slots, so no one script changes both: a
 user first claims their own key (at most one party each), then the party
-changes; a failure gives the claim back.  A claim that names a party which
-does not list the user (its process died between the two steps) is stale
-and taken over.  A player who logs out or drops leaves their party; one
-whose old connection closes because they moved (a raid handoff) or logged
-in again does not.
+changes, then the claim is marked done; a failure gives the claim back.  A
+claim that names a party which does not list the user is stale (its
+process died between the two steps) and taken over, but only once it is no
+longer under way: a claim still in the middle of its two steps (another
+request of the same player's, on any connection or process) is not stale,
+and the later request is refused with C{ALREADY_IN_PARTY}.  A player who
+logs out or drops leaves their party; one whose old connection closes
+because they moved (a raid handoff) or logged in again does not.
 """
 
 import string
@@ -50,6 +55,10 @@ def party_key(code):
 
 def membership_key(user_id):
     return f"{{u:{user_id}}}:party"
+
+
+def claim_key(user_id):
+    return f"{{u:{user_id}}}:party_claim"
 
 
 # Shared: the party's state as a reply.
@@ -109,20 +118,37 @@ redis.call('HINCRBY', KEYS[1], 'version', 1)
 return state(1)
 """
 
-# KEYS: membership.  ARGV: code, the stale code to take over or ''.
-# '' when claimed, else the code already there.
+# KEYS: membership, claim under way.  ARGV: code, the stale code to take
+# over or '', claim ttl ms.  '' when claimed (and marked under way), else
+# the code already there (a code to take over that is still under way
+# stays).
 _CLAIM = """
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[2] then return current end
+if current and (current ~= ARGV[2] or redis.call('EXISTS', KEYS[2]) == 1) then return current end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 return ''
 """
 
-# KEYS: membership.  ARGV: code.  Gives the claim back if it is still that code.
-_RELEASE = """
+# KEYS: claim under way.  ARGV: code.  The claim of that code is done.
+_CLAIMED = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
+
+# KEYS: membership, claim under way.  ARGV: code.  Gives the claim back if
+# it is still that code.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# How long a claim counts as under way: far longer than the one party
+# script between the claim and its end may take (the router's deadline, 2 s
+# by default), short enough that a claim a dead process left blocks its
+# player only briefly.
+CLAIM_TTL = 10.0
 
 
 class Party(NamedTuple):
@@ -148,31 +174,44 @@ class Parties:
 
     _log = Logger()
 
-    def __init__(self, router, presence, random, size):
+    def __init__(self, router, presence, random, size, claim_ttl=CLAIM_TTL):
         self._router = router
         self._presence = presence
         self._random = random
         self._size = size
+        self._claim_ms = int(claim_ttl * 1000)
         self._create = Script(router, _CREATE)
         self._join = Script(router, _JOIN)
         self._remove = Script(router, _REMOVE)
         self._claim = Script(router, _CLAIM)
-        self._release = Script(router, _RELEASE)
+        self._claimed = Script(router, _CLAIMED)
+        self._release_script = Script(router, _RELEASE)
 
     def _new_code(self):
         return "".join(self._random.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
 
     async def _take_membership(self, user_id, code):
-        """Claim the user's membership for C{code}.  @raise RequestRefused: ALREADY_IN_PARTY."""
-        key = membership_key(user_id)
-        current = (await self._claim([key], [code, ""])).decode()
+        """
+        Claim the user's membership for C{code}, marked under way until
+        L{_claim_done} or L{_release}.  @raise RequestRefused: ALREADY_IN_PARTY.
+        """
+        keys = [membership_key(user_id), claim_key(user_id)]
+        current = (await self._claim(keys, [code, "", self._claim_ms])).decode()
         if not current:
             return
         if user_id in [u for u, _ in (await self.party_of_code(current) or Party("", 0, [])).members]:
             raise RequestRefused(ErrorCode.ALREADY_IN_PARTY)
-        # The claim names a party that does not list the user: stale.
-        if (await self._claim([key], [code, current])).decode():
+        # The claim names a party that does not list the user: stale, unless still under way.
+        if (await self._claim(keys, [code, current, self._claim_ms])).decode():
             raise RequestRefused(ErrorCode.ALREADY_IN_PARTY)
+
+    def _claim_done(self, user_id, code):
+        """The party lists the user now: their claim of C{code} is no longer under way."""
+        return self._claimed([claim_key(user_id)], [code])
+
+    def _release(self, user_id, code):
+        """Give the user's membership of C{code} back, if it is still that."""
+        return self._release_script([membership_key(user_id), claim_key(user_id)], [code])
 
     async def party_of_code(self, code):
         reply = await self._router.execute("HMGET", party_key(code), "leader", "ids", "names", "version")
@@ -191,8 +230,9 @@ class Parties:
             await self._take_membership(user_id, code)
             reply = await self._create([party_key(code)], [user_id, name, self._size])
             if reply[0] == 1:
+                await self._claim_done(user_id, code)
                 return _party(code, reply)
-            await self._release([membership_key(user_id)], [code])
+            await self._release(user_id, code)
         raise RequestRefused(ErrorCode.UNAVAILABLE, "no free party code found")
 
     async def join(self, user_id, name, code):
@@ -203,8 +243,9 @@ class Parties:
         await self._take_membership(user_id, code)
         reply = await self._join([party_key(code)], [user_id, name])
         if reply[0] != 1:
-            await self._release([membership_key(user_id)], [code])
+            await self._release(user_id, code)
             raise RequestRefused(ErrorCode.NO_SUCH_PARTY if reply[0] == -1 else ErrorCode.PARTY_FULL)
+        await self._claim_done(user_id, code)
         party = _party(code, reply)
         await self._tell(party, [u for u, _ in party.members if u != user_id], JOINED, user_id)
         return party
@@ -248,7 +289,7 @@ class Parties:
             raise RequestRefused(ErrorCode.NOT_PARTY_LEADER)
         if reply[0] == -4:
             raise RequestRefused(ErrorCode.NOT_A_MEMBER)
-        await self._release([membership_key(user_id)], [code])
+        await self._release(user_id, code)
         if reply[0] != 1:
             return None
         party = _party(code, reply)

@@ -1,7 +1,8 @@
 """
 The players connected to one game server process: authentication with the
-live-session check, one connection per user across every process, presence
-renewal, and what happens when a player leaves.
+live-session check, one connection per user across every process (the
+newest authentication wins, also with the same token), presence renewal, and
+what happens when a player leaves.
 """
 
 from twisted.application.service import Service
@@ -13,6 +14,7 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.health import Unhealthy
+from dreamraid.services.presence import Left
 from dreamraid.services.rediscluster import RedisClusterError
 
 
@@ -21,6 +23,7 @@ class IPlayerConnection(Interface):
 
     user_id = Attribute("the authenticated user's id, or None")
     jti = Attribute("the id of the token it authenticated with, or None")
+    holder = Attribute("its authentication's presence (L{dreamraid.services.presence.Entered.holder}), or None")
 
     def kick(code):
         """Close the connection after telling the client C{code}."""
@@ -119,7 +122,7 @@ class Players(Service):
         older = self._connections.get(user_id)
         if older is not None and older is not connection:
             older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
-        connection.user_id, connection.jti = user_id, jti
+        connection.user_id, connection.jti, connection.holder = user_id, jti, entered.holder
         self._connections[user_id] = self._slices[user_id % RENEWAL_SLICES][user_id] = connection
         return entered
 
@@ -127,10 +130,10 @@ class Players(Service):
         """The user's connection to this process, or None."""
         return self._connections.get(user_id)
 
-    def taken_over(self, user_id, jti):
-        """Another process took C{user_id} over with session C{jti}: close the connection here."""
+    def taken_over(self, user_id, holder):
+        """Another process took C{user_id} over from the authentication C{holder}: close its connection here."""
         connection = self._connections.get(user_id)
-        if connection is not None and connection.jti != jti:
+        if connection is not None and connection.holder == holder:
             connection.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
 
     def notified(self, user_ids, event, body):
@@ -140,19 +143,23 @@ class Players(Service):
             if connection is not None:
                 connection.push(event, body)
 
-    async def leave(self, connection, wait_for_handoff=True):
+    async def leave(self, connection, leave_game=None, wait_for_handoff=True):
         """
-        The connection logged out or went away: end its session if it is
-        still the live one, and have the user's data written back; whether
-        that ended it (the player left the game, and the leave rules apply).
+        The connection logged out or went away.  If a newer authentication
+        of the user (here or on another process, with any token, a raid
+        handoff among them) replaced it, nothing ends: the player goes on
+        there.  Otherwise end its session if it is still the live one, run
+        C{leave_game(user_id)} (an async callable: the player's ticket and
+        party go), then have the user's data written back.  What the leave
+        found, a L{dreamraid.services.presence.Left}, or None if Redis did
+        not answer or this service stopped while it waited.
 
-        A connection replaced by a newer one (a raid handoff, a second
-        login) ends nothing.  With C{wait_for_handoff} (a connection that
-        closed, not a logout), one whose player has a raid handoff ticket
-        waiting ends nothing yet: the player is moving to the raid's host,
-        and the old connection may close before the new one arrives there.
-        The session is kept until the ticket is used or expires, then ended
-        only if still this connection's.
+        With C{wait_for_handoff} (a connection that closed, not a logout),
+        one whose player has a raid handoff ticket waiting ends nothing yet:
+        the player is moving to the raid's host, and the old connection may
+        close before the new one arrives there.  The session is kept until
+        the ticket is used (the leave then finds the connection replaced) or
+        expires, then ended only if still this connection's.
         """
         user_id = connection.user_id
         if self._connections.get(user_id) is connection:
@@ -160,21 +167,30 @@ class Players(Service):
             del self._slices[user_id % RENEWAL_SLICES][user_id]
         wait_for_handoff = wait_for_handoff and self.running  # stopping lets every player go at once
         try:
-            ended = await self._presence.leave(user_id, connection.jti, wait_for_handoff)
-            while not isinstance(ended, bool):  # the seconds a handoff ticket still waits
+            left = await self._presence.leave(user_id, connection.jti, connection.holder, wait_for_handoff)
+            while not isinstance(left, Left):  # the seconds a handoff ticket still waits
                 self._log.info("user {user_id}: a connection closed while a raid handoff ticket waits; the "
-                               "session waits {seconds:.1f} s for the player to move", user_id=user_id, seconds=ended)
-                await self._waiting_for_handoff(ended)
-                ended = await self._presence.leave(user_id, connection.jti, wait_for_handoff)
-            if ended:
-                await self._queue.enqueue(user_id, "logout")
+                               "session waits {seconds:.1f} s for the player to move", user_id=user_id, seconds=left)
+                await self._waiting_for_handoff(left)
+                left = await self._presence.leave(user_id, connection.jti, connection.holder, wait_for_handoff)
         except defer.CancelledError:
-            return False  # stopping: the session expires by itself and the next checkpoint syncs the user
+            return None  # stopping: the session expires by itself and the next checkpoint syncs the user
         except REDIS_ERRORS as e:
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
-            return False
-        return ended
+            left = None
+        if left is Left.REPLACED:
+            self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host has "
+                           "the player); nothing ended, the party and any ticket stay", user_id=user_id)
+            return left
+        if leave_game is not None:
+            await leave_game(user_id)
+        if left is Left.ENDED:
+            try:
+                await self._queue.enqueue(user_id, "logout")
+            except REDIS_ERRORS as e:
+                self._log.warn("user {user_id} left, but their sync was not queued: {error}", user_id=user_id, error=e)
+        return left
 
     def _waiting_for_handoff(self, seconds):
         """A Deferred that fires once the handoff ticket's C{seconds} have passed; cancelled when this stops."""
@@ -205,10 +221,10 @@ class Players(Service):
         """
         for start in range(0, len(connections), 1000):
             chunk = connections[start:start + 1000]
-            outcomes = await defer.DeferredList([self._presence.renew(c.user_id, c.jti) for c in chunk],
+            outcomes = await defer.DeferredList([self._presence.renew(c.user_id, c.jti, c.holder) for c in chunk],
                                                 consumeErrors=True)
-            for connection, (renewed, live) in zip(chunk, outcomes):
+            for connection, (renewed, refused) in zip(chunk, outcomes):
                 if not renewed:
-                    self._failures.failed("presence renewal: cannot renew a user's presence", live)
-                elif not live:
-                    connection.kick(ErrorCode.SESSION_NOT_LIVE)
+                    self._failures.failed("presence renewal: cannot renew a user's presence", refused)
+                elif refused is not None:
+                    connection.kick(refused)

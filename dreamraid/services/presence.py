@@ -2,17 +2,25 @@
 Presence: which game server process holds each user, and the kick that
 crosses processes when the same user logs in twice.
 
-    {u:<id>}:presence   the server id holding the user, with a TTL this
-                        server renews while the user stays connected
+    {u:<id>}:presence   "<server id> <n>": the authentication holding the
+                        user (the server's n-th), with a TTL that server
+                        renews while the user stays connected
 
 A user enters a game server only with the token that is their live session
 (the "double check" after the signature).  Entering renews the session and
-takes over the presence; if another process held the user, that process is
-told through its kick channel (Redis pub/sub) and closes its connection.
-Pushes to users on any process (a party's changes) go the same way, on each
-process's notice channel.
+takes over the presence, so the newest authentication always holds the user,
+also when it reused the token of the one before; the holder it replaced, if
+on another process, is named on that process's kick channel (Redis pub/sub),
+which closes exactly that connection.  Renewing and leaving act only while
+the presence still names the connection's own authentication: a replaced
+connection's renewal finds it replaced (and closes it, in case the kick was
+lost), and its leave ends nothing, so the newer connection's session lives
+on.  Pushes to users on any process (a party's changes) go the same way as
+kicks, on each process's notice channel.
 """
 
+import enum
+import itertools
 import json
 from typing import NamedTuple
 
@@ -38,7 +46,7 @@ def notice_channel(server_id):
     return f"notice:{{{server_id}}}"
 
 
-# KEYS: session, presence, profile.  ARGV: jti, server id, presence ttl ms,
+# KEYS: session, presence, profile.  ARGV: jti, holder, presence ttl ms,
 # session ttl ms.  {0} unless jti is the live session and the data is live;
 # else {1, the previous holder or '', name, level, exp}.
 _ENTER = """
@@ -50,30 +58,38 @@ local profile = redis.call('HMGET', KEYS[3], 'name', 'level', 'exp')
 return {1, previous, profile[1], profile[2], profile[3]}
 """
 
-# KEYS: session, presence.  ARGV: jti, server id, presence ttl ms, session
-# ttl ms.  Renews both while jti is still the live session; 1 if it is.
+# KEYS: session, presence.  ARGV: jti, holder, presence ttl ms, session
+# ttl ms.  Renews both while the presence is still this holder's (or has
+# lapsed: nobody took the user over) and jti the live session: 1; -1 if
+# another authentication holds the user; 0 if the session is not jti.
 _RENEW = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return -1 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
-# KEYS: session, presence, handoff.  ARGV: jti, server id, '1' to wait for
-# a handoff.  Ends the session, and the presence if this server's, while
-# jti is still the live session (a newer login keeps both); 1 if it was,
-# 0 if not.  Asked to wait, while a handoff ticket waits: ends nothing,
-# {the ticket's ms left}.
+# KEYS: session, presence, handoff.  ARGV: jti, holder, '1' to wait for a
+# handoff.  -1 if another authentication holds the user (it goes on with the
+# session, a raid handoff among them).  Asked to wait, while jti is still the
+# session and a handoff ticket waits: ends nothing, {the ticket's ms left}.
+# Else gives up the presence and ends the session if it is still jti: 1 if
+# it did, 0 if not.
 _LEAVE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '1' and redis.call('PTTL', KEYS[3]) > 0 then return {redis.call('PTTL', KEYS[3])} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return -1 end
+local live = redis.call('GET', KEYS[1]) == ARGV[1]
+if live and ARGV[3] == '1' and redis.call('PTTL', KEYS[3]) > 0 then return {redis.call('PTTL', KEYS[3])} end
+if holder then redis.call('DEL', KEYS[2]) end
+if not live then return 0 end
 redis.call('DEL', KEYS[1])
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
 
-# KEYS: handoff, session, presence, profile.  ARGV: ticket, server id,
+# KEYS: handoff, session, presence, profile.  ARGV: ticket, holder,
 # presence ttl ms, session ttl ms.  Uses the ticket up; if it was the user's
 # and their data is live, the ticket becomes the live session and this
 # server takes the presence: {1, previous holder or '', name, level, exp};
@@ -90,9 +106,21 @@ return {1, previous, profile[1], profile[2], profile[3]}
 """
 
 
+class Left(enum.Enum):
+    """What a connection's leave found."""
+
+    REPLACED = -1  # a newer authentication holds the user and goes on with the session: nothing ended
+    NOT_LIVE = 0  # nobody holds the user now, but the session was not this one's (a newer login's, or gone)
+    ENDED = 1  # this connection held the user and its session ended
+
+
 def _left(reply):
-    """The leave script's reply: True or False, or the handoff ticket's seconds left."""
-    return reply[0] / 1000 if isinstance(reply, list) else bool(reply)
+    """The leave script's reply: a L{Left}, or the seconds a handoff ticket still waits (a float)."""
+    return reply[0] / 1000 if isinstance(reply, list) else Left(reply)
+
+
+def _renewal_outcome(reply):
+    return None if reply == 1 else ErrorCode.LOGGED_IN_ELSEWHERE if reply == -1 else ErrorCode.SESSION_NOT_LIVE
 
 
 class Entered(NamedTuple):
@@ -100,7 +128,13 @@ class Entered(NamedTuple):
     name: str
     level: int
     exp: int
-    previous_server: str
+    holder: str  # this authentication's presence: what the connection renews and leaves with
+    previous_holder: str  # the presence it replaced, or ''
+
+
+def holder_server(holder):
+    """The server id in a presence value."""
+    return holder.split(" ", 1)[0]
 
 
 class Presence:
@@ -109,6 +143,7 @@ class Presence:
     def __init__(self, router, server_id, presence_ttl, session_ttl):
         self._router = router
         self.server_id = server_id
+        self._authentications = itertools.count(1)
         self._presence_ms = int(presence_ttl * 1000)
         self._session_ms = int(session_ttl * 1000)
         self._enter = Script(router, _ENTER)
@@ -123,11 +158,16 @@ class Presence:
 
         @raise RequestRefused: C{SESSION_NOT_LIVE} unless C{jti} is the live session.
         """
+        holder = self._new_holder()
         reply = await self._enter([session_key(user_id), presence_key(user_id), profile_key(user_id)],
-                                  [jti, self.server_id, self._presence_ms, self._session_ms])
+                                  [jti, holder, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
-        return await self._entered(user_id, jti, reply)
+        return await self._entered(user_id, holder, reply)
+
+    def _new_holder(self):
+        """A presence value no other authentication, here or on any process, has had."""
+        return f"{self.server_id} {next(self._authentications)}"
 
     def offer_handoff(self, user_id, ticket, ttl):
         """Let the user move to this server with C{ticket}, once, within C{ttl} seconds."""
@@ -140,34 +180,42 @@ class Presence:
 
         @raise RequestRefused: C{HANDOFF_REFUSED} for a used, expired or wrong ticket.
         """
+        holder = self._new_holder()
         reply = await self._handoff(
             [handoff_key(user_id), session_key(user_id), presence_key(user_id), profile_key(user_id)],
-            [ticket, self.server_id, self._presence_ms, self._session_ms])
+            [ticket, holder, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.HANDOFF_REFUSED)
-        return await self._entered(user_id, ticket, reply)
+        return await self._entered(user_id, holder, reply)
 
-    async def _entered(self, user_id, jti, reply):
+    async def _entered(self, user_id, holder, reply):
         previous = reply[1].decode()
-        if previous and previous != self.server_id:
-            await self._router.publish(kick_channel(previous), f"{user_id} {jti}")
-        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), previous)
+        if previous and holder_server(previous) != self.server_id:
+            await self._router.publish(kick_channel(holder_server(previous)), f"{user_id} {previous}")
+        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), holder, previous)
 
-    def renew(self, user_id, jti):
-        """Renew the session and presence; a Deferred of whether the session is still this one."""
-        return self._renew([session_key(user_id), presence_key(user_id)],
-                           [jti, self.server_id, self._presence_ms, self._session_ms]).addCallback(bool)
-
-    def leave(self, user_id, jti, wait_for_handoff=False):
+    def renew(self, user_id, jti, holder):
         """
-        End the session and presence if still this connection's; a Deferred
-        of whether the session was.  With C{wait_for_handoff} (a connection
-        closed, not a logout) and a raid handoff ticket of the user
-        waiting, end nothing (the player is moving to the raid's host): a
-        Deferred of the seconds the ticket has left, a float.
+        Renew the session and presence of the authentication C{holder}; a
+        Deferred of None if they are still its, else of the L{ErrorCode} to
+        close its connection with: C{LOGGED_IN_ELSEWHERE} (a newer
+        authentication holds the user) or C{SESSION_NOT_LIVE}.
+        """
+        return self._renew([session_key(user_id), presence_key(user_id)],
+                           [jti, holder, self._presence_ms, self._session_ms]).addCallback(_renewal_outcome)
+
+    def leave(self, user_id, jti, holder, wait_for_handoff=False):
+        """
+        The authentication C{holder} leaves: unless a newer one holds the
+        user, give up the presence and end the session if it is still
+        C{jti}; a Deferred of what it found, a L{Left}.  With
+        C{wait_for_handoff} (a connection closed, not a logout) and a raid
+        handoff ticket of the user waiting, end nothing (the player is
+        moving to the raid's host): a Deferred of the seconds the ticket has
+        left, a float.
         """
         keys = [session_key(user_id), presence_key(user_id), handoff_key(user_id)]
-        return self._leave(keys, [jti, self.server_id, "1" if wait_for_handoff else "0"]).addCallback(_left)
+        return self._leave(keys, [jti, holder, "1" if wait_for_handoff else "0"]).addCallback(_left)
 
     async def tell(self, user_ids, event, body):
         """
@@ -177,25 +225,26 @@ class Presence:
         """
         holders = await gather([self._router.execute("GET", presence_key(u)) for u in user_ids])
         by_server = {}
-        for user_id, server in zip(user_ids, holders):
-            if server is not None:
-                by_server.setdefault(server.decode(), []).append(user_id)
+        for user_id, holder in zip(user_ids, holders):
+            if holder is not None:
+                by_server.setdefault(holder_server(holder.decode()), []).append(user_id)
         await gather([
             self._router.publish(notice_channel(server), json.dumps({"users": users, "event": event, "body": body}))
             for server, users in by_server.items()])
 
     def listen(self, on_kick, on_notice):
         """
-        Call C{on_kick(user_id, jti)} when another process takes over a user
-        of this one, and C{on_notice(user_ids, event, body)} for what
-        L{tell} sends users of this one; a Subscription.
+        Call C{on_kick(user_id, holder)} when another process takes over the
+        authentication C{holder} of a user of this one, and
+        C{on_notice(user_ids, event, body)} for what L{tell} sends users of
+        this one; a Subscription.
         """
         kicks = kick_channel(self.server_id).encode()
 
         def received(channel, message):
             if channel == kicks:
-                user_id, jti = message.decode().split(" ", 1)
-                on_kick(int(user_id), jti)
+                user_id, holder = message.decode().split(" ", 1)
+                on_kick(int(user_id), holder)
             else:
                 notice = json.loads(message)
                 on_notice(notice["users"], notice["event"], notice["body"])
