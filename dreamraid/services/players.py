@@ -146,7 +146,8 @@ class Players(Service):
         of the user (here or on another process, with any token) replaced
         it, nothing ends: the player goes on there.  Otherwise end its
         session if it is still the live one, run C{leave_game(user_id)} (an
-        async callable: the player's ticket and party go), then have the
+        async callable: the player's ticket and party go; also when Redis
+        did not answer, as the player is most likely gone), then have the
         user's data written back.  What the leave found, a
         L{dreamraid.services.presence.Left}, or None if Redis did not answer.
         """
