@@ -150,9 +150,10 @@ class Players(Service):
         handoff among them) replaced it, nothing ends: the player goes on
         there.  Otherwise end its session if it is still the live one, run
         C{leave_game(user_id)} (an async callable: the player's ticket and
-        party go), then have the user's data written back.  What the leave
-        found, a L{dreamraid.services.presence.Left}, or None if Redis did
-        not answer or this service stopped while it waited.
+        party go; also when Redis did not answer, as the player is most
+        likely gone), then have the user's data written back.  What the
+        leave found, a L{dreamraid.services.presence.Left}, or None if Redis
+        did not answer or this service stopped while it waited.
 
         With C{wait_for_handoff} (a connection that closed, not a logout),
         one whose player has a raid handoff ticket waiting ends nothing yet:
