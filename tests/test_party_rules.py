@@ -32,6 +32,7 @@ from dreamraid.services.players import Players
 from dreamraid.services.presence import Left, Presence, handoff_key, presence_key
 from tests import cluster
 from tests.support import eventually, require_stack, when_logged
+from tests.test_players import RecordingQueue
 from tests.test_game import GameServerCase
 from tests.test_matchmaking import MatchmakerCase
 from tests.test_players import FakeConnection
@@ -348,17 +349,6 @@ class HandoffTests(PartyCase):
         await self.assert_party_kept(stayer, stayer_id, mover, mover_id)
 
 
-class RecordingQueue:
-    """The sync queue Players uses, recording what it is given."""
-
-    def __init__(self):
-        self.enqueued = []
-
-    def enqueue(self, user_id, reason):
-        self.enqueued.append((user_id, reason))
-        return defer.succeed(None)
-
-
 class HandoffWaitTests(TestCase):
     """
     A connection closed while its player's handoff ticket waits, through
@@ -406,7 +396,7 @@ class HandoffWaitTests(TestCase):
         self.clock.advance(30)
         self.assertIs(await leave, Left.ENDED)
         self.assertIsNone(await self.router.execute("GET", session_key(self.user_id)))
-        self.assertEqual(self.queue.enqueued, [(self.user_id, "logout")])
+        self.assertEqual(self.queue.jobs, [(self.user_id, "logout")])
 
     async def test_a_ticket_used_meanwhile_is_no_leave(self):
         """The player reached the host with the ticket: the old connection's leave ends nothing."""
@@ -415,7 +405,7 @@ class HandoffWaitTests(TestCase):
         self.clock.advance(30)
         self.assertIs(await leave, Left.REPLACED)
         self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"to the host")
-        self.assertEqual(self.queue.enqueued, [])
+        self.assertEqual(self.queue.jobs, [])
 
     async def test_stopping_ends_the_wait(self):
         """A server stopping does not wait for the ticket: the leave ends nothing, the session expires by itself."""
