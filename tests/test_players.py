@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 from dreamraid.errors import ErrorCode
 from dreamraid.services.livestore import profile_key, session_key
 from dreamraid.services.players import RENEWAL_SLICES, IPlayerConnection, Players
+from dreamraid.services.rediscluster import ClusterUnavailable
 from dreamraid.services.tokens import Claims, ITokenVerifier
 from dreamraid.services.presence import Entered, Left, Presence, handoff_key, presence_key
 from tests import cluster
@@ -45,7 +46,7 @@ class RecordingPresence:
         return defer.succeed(None)
 
     def enter_handoff(self, user_id, ticket):
-        return defer.succeed(Entered(user_id, "n", 1, 0, f"test {user_id}", ""))
+        return defer.succeed(Entered(user_id, "n", 1, 0, f"test {user_id}"))
 
     def renew(self, user_id, jti, holder):
         if user_id in self.broken:
@@ -97,6 +98,30 @@ class RenewalTests(TestCase):
             self.successResultOf(defer.ensureDeferred(
                 self.players.authenticate_handoff(connections[user_id], user_id, f"jti{user_id}")))
         return connections
+
+    def test_a_later_authentication_registered_first_wins(self):
+        """
+        Two authentications of one user on this process whose Redis answers
+        are handled out of order (the earlier one's last): the later one
+        (the larger holder) keeps the user and is not kicked; the earlier is
+        refused with C{LOGGED_IN_ELSEWHERE} and never registered.
+        """
+        answers = {}
+
+        def enter_handoff(user_id, ticket):
+            answers[ticket] = defer.Deferred()
+            return answers[ticket]
+
+        self.presence.enter_handoff = enter_handoff
+        earlier, later = FakeConnection(), FakeConnection()
+        first = defer.ensureDeferred(self.players.authenticate_handoff(earlier, 7, "a"))
+        second = defer.ensureDeferred(self.players.authenticate_handoff(later, 7, "b"))
+        answers["b"].callback(Entered(7, "n", 1, 0, "test 2"))
+        answers["a"].callback(Entered(7, "n", 1, 0, "test 1"))
+        self.assertEqual(self.successResultOf(second).holder, "test 2")
+        self.assertEqual(self.failureResultOf(first).value.code, ErrorCode.LOGGED_IN_ELSEWHERE)
+        self.assertIs(self.players.connection_of(7), later)
+        self.assertEqual(later.kicked, [])
 
     def test_every_player_renewed_each_third_of_the_ttl_a_slice_at_a_time(self):
         """Within each third of the TTL every player is renewed once, and no tick renews more than a slice."""
@@ -354,3 +379,24 @@ class NewestAuthenticationTests(TestCase):
         self.assertEqual(await self.router.execute("GET", presence_key(self.user_id)),
                          b"a-process-whose-kick-was-lost 1")
         self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"jti1")
+
+
+class UnreachableKickTests(TestCase):
+    """The kick to the process a user moved from is told without waiting, and its loss fails nothing."""
+
+    def test_a_kick_that_cannot_be_sent_still_enters(self):
+        """The enter script took the user over; a publish that fails is logged, and the user has entered."""
+
+        class Router:
+            """Answers the enter script as Redis would for a user held on another process; publishing fails."""
+
+            def execute(self, command, *args, timeout=None, route=None):
+                return defer.succeed([1, b"other-server 3", b"ann", b"4", b"15"])
+
+            def publish(self, channel, message, timeout=None):
+                return defer.fail(ClusterUnavailable("the channel's master is down"))
+
+        lines = log_lines(self)
+        entered = self.successResultOf(defer.ensureDeferred(Presence(Router(), "here", 30, 900).enter(5, "jti")))
+        self.assertEqual((entered.user_id, entered.name, entered.level, entered.holder), (5, "ann", 4, "here 1"))
+        self.assertTrue(any("user 5: cannot tell other-server 3 to let go" in line for line in lines), lines)

@@ -14,7 +14,7 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.health import Unhealthy
-from dreamraid.services.presence import Left
+from dreamraid.services.presence import Left, holder_number
 from dreamraid.services.rediscluster import RedisClusterError
 
 
@@ -121,6 +121,9 @@ class Players(Service):
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
         older = self._connections.get(user_id)
         if older is not None and older is not connection:
+            if holder_number(older.holder) > holder_number(entered.holder):
+                # A later authentication here was registered first: this one is already replaced.
+                raise RequestRefused(ErrorCode.LOGGED_IN_ELSEWHERE)
             older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
         connection.user_id, connection.jti, connection.holder = user_id, jti, entered.holder
         self._connections[user_id] = self._slices[user_id % RENEWAL_SLICES][user_id] = connection

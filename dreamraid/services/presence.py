@@ -24,6 +24,8 @@ import itertools
 import json
 from typing import NamedTuple
 
+from twisted.logger import Logger
+
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import profile_key, session_key
@@ -129,7 +131,6 @@ class Entered(NamedTuple):
     level: int
     exp: int
     holder: str  # this authentication's presence: what the connection renews and leaves with
-    previous_holder: str  # the presence it replaced, or ''
 
 
 def holder_server(holder):
@@ -137,8 +138,15 @@ def holder_server(holder):
     return holder.split(" ", 1)[0]
 
 
+def holder_number(holder):
+    """The n of a presence value: on one server, a later authentication has a larger one."""
+    return int(holder.rsplit(" ", 1)[1])
+
+
 class Presence:
     """Presence and sessions of the users connected to one game server process."""
+
+    _log = Logger()
 
     def __init__(self, router, server_id, presence_ttl, session_ttl):
         self._router = router
@@ -163,7 +171,7 @@ class Presence:
                                   [jti, holder, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
-        return await self._entered(user_id, holder, reply)
+        return self._entered(user_id, holder, reply)
 
     def _new_holder(self):
         """A presence value no other authentication, here or on any process, has had."""
@@ -186,13 +194,22 @@ class Presence:
             [ticket, holder, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.HANDOFF_REFUSED)
-        return await self._entered(user_id, holder, reply)
+        return self._entered(user_id, holder, reply)
 
-    async def _entered(self, user_id, holder, reply):
+    def _entered(self, user_id, holder, reply):
+        """
+        The user is this authentication's now: tell the holder it replaced,
+        if on another process, without waiting (the caller registers the
+        connection at once, so no other authentication of the user here can
+        come between).  A kick that cannot be sent is logged: the replaced
+        connection's next renewal finds it replaced all the same.
+        """
         previous = reply[1].decode()
         if previous and holder_server(previous) != self.server_id:
-            await self._router.publish(kick_channel(holder_server(previous)), f"{user_id} {previous}")
-        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), holder, previous)
+            self._router.publish(kick_channel(holder_server(previous)), f"{user_id} {previous}").addErrback(
+                lambda f: self._log.warn("user {user_id}: cannot tell {previous} to let go ({error}); its renewal "
+                                         "will", user_id=user_id, previous=previous, error=f.getErrorMessage()))
+        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), holder)
 
     def renew(self, user_id, jti, holder):
         """
