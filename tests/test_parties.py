@@ -5,12 +5,19 @@ pushes that tell members of each change, within one process and across two
 game server processes; a stale membership taken over.
 """
 
+import random
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
 from dreamraid.client import RemoteError
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.parties import CHANGE_REASONS, membership_key, party_key
-from tests.support import eventually
+from dreamraid.services.parties import CHANGE_REASONS, Parties, claim_key, membership_key, party_key
+from dreamraid.services.rediscluster import ClusterUnavailable
+from tests import cluster
+from tests.support import eventually, log_lines, require_stack
 from tests.test_game import GameServerCase
 
 
@@ -99,3 +106,43 @@ class PartyTests(GameServerCase):
         self.addCleanup(lambda: self.router.execute("DEL", membership_key(a_id)))
         _, created = await a.request(packets.CREATE_PARTY, {})
         self.assertEqual(await self.router.execute("GET", membership_key(a_id)), created["code"].encode())
+
+
+class FailingTellTests(TestCase):
+    """
+    A party change whose script ran, then a tell that Redis did not take:
+    the change stands and is returned, so the game server goes on to
+    withdraw the party's ticket (a failure here used to skip that).
+    """
+
+    timeout = 60
+
+    async def setUp(self):
+        require_stack()
+        self.router = cluster.router()
+        self.addCleanup(self.router.stopService)
+        await self.router.refresh()
+
+    async def test_join_leave_and_kick_return_their_party(self):
+        """Every tell fails; join, kick and leave still answer the party as changed, and one line is logged each."""
+
+        class UnreachablePresence:
+            def tell(self, user_ids, event, body):
+                return defer.fail(ClusterUnavailable("the notice channel's master is down"))
+
+        parties = Parties(self.router, UnreachablePresence(), random.Random(20), 4)
+        leader, member, other = (random.randrange(10**15, 10**16) for _ in range(3))
+        for user_id in (leader, member, other):
+            self.addCleanup(lambda u=user_id: self.router.execute("DEL", membership_key(u), claim_key(u)))
+        lines = log_lines(self)
+        party = await parties.create(leader, "lead")
+        self.addCleanup(lambda: self.router.execute("DEL", party_key(party.code)))
+        joined = await parties.join(member, "m", party.code)
+        self.assertEqual([u for u, _ in joined.members], [leader, member])
+        await parties.join(other, "o", party.code)
+        after_kick = await parties.kick(leader, other)
+        self.assertEqual([u for u, _ in after_kick.members], [leader, member])
+        after_leave = await parties.leave(member)
+        self.assertEqual([u for u, _ in after_leave.members], [leader])
+        self.assertIsNone(await parties.party_of(member))
+        self.assertEqual(sum("could not tell" in line for line in lines), 5)  # 2 joins, a kick (twice), a leave

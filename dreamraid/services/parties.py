@@ -30,6 +30,7 @@ from typing import NamedTuple
 from twisted.logger import Logger
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.failurelog import REDIS_ERRORS
 from dreamraid.services.rediscluster import LUA_SPLIT, Script
 
 CODE_ALPHABET = string.ascii_uppercase + string.digits
@@ -230,7 +231,7 @@ class Parties:
             await self._take_membership(user_id, code)
             reply = await self._create([party_key(code)], [user_id, name, self._size])
             if reply[0] == 1:
-                await self._claim_done(user_id, code)
+                await self._after_change(self._claim_done(user_id, code), "mark the claim done", user_id, code)
                 return _party(code, reply)
             await self._release(user_id, code)
         raise RequestRefused(ErrorCode.UNAVAILABLE, "no free party code found")
@@ -245,9 +246,10 @@ class Parties:
         if reply[0] != 1:
             await self._release(user_id, code)
             raise RequestRefused(ErrorCode.NO_SUCH_PARTY if reply[0] == -1 else ErrorCode.PARTY_FULL)
-        await self._claim_done(user_id, code)
         party = _party(code, reply)
-        await self._tell(party, [u for u, _ in party.members if u != user_id], JOINED, user_id)
+        await self._after_change(self._claim_done(user_id, code), "mark the claim done", user_id, code)
+        await self._after_change(self._tell(party, [u for u, _ in party.members if u != user_id], JOINED, user_id),
+                                 "tell the members", user_id, code)
         return party
 
     async def leave(self, user_id):
@@ -268,7 +270,8 @@ class Parties:
         if user_id == leader_id:
             raise RequestRefused(ErrorCode.NOT_A_MEMBER, "the leader leaves with leave_party")
         after = await self._remove_member(party.code, user_id, leader_id, KICKED)
-        await self._presence.tell([user_id], PARTY_CHANGED, _body(None, KICKED, user_id))
+        await self._after_change(self._presence.tell([user_id], PARTY_CHANGED, _body(None, KICKED, user_id)),
+                                 "tell the kicked member", user_id, party.code)
         return after
 
     async def leave_if_any(self, user_id):
@@ -289,12 +292,27 @@ class Parties:
             raise RequestRefused(ErrorCode.NOT_PARTY_LEADER)
         if reply[0] == -4:
             raise RequestRefused(ErrorCode.NOT_A_MEMBER)
-        await self._release(user_id, code)
+        await self._after_change(self._release(user_id, code), "give the membership back", user_id, code)
         if reply[0] != 1:
             return None
         party = _party(code, reply)
-        await self._tell(party, [u for u, _ in party.members], reason, user_id)
+        await self._after_change(self._tell(party, [u for u, _ in party.members], reason, user_id),
+                                 "tell the members", user_id, code)
         return party
+
+    async def _after_change(self, step, what, user_id, code):
+        """
+        A step after the party's own script changed it: the change stands,
+        so a store failure here is logged, not raised (the caller goes on to
+        withdraw the party's ticket).  A claim not marked done lapses by its
+        TTL; a membership not given back is stale, as the party does not
+        list the user, and is taken over by their next claim.
+        """
+        try:
+            await step
+        except REDIS_ERRORS as e:
+            self._log.warn("party {code}: changed for user {user_id}, but could not {what}: {error}",
+                           code=code, user_id=user_id, what=what, error=e)
 
     def _tell(self, party, user_ids, reason, subject):
         return self._presence.tell(user_ids, PARTY_CHANGED, _body(party, reason, subject))
