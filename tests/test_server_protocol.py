@@ -13,6 +13,7 @@ from zope.interface.verify import verifyObject
 
 from dreamraid.errors import ERROR_TEXT, ErrorCode, RequestRefused
 from dreamraid.protocols import packets
+from dreamraid.protocols.game import GameFactory
 from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
 from dreamraid.services.liveness import IPeer, Liveness
 from dreamraid.services.rediscluster import DeadlineExceeded
@@ -394,3 +395,28 @@ class OrderedRequestTests(TestCase):
         self.protocol.in_order(lambda: ran.append("next"))
         self.assertEqual(ran, ["next"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class FailingLogoutTests(TestCase):
+    """A game server logout whose leave fails still leaves the connection nobody's, and closes it."""
+
+    def test_a_failed_logout_closes(self):
+        """The leave raises (a bug): the client gets INTERNAL_ERROR, the connection is closed and holds no user."""
+        class BrokenPlayers:
+            def leave(self, connection, leave_game=None, wait_for_handoff=True):
+                raise TypeError("a bug in the leave")
+
+        clock = Clock()
+        settings = make_settings().game
+        liveness = Liveness(clock, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
+        factory = GameFactory("dreamraid-test", settings, liveness, BrokenPlayers(), None, None, None, None, None)
+        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol.makeConnection(transport)
+        protocol.user_id = 5
+        liveness.authenticated(protocol.state)
+        protocol.dataReceived(packets.LOGOUT.encode(1, {}))
+        self.flushLoggedErrors(TypeError)
+        [(name, request_id, body)] = Replies(transport).take()
+        self.assertEqual((name, request_id, body["code"]), ("error", 1, ErrorCode.INTERNAL_ERROR))
+        self.assertIsNone(protocol.user_id)
+        self.assertTrue(transport.disconnecting)

@@ -145,9 +145,12 @@ class GameProtocol(ServerProtocol):
     async def logout(self, body):
         # Frames after this one (a pipelined hunt, say) are no longer this player's.
         self.state.authenticated = False
-        await self.factory.players.leave(self, self._leave_game, wait_for_handoff=False)
-        self.user_id = None
-        self.close_after_reply = True
+        try:
+            await self.factory.players.leave(self, self._leave_game, wait_for_handoff=False)
+        finally:
+            # Even if the leave failed (an error reply): the connection is nobody's now, and closes.
+            self.user_id = None
+            self.close_after_reply = True
         return packets.LOGGED_OUT, {}
 
     # Hunting and the inventory are the hot path: each handler returns the
