@@ -21,7 +21,11 @@ longer under way: a claim still in the middle of its two steps (another
 request of the same player's, on any connection or process) is not stale,
 and the later request is refused with C{ALREADY_IN_PARTY}.  A player who
 logs out or drops leaves their party; one whose old connection closes
-because they moved (a raid handoff) or logged in again does not.
+because a newer connection replaced it (a raid handoff, or a second login
+already authenticated at a game server) does not.  A connection that closes
+after the player entered the world again but before the new login reached a
+game server finds its session gone and leaves the party (issue 20's resume
+keeps it).
 """
 
 import string
