@@ -29,6 +29,7 @@ from dreamraid.services.livestore import profile_key, session_key
 from dreamraid.services.matchmaking import GROUPS, matchmaking_keys
 from dreamraid.services.parties import Parties
 from dreamraid.services.players import Players
+from dreamraid.services.rediscluster import ClusterUnavailable
 from dreamraid.services.presence import Left, Presence, handoff_key, presence_key
 from tests import cluster
 from tests.support import eventually, require_stack, when_logged
@@ -250,6 +251,22 @@ class QueueRacedByAJoinTests(MatchmakerCase):
         self.assertEqual(self.matchmaking_told(member), ["queued", "cancelled"])
         self.assertEqual(await matchmaker.enqueue(leader), 1)
 
+    async def test_an_enqueue_failing_after_its_ticket_leaves_none(self):
+        """
+        Redis fails the second read of the party, after the ticket was
+        written: the request fails (UNAVAILABLE to the client), no ticket
+        waits, and the member told queued is told cancelled.
+        """
+        parties = FailingSecondRead(self.router, self.presence, random.Random(5), 4)
+        matchmaker = self.matchmaker(raid_size=4, parties=parties)
+        party, (leader, member, _) = await self.party_of(parties, 2)
+        parties.reads = 0
+        with self.assertRaises(ClusterUnavailable):
+            await matchmaker.enqueue(leader)
+        self.assertEqual(await matchmaker.queue_lengths(), dict.fromkeys(range(1, GROUPS + 1), 0))
+        await self.everything_told()
+        self.assertEqual(self.matchmaking_told(member), ["queued", "cancelled"])
+
     async def test_a_change_never_withdraws_a_ticket_queued_after_it(self):
         """
         A join, then the leader queues the party as it is now, then the
@@ -283,6 +300,19 @@ class JoinWhileQueueing(Parties):
             (joiner, code), self.join_next = self.join_next, None
             await self.join(joiner, "joiner", code)
         return party
+
+
+class FailingSecondRead(Parties):
+    """Parties whose party read fails, as a failover would, the second time after C{reads} is set to 0."""
+
+    reads = None
+
+    async def party_of(self, user_id):
+        if self.reads is not None:
+            self.reads += 1
+            if self.reads == 2:
+                raise ClusterUnavailable("the party's master is down")
+        return await super().party_of(user_id)
 
 
 class HandoffTests(PartyCase):

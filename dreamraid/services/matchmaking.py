@@ -382,8 +382,14 @@ class Matchmaker(Service):
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.ALREADY_QUEUED)
         others = [u for u in members if u != user_id]
-        await self._presence.tell(others, MATCHMAKING, {"state": "queued", "group": group})
-        if _queued_as(await self._parties.party_of(user_id)) != _queued_as(party):
+        try:
+            await self._presence.tell(others, MATCHMAKING, {"state": "queued", "group": group})
+            changed = _queued_as(await self._parties.party_of(user_id)) != _queued_as(party)
+        except REDIS_ERRORS:
+            # Whether the party changed cannot be told: a request refused UNAVAILABLE leaves no ticket.
+            await self._take_out_unconfirmed(ticket, others)
+            raise
+        if changed:
             await self._cancel_ticket(self._keys, [ticket])
             # After the queued push, so that one is not the last they hear.
             await self._presence.tell(others, MATCHMAKING, CANCELLED)
@@ -391,6 +397,15 @@ class Matchmaker(Service):
         # A pass right after this request's reply, not before it.
         self._clock.callLater(0, lambda: defer.ensureDeferred(self._pass_logged()))
         return group
+
+    async def _take_out_unconfirmed(self, ticket, others):
+        """An enqueue that failed after writing C{ticket}: take it out, and tell C{others}; failures are logged."""
+        try:
+            await self._cancel_ticket(self._keys, [ticket])
+            await self._presence.tell(others, MATCHMAKING, CANCELLED)
+        except REDIS_ERRORS as e:
+            self._log.warn("matchmaking: ticket {ticket} was queued by a request that failed, and may still wait: "
+                           "{error}", ticket=ticket, error=e)
 
     async def _led_party(self, user_id):
         """The user's L{Party}, or None.  @raise RequestRefused: NOT_PARTY_LEADER."""
