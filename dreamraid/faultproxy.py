@@ -424,6 +424,8 @@ class _ServerEnd(Protocol):
 class _Dialing(ClientFactory):
     """The upstream connection of one L{_Connection}."""
 
+    noisy = False  # no log line for every connection and socket
+
     def __init__(self, connection):
         self.connection = connection
 
@@ -435,6 +437,8 @@ class _Dialing(ClientFactory):
 
 
 class _Accepting(Factory):
+    noisy = False  # no log line for every connection and socket
+
     def __init__(self, forwarder):
         self.forwarder = forwarder
 
@@ -496,6 +500,8 @@ class TCPForwarder(Service):
 class _ClientSide(DatagramProtocol):
     """The socket clients send to."""
 
+    noisy = False  # no log line for every connection and socket
+
     def __init__(self, forwarder):
         self.forwarder = forwarder
 
@@ -505,6 +511,8 @@ class _ClientSide(DatagramProtocol):
 
 class _ServerSide(DatagramProtocol):
     """One client's own socket towards the target."""
+
+    noisy = False  # no log line for every connection and socket
 
     def __init__(self, forwarder, client):
         self.forwarder = forwarder

@@ -143,6 +143,7 @@ class FaultsTests(SynchronousTestCase):
         self.assertEqual(Faults(delay=0.2).transit(rng), 0.2)
 
     def test_a_bad_cut_mode_is_refused(self):
+        """A cut is a blackhole or an abort; anything else is refused."""
         proxy = FaultProxy(FakeReactor(), random.Random(1))
         with self.assertRaises(ValueError):
             proxy.cut("unplug")
@@ -702,6 +703,10 @@ class BadLinkRaidTests(GameServerCase):
                 hit = await raids[player].hit()
                 hits.append((player, sent, hit.sequence))
                 hp, turn = hit.hp, turn + 1
+            # The result closes the UDP channel: first give the last HP datagram (sent twice, no repeats after
+            # the end) time to come, as it may come after the result.
+            await gather([raid.channel.when_hp(lambda hp: hp == 0).addTimeout(2, reactor).addErrback(
+                lambda failure: failure.trap(defer.TimeoutError)) for raid in raids])
             results = await gather([raid.result() for raid in raids])
         finally:
             for loop in moving:
@@ -720,7 +725,7 @@ class BadLinkRaidTests(GameServerCase):
             if seen:
                 latencies.append((seen[0] - sent) * 1000)
             else:
-                missed += 1  # its HP datagram and every later one lost, at the raid's end
+                missed += 1  # the last hit, both its HP datagrams lost
         latencies.sort()
         self.assertGreaterEqual(latencies[0], 2 * (self.DELAY - self.JITTER) * 1000)
         p50, p99 = latencies[len(latencies) // 2], latencies[math.ceil(len(latencies) * 0.99) - 1]
