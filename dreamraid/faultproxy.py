@@ -366,8 +366,8 @@ class _Connection:
         self.down.clear()
         if self._dialing is not None:
             self._dialing.stopConnecting()
-        for transport in (self.client, self.server):
-            if transport is not None:
+        for transport, closed in ((self.client, self._client_closed), (self.server, self._server_closed)):
+            if transport is not None and not closed:
                 transport.abortConnection()
         return self.gone
 

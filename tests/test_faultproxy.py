@@ -6,8 +6,8 @@ everything and closes nothing until the restore; UDP gives each client its
 own upstream socket, drops datagrams by the seeded loss each way, may
 reorder them, and drops what is sent during a cut; stopping closes every
 port and cancels every timer.  On real loopback sockets, bytes and
-datagrams really pass with the delay, and 2000 datagrams lose exactly what
-the seed says.  The client library's route sends a raid's TCP and UDP
+datagrams really pass with the delay, an abort resets both real ends, and
+2000 datagrams lose exactly what the seed says.  The client library's route sends a raid's TCP and UDP
 through the proxy; and, against the real stack, a whole raid of two players
 clears through 200 ms one-way delay and 5 % datagram loss each way.
 """
@@ -555,6 +555,27 @@ class LoopbackTests(TestCase):
         self.assertGreaterEqual(arrived - sent, 0.18)
         client.transport.loseConnection()
         await client.lost
+
+    async def test_an_abort_resets_real_connections_at_both_ends(self):
+        """cut(ABORT) on real sockets: the client and the server each see their connection lost, at once."""
+        made = defer.Deferred()
+
+        class Held(Received):
+            def connectionMade(self):
+                made.callback(self)
+
+        server = reactor.listenTCP(0, Factory.forProtocol(Held), interface="127.0.0.1")
+        self.addCleanup(server.stopListening)
+        proxy = self.started(Faults(delay=0.05))
+        tcp = proxy.tcp(0, "127.0.0.1", server.getHost().port)
+        proxy.startService()
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tcp.port), Received())
+        client.transport.write(b"hello")
+        server_end = await made
+        self.assertEqual((await server_end.arrived)[1], b"hello")
+        proxy.cut(ABORT)
+        await gather([client.lost, server_end.lost])
+        self.assertEqual(tcp.connections, set())
 
     async def test_udp_datagrams_really_pass_with_the_delay(self):
         """A datagram echoed through the proxy at 100 +- 10 ms each way comes back no sooner than 180 ms later."""
