@@ -78,7 +78,7 @@ from dataclasses import dataclass
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, UserError
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 
@@ -324,8 +324,9 @@ class _Connection:
         self._dialing = None
         self._server_closed = True
         if not self._client_closed:
-            self._log.info("fault proxy: cannot reach {host}:{port}: {reason}", host=self._forwarder.target[0],
-                           port=self._forwarder.target[1], reason=reason.getErrorMessage())
+            if reason.check(UserError) is None:  # not a dial the proxy stopped itself
+                self._log.info("fault proxy: cannot reach {host}:{port}: {reason}", host=self._forwarder.target[0],
+                               port=self._forwarder.target[1], reason=reason.getErrorMessage())
             self.client.abortConnection()
         self._check_gone()
 

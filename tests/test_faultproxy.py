@@ -21,7 +21,7 @@ import sys
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError, UserError
 from twisted.internet.interfaces import IListeningPort, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -330,6 +330,17 @@ class TCPForwarderTests(TCPCase):
         factory = self.reactor.tcpClients[-1][2]
         factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
         self.assertTrue(client_transport.disconnected)
+        client.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.forwarder.connections, set())
+
+    def test_an_abort_while_dialling_stops_the_dial_and_resets_the_client(self):
+        """A connection still dialling the target when the link is reset: the dial stops, the client is reset."""
+        self.start(Faults())
+        client, client_transport = self.accept()
+        self.proxy.cut(ABORT)
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.assertTrue(client_transport.disconnected)
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(self.reactor.connectors[-1], Failure(UserError()))
         client.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.forwarder.connections, set())
 
