@@ -65,13 +65,28 @@ def _address(text):
     return host, int(port)
 
 
+def as_advertised(kind, address):
+    """The default route: reach every server at the address it advertises."""
+    return address
+
+
 class GameClient:
-    """An authenticated player; L{request} and L{next_push} go to whichever server holds them now."""
+    """
+    An authenticated player; L{request} and L{next_push} go to whichever
+    server holds them now.
+
+    C{route(kind, (host, port))} gives the address to reach an address the
+    servers advertise at: a raid's host (C{kind} C{"tcp"}) and its UDP
+    channel (C{"udp"}).  The default, L{as_advertised}, takes them as they
+    are; a client behind something that moves them (the tests' fault proxy,
+    a NAT) maps them, and C{address} is then the routed address.
+    """
 
     _log = Logger()
 
-    def __init__(self, reactor, connection, address, user_id):
+    def __init__(self, reactor, connection, address, user_id, route=as_advertised):
         self._reactor = reactor
+        self._route = route
         self.address = address
         self.user_id = user_id
         self.player = None  # a results.Player once authenticated
@@ -82,11 +97,11 @@ class GameClient:
         self._use(connection)
 
     @classmethod
-    async def login(cls, reactor, host, port, token):
+    async def login(cls, reactor, host, port, token, route=as_advertised):
         """Connect to a game server and authenticate with the login token (after enter_world)."""
         connection = await connect(reactor, host, port)
         _, body = await connection.request(packets.AUTHENTICATE, {"token": token})
-        client = cls(reactor, connection, (host, port), body["user_id"])
+        client = cls(reactor, connection, (host, port), body["user_id"], route)
         client.player = results.Player(**body)
         return client
 
@@ -260,7 +275,7 @@ class GameClient:
     def _pushed(self, message, body):
         if message in _RAID_PUSHES and self._raids.get(body["raid_id"]) == "ended":
             return  # a raid over for this player: a late raid_found, a repeated result
-        if message is packets.RAID_FOUND and _address(body["host"]) != self.address:
+        if message is packets.RAID_FOUND and self._route("tcp", _address(body["host"])) != self.address:
             defer.ensureDeferred(self._move(body)).addErrback(self._move_failed, body)
         else:
             self._deliver(message.name, body)
@@ -285,7 +300,7 @@ class GameClient:
 
     async def _move(self, found):
         """Reconnect to the raid's host with the handoff ticket, then hand on the raid_found push."""
-        host, port = _address(found["host"])
+        host, port = self._route("tcp", _address(found["host"]))
         connection = await connect(self._reactor, host, port)
         await connection.request(packets.AUTHENTICATE_HANDOFF, {"user_id": self.user_id, "ticket": found["ticket"]})
         old, self.address = self.connection, (host, port)
@@ -306,7 +321,7 @@ class Raid:
         self.client = client
         self.raid_id = found["raid_id"]
         self.members = [m["user_id"] for m in found["members"]]
-        self.channel = RaidChannel(found)
+        self.channel = RaidChannel(found, client._route("udp", _address(found["udp"])))
         self.port = None
         self.deadline = None
 
@@ -357,8 +372,8 @@ class RaidChannel(DatagramProtocol):
     in C{replayed}).
     """
 
-    def __init__(self, found):
-        self.server = _address(found["udp"])
+    def __init__(self, found, server=None):
+        self.server = _address(found["udp"]) if server is None else server  # where datagrams go
         self.key = bytes.fromhex(found["key"])
         self.number, self.member = found["raid_number"], found["member"]
         self.sequence = 0
