@@ -52,6 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/ccu.py --quick
 	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/metrics_overhead.py --quick
+	$(BIN)/python bench/login_race.py
+	$(BIN)/python bench/udp_flood.py --seconds 3
 
 clean:
 	rm -rf $(VENV) _trial_temp* *.egg-info twisted/plugins/dropin.cache
