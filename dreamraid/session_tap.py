@@ -15,6 +15,7 @@ from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.matchmaking import GameServers
 from dreamraid.services.ranking import BoardLoader, Ranking
+from dreamraid.services.refresh import MysqlRefreshTokenStore, RefreshTokens
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.servicetree import InOrder
 from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
@@ -53,7 +54,10 @@ def makeService(options, reactor=None):
     windows = RedisAttemptWindows(router, secure_random)
     registrations = RegistrationThrottle(windows, settings.session.registrations_per_address,
                                          settings.session.registration_window)
-    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(windows, a), registrations, issuer)
+    refresh_tokens = RefreshTokens(MysqlRefreshTokenStore(database), reactor, secure_random,
+                                   settings.tokens.refresh_ttl)
+    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(windows, a), registrations, issuer,
+                        refresh_tokens)
     live = LiveStore(router)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     game_servers = GameServers(router, reactor, settings.raids.matchmaking_prefix, settings.session.game_servers)
