@@ -24,7 +24,8 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.accounts import Accounts
 from dreamraid.services.database import Database
 from dreamraid.services.refresh import (
-    EXPIRED, REUSED, REVOKED, ROTATED, UNKNOWN, Found, IRefreshTokenStore, MysqlRefreshTokenStore, RefreshTokens,
+    EXPIRED, REUSED, REVOKED, ROTATED, UNKNOWN, Found, IRefreshTokenStore, MysqlRefreshTokenStore, RefreshTokenPruner,
+    RefreshTokens,
     Rotation, rotation_outcome, token_hash)
 from tests.storage import TEST_DATABASE, new_key_pair, prepare_test_database, sql, test_settings
 from tests.support import RunningServer, require_stack
@@ -39,7 +40,7 @@ class MemoryRefreshTokenStore:
 
     def __init__(self):
         self.tokens = {}  # hash -> [family, expires_at, spent]
-        self.families = {}  # id -> [user_id, revoked_why]
+        self.families = {}  # id -> [user_id, revoked_why, expires_at]
         self.down = False
 
     def _call(self, f, *args):
@@ -51,7 +52,7 @@ class MemoryRefreshTokenStore:
     def start_family(self, user_id, token_hash, now, expires_at):
         def start():
             family = len(self.families) + 1
-            self.families[family] = [user_id, None]
+            self.families[family] = [user_id, None, expires_at]
             self.tokens[token_hash] = [family, expires_at, False]
             return family
         return self._call(start)
@@ -62,13 +63,14 @@ class MemoryRefreshTokenStore:
             if stored is None:
                 return Rotation(UNKNOWN)
             family, token_expires, spent = stored
-            user_id, revoked = self.families[family]
+            user_id, revoked, _ = self.families[family]
             outcome = rotation_outcome(Found(family, user_id, token_expires, spent, revoked is not None), now)
             if outcome == REUSED:
                 self.families[family][1] = "reuse"
             elif outcome == ROTATED:
                 stored[2] = True
                 self.tokens[new_hash] = [family, expires_at, False]
+                self.families[family][2] = max(self.families[family][2], expires_at)
             return Rotation(outcome, user_id, family)
         return self._call(rotate)
 
@@ -81,6 +83,16 @@ class MemoryRefreshTokenStore:
                 self.families[stored[0]][1] = "revoke"
             return stored[0]
         return self._call(revoke)
+
+    def prune(self, now, limit):
+        def prune():
+            expired = sorted((f for f in self.families if self.families[f][2] <= now),
+                             key=lambda f: self.families[f][2])[:limit]
+            for family in expired:
+                del self.families[family]
+            self.tokens = {h: t for h, t in self.tokens.items() if t[0] in self.families}
+            return len(expired)
+        return self._call(prune)
 
 
 class FakeIssuer:
@@ -201,6 +213,39 @@ class RotationTests(RefreshCase):
         self.successResultOf(defer.ensureDeferred(self.tokens.revoke("A" * 43)))
 
 
+class PrunerTests(RefreshCase):
+    """Expired families are deleted every hour, a chunk at a time, whatever fails."""
+
+    def test_expired_families_are_deleted_in_chunks_every_interval(self):
+        """
+        At start and then every interval, every family whose newest token
+        expired is deleted (in chunks); a failed round is logged and the
+        next one runs.
+        """
+        pruner = RefreshTokenPruner(self.store, self.clock, interval=3600, chunk=2)
+        expiring = [self.start() for _ in range(5)]
+        self.clock.advance(TTL - 100)
+        _, kept = self.successResultOf(self.rotate(expiring[0].token))
+        pruner.startService()
+        self.addCleanup(pruner.stopService)
+        self.successResultOf(pruner.pruning)
+        self.assertEqual(pruner.last_deleted, 0)
+        self.clock.advance(3600)
+        self.successResultOf(pruner.pruning)
+        self.assertEqual(pruner.last_deleted, 4)
+        self.assertEqual(list(self.store.families), [1])
+        self.successResultOf(self.rotate(kept.token))
+        self.store.down = True
+        self.clock.advance(TTL)
+        self.successResultOf(pruner.pruning)
+        self.assertEqual(pruner.last_deleted, 0)
+        self.store.down = False
+        self.clock.advance(3600)
+        self.successResultOf(pruner.pruning)
+        self.assertEqual(pruner.last_deleted, 1)
+        self.assertEqual((self.store.families, self.store.tokens), ({}, {}))
+
+
 class AccountsRefreshTests(RefreshCase):
     """Login hands out a refresh token; a refresh is a login without the password."""
 
@@ -283,6 +328,21 @@ class MysqlStoreTests(TestCase):
         self.assertEqual(await self.refused(logged_out.token), ErrorCode.REFRESH_REFUSED)
         self.assertEqual(await self.refused("A" * 43), ErrorCode.REFRESH_REFUSED)
         self.flushLoggedErrors()
+
+    async def test_prune_deletes_expired_families_with_their_tokens(self):
+        """Pruning deletes the families whose newest token expired, with every token of theirs, and no other."""
+        old = await self.tokens.start(self.user_id)
+        _, old_next = await self.tokens.rotate(old.token)
+        self.clock.advance(TTL - 1)
+        alive = await self.tokens.start(self.user_id)
+        self.clock.advance(1)
+        # Other tests' families in the test database expire too: prune until none is left.
+        while await MysqlRefreshTokenStore(self.database).prune(int(self.clock.seconds()), 1000) == 1000:
+            pass
+        self.assertIsNone(await self.family_of(old.token))
+        self.assertIsNone(await self.family_of(old_next.token))
+        self.assertIsNotNone(await self.family_of(alive.token))
+        await self.tokens.rotate(alive.token)
 
     async def test_a_deleted_user_cannot_refresh(self):
         """Deleting an account deletes its refresh tokens with it: they are refused."""

@@ -25,7 +25,10 @@ C{invalid_grant} to all of them: whoever presents the token learns nothing
 but to log in with the password.  The log says which it was.
 
 Refresh tokens live in MySQL, not Redis: they must outlive a loss of the
-Redis Cluster, and they last a month.
+Redis Cluster, and they last a month.  L{RefreshTokenPruner} deletes each
+family once its newest token has expired (every hour, a chunk at a time), so
+the tables hold the families alive in the last C{refresh_ttl}: spent tokens
+stay as long as their family, for reuse detection.
 """
 
 import base64
@@ -33,10 +36,14 @@ import hashlib
 import re
 from typing import NamedTuple
 
+from twisted.application.service import Service
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.database import MYSQL_UNAVAILABLE
+from dreamraid.services.failurelog import FailureLog
 
 TOKEN_BYTES = 32
 # What L{RefreshTokens.new_token} makes: 32 bytes in URL-safe base64, unpadded.
@@ -111,6 +118,9 @@ class IRefreshTokenStore(Interface):
     def revoke(token_hash, now):
         """A Deferred of the id of the family of C{token_hash}, revoked now (if it was not); C{None} if unknown."""
 
+    def prune(now, limit):
+        """A Deferred of how many families (at most C{limit}) whose every token expired by C{now} were deleted."""
+
 
 def thd_start_family(connection, user_id, token_hash, now, expires_at):
     with connection.cursor() as cursor:
@@ -163,6 +173,14 @@ def thd_revoke(connection, token_hash, now):
         return int(row[0])
 
 
+def thd_prune(connection, now, limit):
+    """Delete up to C{limit} expired families; their tokens go with them (ON DELETE CASCADE)."""
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM refresh_families WHERE expires_at <= %s ORDER BY expires_at LIMIT %s",
+                       (now, limit))
+        return cursor.rowcount
+
+
 @implementer(IRefreshTokenStore)
 class MysqlRefreshTokenStore:
     """L{IRefreshTokenStore} over a L{dreamraid.services.database.Database}'s pool."""
@@ -178,6 +196,9 @@ class MysqlRefreshTokenStore:
 
     def revoke(self, token_hash, now):
         return self._database.run(thd_revoke, token_hash, now)
+
+    def prune(self, now, limit):
+        return self._database.run(thd_prune, now, limit)
 
 
 def token_hash(token):
@@ -241,3 +262,55 @@ class RefreshTokens:
         if not isinstance(token, str) or not TOKEN_TEXT.fullmatch(token):
             return
         await self._store.revoke(token_hash(token), int(self._clock.seconds()))
+
+
+class RefreshTokenPruner(Service):
+    """
+    Deletes expired refresh-token families at start and every C{interval}
+    seconds, C{chunk} at a time (each chunk one short transaction), until
+    none is left.  Every session server runs one; two deleting at once only
+    wait on each other's rows.  A failed round is logged and tried again at
+    the next.
+    """
+
+    _log = Logger()
+
+    def __init__(self, store, clock, interval=3600.0, chunk=1000):
+        self._store = store
+        self._clock = clock
+        self._interval = interval
+        self._chunk = chunk
+        self._rounds = None
+        self._failures = FailureLog(self._log, clock, MYSQL_UNAVAILABLE)
+        self.pruning = defer.succeed(None)  # the latest round: it fires when that round is done
+        self.last_deleted = 0  # how many families the latest round deleted
+
+    def startService(self):
+        super().startService()
+        self._rounds = task.LoopingCall(self._round)
+        self._rounds.clock = self._clock
+        self._rounds.start(self._interval)
+
+    def stopService(self):
+        super().stopService()
+        if self._rounds.running:
+            self._rounds.stop()
+        return self.pruning
+
+    def _round(self):
+        self.pruning = defer.ensureDeferred(self.prune())
+        return self.pruning
+
+    async def prune(self):
+        """Delete every expired family; how many.  Failures are logged, not raised."""
+        deleted = 0
+        try:
+            while True:
+                count = await self._store.prune(int(self._clock.seconds()), self._chunk)
+                deleted += count
+                if count < self._chunk:
+                    break
+        except Exception:
+            self._failures.failed("refresh tokens: pruning expired ones failed")
+        self.last_deleted = deleted
+        return deleted
