@@ -11,6 +11,7 @@ without its password.
 import hashlib
 import random
 
+import pymysql
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -45,7 +46,6 @@ class MemoryRefreshTokenStore:
 
     def _call(self, f, *args):
         if self.down:
-            import pymysql
             return defer.fail(pymysql.err.OperationalError(2003, "Can't connect to MySQL server"))
         return defer.succeed(f(*args))
 
