@@ -13,6 +13,7 @@ import random
 
 import pymysql
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -22,6 +23,7 @@ from dreamraid import session_tap
 from dreamraid.client import RemoteError
 from dreamraid.client.session import SessionClient
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.protocols import packets
 from dreamraid.services.accounts import Accounts
 from dreamraid.services.database import Database
 from dreamraid.services.refresh import (
@@ -30,6 +32,7 @@ from dreamraid.services.refresh import (
     Rotation, rotation_outcome, token_hash)
 from tests.storage import TEST_DATABASE, new_key_pair, prepare_test_database, sql, test_settings
 from tests.support import RunningServer, require_stack
+from tests.test_security import RawClient
 
 TTL = 30 * 86400
 USER = 7
@@ -426,3 +429,23 @@ class SessionServerRefreshTests(TestCase):
                 await later.refresh(token)
             self.assertEqual(raised.exception.code, ErrorCode.REFRESH_REFUSED)
         await later.revoke("not a token")  # answered the same: revoke tells nothing
+
+    async def test_100_refreshes_of_one_token_in_one_write(self):
+        """
+        100 refresh requests with one token, pipelined in one write: one is
+        answered logged_in, 99 refresh_refused, and the token it got is
+        refused too (the family was revoked by the second).
+        """
+        name = f"p_{random.getrandbits(40):x}"
+        await self.session.register(name, "correct horse")
+        login = await self.session.login(name, "correct horse")
+        raw = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port), RawClient())
+        self.addCleanup(raw.close)
+        answers = await defer.gatherResults(raw.pipeline(
+            [(packets.REFRESH, request_id, {"refresh_token": login.refresh_token}) for request_id in range(1, 101)]))
+        served = [frame.body for frame in answers if frame.message is packets.LOGGED_IN]
+        refused = [frame.body["code"] for frame in answers if frame.message is packets.ERROR]
+        self.assertEqual((len(served), refused), (1, [ErrorCode.REFRESH_REFUSED] * 99))
+        with self.assertRaises(RemoteError) as raised:
+            await self.session.refresh(served[0]["refresh_token"])
+        self.assertEqual(raised.exception.code, ErrorCode.REFRESH_REFUSED)
