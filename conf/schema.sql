@@ -41,3 +41,33 @@ CREATE TABLE best_scores (
     KEY best_scores_by_score (score),
     CONSTRAINT best_score_of_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB;
+
+-- migration 2: refresh tokens
+-- A login starts a family; each refresh spends its token and adds the next
+-- one to the family.  A spent token presented again revokes the family (the
+-- OAuth refresh-rotation rule).  Tokens are stored only as the SHA-256 of
+-- their text (256 random bits: a fast hash cannot be reversed or guessed).
+-- Times are Unix seconds of the session server's clock, like a JWT's.
+CREATE TABLE refresh_families (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    user_id BIGINT UNSIGNED NOT NULL,
+    created_at BIGINT UNSIGNED NOT NULL,
+    -- The newest token's expiry: the whole family is dead after it.
+    expires_at BIGINT UNSIGNED NOT NULL,
+    revoked_at BIGINT UNSIGNED NULL,
+    -- 'reuse' (a spent token came back) or 'revoke' (logout).
+    revoked_why VARCHAR(16) CHARACTER SET ascii NULL,
+    KEY refresh_families_by_user (user_id),
+    KEY refresh_families_by_expiry (expires_at),
+    CONSTRAINT refresh_family_of_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
+) ENGINE=InnoDB;
+
+CREATE TABLE refresh_tokens (
+    token_hash BINARY(32) NOT NULL PRIMARY KEY,
+    family_id BIGINT UNSIGNED NOT NULL,
+    expires_at BIGINT UNSIGNED NOT NULL,
+    -- When it was used for a refresh; a spent token is kept for reuse detection.
+    spent_at BIGINT UNSIGNED NULL,
+    KEY refresh_tokens_by_family (family_id),
+    CONSTRAINT refresh_token_of_family FOREIGN KEY (family_id) REFERENCES refresh_families (id) ON DELETE CASCADE
+) ENGINE=InnoDB;

@@ -332,6 +332,8 @@ class TokenSettings:
     issuer: str = setting(_text, "iss claim")
     audience: str = setting(_text, "aud claim")
     ttl: int = setting(_number(int, 10, 86400), "seconds a token lives")
+    refresh_ttl: int = setting(_number(int, 60, 31622400),
+                               "seconds a refresh token lives (session server only; each refresh issues a new one)")
     private_key: Path = setting(_path, "EdDSA signing key (session server only)")
     public_key: Path = setting(_path, "EdDSA verifying key")
     secret: str = setting(_optional_text, "shared secret, HS256 only")
@@ -340,6 +342,9 @@ class TokenSettings:
     other_secrets: tuple = setting(_optional_texts, "HS256 secrets accepted besides secret (a rotation's)")
 
     def check(self):
+        if self.refresh_ttl <= self.ttl:
+            raise ConfigError(f"refresh_ttl: must be longer than ttl, the access token's life "
+                              f"({self.refresh_ttl} <= {self.ttl})")
         if self.algorithm == "HS256" and len(self.secret) < 32:
             raise ConfigError("secret: HS256 needs a secret of at least 32 characters")
         if self.algorithm == "HS256" and any(len(other) < 32 for other in self.other_secrets):

@@ -68,6 +68,8 @@ class ErrorCode(enum.IntEnum):
     ZERO_REQUEST_ID = 73
     PARTY_CHANGED_WHILE_QUEUEING = 74
 
+    REFRESH_REFUSED = 80
+
 
 ERROR_TEXT = {
     ErrorCode.MALFORMED_FRAME: "the frame is shorter than its header, or a datagram does not verify",
@@ -128,6 +130,8 @@ ERROR_TEXT = {
                                "which answers one, carries it); the request was not handled",
     ErrorCode.PARTY_CHANGED_WHILE_QUEUEING: "the party changed (a member joined or left) while it was being "
                                             "queued; nothing is queued: queue again",
+    ErrorCode.REFRESH_REFUSED: "the refresh token is unknown, expired, used already or revoked; log in with the "
+                               "password (a token used twice ends every token of its login)",
 }
 
 

@@ -15,6 +15,7 @@ from dreamraid.services.livestore import LiveStore
 from dreamraid.services.loading import MysqlProfileStore, World
 from dreamraid.services.matchmaking import GameServers
 from dreamraid.services.ranking import BoardLoader, Ranking
+from dreamraid.services.refresh import MysqlRefreshTokenStore, RefreshTokenPruner, RefreshTokens
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.servicetree import InOrder
 from dreamraid.services.sync import MysqlSnapshotStore, SyncQueue, SyncWorker
@@ -25,9 +26,10 @@ Options = settings_options("session server", SESSION_SECTIONS)
 
 def makeService(options, reactor=None):
     """
-    The session server: MySQL pool, Redis Cluster router, accounts, enter
-    world, the sync worker, the ranking board's loader, the client TCP
-    endpoint with liveness, and HTTP health.
+    The session server: MySQL pool, Redis Cluster router, accounts and
+    refresh tokens (with their pruner), enter world, the sync worker, the
+    ranking board's loader, the client TCP endpoint with liveness, and HTTP
+    health.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -53,7 +55,11 @@ def makeService(options, reactor=None):
     windows = RedisAttemptWindows(router, secure_random)
     registrations = RegistrationThrottle(windows, settings.session.registrations_per_address,
                                          settings.session.registration_window)
-    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(windows, a), registrations, issuer)
+    refresh_store = MysqlRefreshTokenStore(database)
+    refresh_tokens = RefreshTokens(refresh_store, reactor, secure_random, settings.tokens.refresh_ttl)
+    RefreshTokenPruner(refresh_store, reactor).setServiceParent(top)
+    accounts = Accounts(MysqlAccountStore(database), hasher, LoginThrottle(windows, a), registrations, issuer,
+                        refresh_tokens)
     live = LiveStore(router)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
     game_servers = GameServers(router, reactor, settings.raids.matchmaking_prefix, settings.session.game_servers)

@@ -6,6 +6,8 @@ hasher holds each check open until the test ends it, so a hundred attempts
 are in flight at once, as on a busy session server.
 """
 
+import random
+
 import pymysql
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -17,7 +19,9 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.accounts import (
     Accounts, IAccountStore, IAttemptWindows, LoginThrottle, NameTaken, Place, RedisAttemptWindows,
     RegistrationThrottle)
+from dreamraid.services.refresh import RefreshTokens
 from tests.support import make_settings
+from tests.test_refresh import MemoryRefreshTokenStore
 
 SETTINGS = make_settings().accounts  # 5 failures an account a minute, 20 an address in 10 minutes
 ADDRESS = "192.0.2.7"
@@ -133,8 +137,9 @@ class AccountsCase(SynchronousTestCase):
         self.store = MemoryAccountStore()
         self.hasher = HeldHasher()
         self.registrations = RegistrationThrottle(self.windows, 10, 600)
+        self.refresh_tokens = RefreshTokens(MemoryRefreshTokenStore(), self.clock, random.Random(1), 86400)
         self.accounts = Accounts(self.store, self.hasher, LoginThrottle(self.windows, SETTINGS), self.registrations,
-                                 FakeIssuer())
+                                 FakeIssuer(), self.refresh_tokens)
         for name in ["victim", *(f"user{i}" for i in range(30))]:
             self.store.users[name] = (len(self.store.users) + 1, "stored")
 
@@ -207,6 +212,16 @@ class LoginThrottleTests(AccountsCase):
         self.assertEqual(self.windows.taken(LoginThrottle.address_key(ADDRESS)), 3)
         self.assertEqual(self.windows.taken(LoginThrottle.account_key("VICTIM")), 0)
 
+    def test_a_login_starts_a_refresh_token_family(self):
+        """A good password also returns a refresh token, good for a refresh, living refresh_ttl."""
+        logged_in = self.logins("victim", "right password", 1)[0]
+        self.hasher.end_checks()
+        logged_in = self.successResultOf(logged_in)
+        self.assertRegex(logged_in.refresh_token, r"^[A-Za-z0-9_-]{43}$")
+        self.assertEqual(logged_in.refresh_expires_at, int(self.clock.seconds()) + 86400)
+        refreshed = self.successResultOf(defer.ensureDeferred(self.accounts.refresh(logged_in.refresh_token)))
+        self.assertEqual((refreshed.user_id, refreshed.token), (logged_in.user_id, logged_in.token))
+
     def test_a_store_down_before_the_check_counts_nothing(self):
         """When MySQL fails before the password is checked, the login is UNAVAILABLE and gives its places back."""
         self.store.down = True
@@ -261,7 +276,7 @@ class RegistrationThrottleTests(AccountsCase):
     def test_no_cap(self):
         """With no cap (0) registration takes no place at all."""
         self.accounts = Accounts(self.store, self.hasher, LoginThrottle(self.windows, SETTINGS),
-                                 RegistrationThrottle(self.windows, 0, 600), FakeIssuer())
+                                 RegistrationThrottle(self.windows, 0, 600), FakeIssuer(), self.refresh_tokens)
         self.register_at_once([f"new{i}" for i in range(50)])
         self.assertEqual(len(self.hasher.hashes), 50)
         self.assertEqual(self.windows.taken(RegistrationThrottle.address_key(ADDRESS)), 0)

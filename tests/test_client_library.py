@@ -6,6 +6,7 @@ from twisted.internet import reactor
 
 from dreamraid import game_tap, session_tap
 from dreamraid.client import RemoteError, SessionClient, play
+from dreamraid.client.game import GameClient
 from dreamraid.client.results import Member, RankEntry, SlotItem
 from dreamraid.errors import ErrorCode
 from dreamraid.services.accounts import LoginThrottle
@@ -60,6 +61,35 @@ class ClientLibraryTests(ServersCase):
         with self.assertRaises(RemoteError) as raised:
             await session.login(name, "wrong password")
         self.assertEqual(raised.exception.code, ErrorCode.WRONG_CREDENTIALS)
+
+    async def test_a_refreshed_token_plays_without_the_password(self):
+        """
+        A client back after its access token expired resumes without the
+        password: refresh on a new connection, enter the world with the new
+        token and authenticate on the game server with it.  The refresh token
+        it used is spent; logging out revokes the new one.
+        """
+        session = await SessionClient.connect(reactor, "127.0.0.1", self.session.port)
+        self.addCleanup(session.close)
+        name = f"c_{random.getrandbits(40):x}"
+        user_id = await session.register(name, "correct horse")
+        login = await session.login(name, "correct horse")
+        session.close()
+
+        later = await SessionClient.connect(reactor, "127.0.0.1", self.session.port)
+        self.addCleanup(later.close)
+        refreshed = await later.refresh(login.refresh_token)
+        world = await later.enter_world(refreshed.token)
+        game = await GameClient.login(reactor, world.host, world.port, refreshed.token)
+        self.addCleanup(game.close)
+        self.assertEqual((game.player.user_id, game.player.name), (user_id, name))
+
+        await game.logout()
+        await later.revoke(refreshed.refresh_token)
+        for spent_or_revoked in (login.refresh_token, refreshed.refresh_token):
+            with self.assertRaises(RemoteError) as raised:
+                await later.refresh(spent_or_revoked)
+            self.assertEqual(raised.exception.code, ErrorCode.REFRESH_REFUSED)
 
     async def test_progression_and_inventory(self):
         client = await self.player()

@@ -49,6 +49,7 @@ class ShippedConfigTests(TestCase):
         self.assertEqual(s.redis.startup_nodes[0], ("127.0.0.1", 7000))
         self.assertEqual((s.tokens.algorithm, s.tokens.audience, s.tokens.ttl), ("EdDSA", "dreamraid-game", 600))
         self.assertEqual(s.tokens.public_key, ROOT / "var" / "keys" / "token_ed25519.pub")
+        self.assertEqual(s.tokens.refresh_ttl, 30 * 86400)
         self.assertEqual(s.tables.path, ROOT / "conf" / "tables.json")
         self.assertEqual((s.raids.datagram_rate, s.raids.world_bound), (Rate(10.0, 20.0), 10000.0))
         self.assertEqual((s.accounts.failures_per_account, s.accounts.account_window), (5, 60.0))
@@ -129,6 +130,13 @@ class BadConfigTests(TestCase):
         self.assertRefused("setting game.idle_timeout", ("game", "idle_timeout", "0.5"))
         self.assertRefused("setting mysql.pool_min", ("mysql", "pool_min", "9"))
         self.assertRefused("setting tokens.secret", ("tokens", "algorithm", "HS256"))
+        self.assertRefused("setting tokens.refresh_ttl", ("tokens", "refresh_ttl", "600"))
+
+    def test_bad_refresh_ttl(self):
+        """A refresh token's life is a whole number of seconds from a minute to 366 days."""
+        self.assertRefused("setting tokens.refresh_ttl", ("tokens", "refresh_ttl", "30d"))
+        self.assertRefused("setting tokens.refresh_ttl", ("tokens", "refresh_ttl", "59"))
+        self.assertRefused("setting tokens.refresh_ttl", ("tokens", "refresh_ttl", "31622401"))
 
     def test_bad_raid_datagram_limits(self):
         """A datagram rate that is not per_second/burst, or a world bound past float32, names the setting."""

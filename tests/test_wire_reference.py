@@ -158,7 +158,9 @@ class WireReferenceTests(ServersCase):
         reader = Reader(await call(session, LOGIN, string(name) + string(password), LOGGED_IN))
         self.assertEqual(reader.take("Q"), user_id)
         token = reader.string()
-        reader.take("Q")
+        expires_at = reader.take("Q")
+        self.assertEqual(len(reader.string()), 43)  # the refresh token
+        self.assertGreater(reader.take("Q"), expires_at)
         reader.end()
         reader = Reader(await call(session, ENTER_WORLD, string(token), WORLD_ENTERED))
         self.assertEqual(reader.take("Q"), user_id)

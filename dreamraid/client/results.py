@@ -4,11 +4,17 @@ from typing import NamedTuple
 
 
 class Login(NamedTuple):
-    """A login: the token for enter_world and the game server, and when it expires (Unix seconds)."""
+    """
+    A login or a refresh: the token for enter_world and the game server and
+    when it expires (Unix seconds), and the refresh token that gets the next
+    ones without the password (each works once) and when it expires.
+    """
 
     user_id: int
     token: str
     expires_at: int
+    refresh_token: str
+    refresh_expires_at: int
 
 
 class World(NamedTuple):

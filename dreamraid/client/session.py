@@ -6,6 +6,15 @@ world, which names the game server to play on.
     login = await session.login("alice", "correct horse")
     world = await session.enter_world(login.token)
     game = await GameClient.login(reactor, world.host, world.port, login.token)
+
+Later, once the token has expired (10 minutes), without the password:
+
+    login = await session.refresh(login.refresh_token)   # keep the new refresh token
+    world = await session.enter_world(login.token)
+
+and at logout, besides the game server's logout:
+
+    await session.revoke(login.refresh_token)
 """
 
 from dreamraid.client import results
@@ -34,6 +43,21 @@ class SessionClient:
     async def login(self, name, password):
         """A L{results.Login} with the token."""
         return results.Login(**await self._body(packets.LOGIN, name=name, password=password))
+
+    async def refresh(self, refresh_token):
+        """
+        A new L{results.Login} for a refresh token, which is spent: keep the
+        new refresh token in its place.  A refused one (C{REFRESH_REFUSED}:
+        expired, revoked, or used before) means logging in with the
+        password.  A refresh whose reply never came (a drop, a timeout) may
+        have spent the token: trying it again would revoke the login's
+        tokens, so log in with the password instead.
+        """
+        return results.Login(**await self._body(packets.REFRESH, refresh_token=refresh_token))
+
+    async def revoke(self, refresh_token):
+        """End every refresh token of the login C{refresh_token} came from (at logout)."""
+        await self._body(packets.REVOKE, refresh_token=refresh_token)
 
     async def enter_world(self, token):
         """Make the token the live session; the L{results.World} to play in."""

@@ -543,14 +543,18 @@ REGISTERED = message(101, "registered", Sender.SERVER, "The reply to register: t
                      "user_id" / Int64ul)
 LOGIN = message(
     102, "login", Sender.CLIENT,
-    "Log in; the reply carries a token (a JWT) for enter_world and the game server. "
-    "Errors: invalid_name, wrong_credentials, login_throttled, unavailable.",
+    "Log in; the reply carries a token (a JWT) for enter_world and the game server, and a refresh "
+    "token for refresh. Errors: invalid_name, wrong_credentials, login_throttled, unavailable.",
     "name" / String, "password" / String,
 )
 LOGGED_IN = message(
     103, "logged_in", Sender.SERVER,
-    "The reply to login: the user's id, the token and when it expires (Unix seconds).",
+    "The reply to login and to refresh: the user's id, the token (a JWT) and when it expires (Unix "
+    "seconds), and a refresh token (43 characters of URL-safe base64: 256 random bits) and when it "
+    "expires. Keep the refresh token secret: it gets new tokens without the password until it "
+    "expires, is used, or its login is revoked or logged out.",
     "user_id" / Int64ul, "token" / String, "expires_at" / Int64ul,
+    "refresh_token" / String, "refresh_expires_at" / Int64ul,
 )
 ENTER_WORLD = message(
     104, "enter_world", Sender.CLIENT,
@@ -564,6 +568,26 @@ WORLD_ENTERED = message(
     "The reply to enter_world: the game server to connect to with the same token.",
     "user_id" / Int64ul, "host" / String, "port" / Int16ul,
 )
+
+REFRESH = message(
+    106, "refresh", Sender.CLIENT,
+    "Get a new token without the password (after the old one expired, e.g. to enter_world again): "
+    "the reply is logged_in, with a new token and a new refresh token. The refresh token sent is "
+    "spent: each works once. Sending one that was used already (a copy, or a retry whose reply was "
+    "lost) revokes every refresh token of its login, the newest included, so whoever holds one "
+    "must log in with the password again. Errors: refresh_refused (unknown, expired, used or "
+    "revoked: log in with the password), unavailable (nothing was spent if MySQL was not reached).",
+    "refresh_token" / String,
+)
+REVOKE = message(
+    107, "revoke", Sender.CLIENT,
+    "End a login's refresh tokens (what the client library sends at logout): every refresh token "
+    "of the login this one belongs to stops working. The reply is revoked whether or not the "
+    "token was known, expired or revoked already (it tells nothing about the token). Tokens issued "
+    "already stay good until they expire. Errors: unavailable.",
+    "refresh_token" / String,
+)
+REVOKED = message(108, "revoked", Sender.SERVER, "The reply to revoke.")
 
 # -- the game server -------------------------------------------------------------
 
@@ -882,7 +906,7 @@ POSITIONS = datagram(
 # (an error frame); None: no answer.  docs/protocol.md says so beside each.
 REPLY_OF = {
     PING: PONG, PONG: None, HELLO: WELCOME,
-    REGISTER: REGISTERED, LOGIN: LOGGED_IN, ENTER_WORLD: WORLD_ENTERED,
+    REGISTER: REGISTERED, LOGIN: LOGGED_IN, ENTER_WORLD: WORLD_ENTERED, REFRESH: LOGGED_IN, REVOKE: REVOKED,
     AUTHENTICATE: AUTHENTICATED, LOGOUT: LOGGED_OUT, GAME_TABLES: TABLES, HUNT: HUNTED,
     LIST_INVENTORY: INVENTORY, DELETE_ITEM: INVENTORY, MOVE_ITEM: INVENTORY, USE_ITEM: INVENTORY,
     ENHANCE: ENHANCED, GRANT: INVENTORY, RANKING_PAGE: RANKING, MY_RANK: RANK,

@@ -1,5 +1,6 @@
 """
-The session server's client protocol: register, login and enter world, each
+The session server's client protocol: register, login, refresh and revoke
+(refresh tokens) and enter world, each
 decoded here and handed to the account and world services.  A connection
 counts as authenticated once it has logged in or entered the world.
 """
@@ -23,6 +24,17 @@ class SessionProtocol(ServerProtocol):
         logged_in = await self.factory.accounts.login(body["name"], body["password"], address)
         self.factory.liveness.authenticated(self.state)
         return packets.LOGGED_IN, logged_in._asdict()
+
+    @handles(packets.REFRESH, needs_auth=False)
+    async def refresh(self, body):
+        logged_in = await self.factory.accounts.refresh(body["refresh_token"])
+        self.factory.liveness.authenticated(self.state)
+        return packets.LOGGED_IN, logged_in._asdict()
+
+    @handles(packets.REVOKE, needs_auth=False)
+    async def revoke(self, body):
+        await self.factory.accounts.revoke(body["refresh_token"])
+        return packets.REVOKED, {}
 
     @handles(packets.ENTER_WORLD, needs_auth=False)
     async def enter_world(self, body):

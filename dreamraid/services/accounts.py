@@ -240,9 +240,13 @@ class RegistrationThrottle:
 
 
 class LoggedIn(NamedTuple):
+    """A login's or a refresh's answer: the access token and the refresh token, each with its expiry."""
+
     user_id: int
     token: str
     expires_at: int
+    refresh_token: str
+    refresh_expires_at: int
 
 
 class IAccountStore(Interface):
@@ -302,16 +306,18 @@ class MysqlAccountStore:
 
 
 class Accounts:
-    """Register and log in; a login returns a signed token."""
+    """Register and log in; a login returns a signed token and a refresh token, which gets new ones."""
 
     _log = Logger()
 
-    def __init__(self, store, hasher, throttle, registrations, issuer):
+    def __init__(self, store, hasher, throttle, registrations, issuer, refresh_tokens):
+        """@param refresh_tokens: the L{dreamraid.services.refresh.RefreshTokens}."""
         self._store = store
         self._hasher = hasher
         self._throttle = throttle
         self._registrations = registrations
         self._issuer = issuer
+        self._refresh_tokens = refresh_tokens
 
     async def register(self, name, password, address):
         """The new user's id.  @raise RequestRefused: bad name or password, throttled, name taken, store down."""
@@ -349,10 +355,31 @@ class Accounts:
                 raise RequestRefused(ErrorCode.WRONG_CREDENTIALS)  # the attempt keeps its places
             await self._throttle.succeeded(attempt)
             await self._store.record_login(user_id)
+            refresh = await self._refresh_tokens.start(user_id)
         except (RedisClusterError, *MYSQL_UNAVAILABLE) as e:
             raise self._unavailable("login", name, e) from None
         issued = self._issuer.issue(user_id)
-        return LoggedIn(user_id, issued.token, issued.expires_at)
+        return LoggedIn(user_id, issued.token, issued.expires_at, refresh.token, refresh.expires_at)
+
+    async def refresh(self, refresh_token):
+        """
+        A L{LoggedIn} with a new token and a new refresh token, for a refresh
+        token (which is spent).  @raise RequestRefused: C{REFRESH_REFUSED},
+        store down.
+        """
+        try:
+            user_id, refresh = await self._refresh_tokens.rotate(refresh_token)
+        except MYSQL_UNAVAILABLE as e:
+            raise self._unavailable("refresh", "a refresh token", e) from None
+        issued = self._issuer.issue(user_id)
+        return LoggedIn(user_id, issued.token, issued.expires_at, refresh.token, refresh.expires_at)
+
+    async def revoke(self, refresh_token):
+        """End every refresh token of the login C{refresh_token} belongs to.  @raise RequestRefused: store down."""
+        try:
+            await self._refresh_tokens.revoke(refresh_token)
+        except MYSQL_UNAVAILABLE as e:
+            raise self._unavailable("revoke", "a refresh token", e) from None
 
     async def _check(self, name, password):
         """C{(user_id, whether the password is the user's)}; an unknown name costs a hash too."""
