@@ -389,6 +389,8 @@ class FaultTests(ClusterTestCase):
                 i += 1
 
         writing = defer.ensureDeferred(writer())
+        # Whatever fails below, the writer stops with the test (an endless writer hangs the whole run).
+        self.addCleanup(lambda: stopping.append(True) or writing)
         await eventually(lambda: defer.succeed(len(acknowledged) > 200))
         cluster.signal_node(victim, signal.SIGKILL)
         killed_at = len(acknowledged)
