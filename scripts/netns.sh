@@ -24,7 +24,7 @@
 # namespace dr-<8 hex>, veth ends dr-<8 hex>-h (host) and dr-<8 hex>-n;
 # DREAMRAID_NETNS=NAME (at most 12 of [a-z0-9-]) picks another.
 # Needs root; installs iproute2 from Debian's packages if `ip` is missing.
-# Exit codes: 0 done, 1 failed, 3 this machine cannot make network namespaces.
+# Exit codes: 0 done, 1 failed, 3 this machine cannot make network namespaces or veth pairs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -106,8 +106,11 @@ up() {
         fi
     fi
     if ! ip link show dev "$HOST_VETH" >/dev/null 2>&1; then
-        ip link add "$HOST_VETH" type veth peer name "$NS_VETH" netns "$NS" ||
-            { down_quietly; die "cannot make the veth pair $HOST_VETH/$NS_VETH"; }
+        if ! ip link add "$HOST_VETH" type veth peer name "$NS_VETH" netns "$NS"; then
+            down_quietly
+            say "this machine cannot make veth pairs (ip link add $HOST_VETH type veth failed)"
+            exit 3
+        fi
     fi
     local cidr net
     cidr=$(host_cidr)

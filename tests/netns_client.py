@@ -9,15 +9,21 @@ what happens to it one line at a time on stdout.
         exits 0 for the first two, 1 otherwise.
 
     python -m tests.netns_client play --session HOST:PORT --name N --password P
-                                      [--register] [--party] [--heartbeat S] [--heartbeat-timeout S]
+                                      [--register] [--party] [--raid] [--raid-interface ADDR]
+                                      [--heartbeat S] [--heartbeat-timeout S]
         Logs in through the session server, enters the world, authenticates
         at the game server ("authenticated user=ID game=HOST:PORT"), creates a
-        party if asked ("party CODE"), then pings the game server every
+        party if asked ("party CODE"), queues for a raid if asked and joins it
+        over TCP and UDP ("raid ID host=HOST:PORT udp=HOST:PORT hp=N"), waits
+        for the fight and hits once ("hit damage=N hp=N fight_hp=N"), then pings the game server every
         --heartbeat seconds ("pong MS") until a ping goes unanswered for
-        --heartbeat-timeout seconds or the connection closes ("lost WHY").
+        --heartbeat-timeout seconds or the connection closes ("lost WHY");
+        with --heartbeat 0 it pings once, then waits for the connection to
+        close, which is all the client library notices by itself.
         Then it logs in again, with backoff, until it can ("reconnecting",
         "attempt failed WHY", "authenticated again user=ID game=HOST:PORT"),
-        says what became of its party ("party CODE" or "no party"),
+        says what became of its party ("party CODE" or "no party") and of its
+        raid, by hitting again ("raid kept hp=N" or "no raid CODE_NAME"),
         prints "ready" and waits for a line on stdin: "quit" logs out ("bye").
 
 The client library has no heartbeat of its own today (it answers the
@@ -32,7 +38,7 @@ import sys
 from twisted.internet import defer, stdio, task
 from twisted.protocols.basic import LineReceiver
 
-from dreamraid.client import ConnectionClosed, play
+from dreamraid.client import ConnectionClosed, RemoteError, play
 from dreamraid.client.session import host_port
 from dreamraid.protocols import packets
 
@@ -58,7 +64,11 @@ def probe(host, port, timeout):
 
 
 async def heartbeat(reactor, connection, interval, timeout):
-    """Ping every C{interval} seconds until a ping fails; why it failed."""
+    """
+    Ping every C{interval} seconds until a ping fails; why it failed.  With
+    C{interval} 0, one ping and no more: then only what the library notices
+    by itself (the connection closing).
+    """
     nonce = 0
     while True:
         nonce += 1
@@ -70,7 +80,22 @@ async def heartbeat(reactor, connection, interval, timeout):
         except ConnectionClosed as e:
             return str(e)
         say("pong", round((reactor.seconds() - started) * 1000, 1))
+        if not interval:
+            await connection.closed
+            return str(ConnectionClosed(*(connection.close_reason or ())))
         await task.deferLater(reactor, interval, lambda: None)
+
+
+async def raid_begun(client, interface):
+    """Queue (the party, or alone), join the raid formed, wait for the fight and hit once: the raid's id."""
+    await client.queue_raid()
+    raid = await client.next_raid(interface=interface)
+    found = raid.channel.server
+    say("raid", raid.raid_id, "host={}:{}".format(*client.address), "udp={}:{}".format(*found), f"hp={raid.hp}")
+    fight = await raid.fight()
+    hit = await raid.hit()
+    say("hit", f"damage={hit.damage}", f"hp={hit.hp}", f"fight_hp={fight.hp}")
+    return raid.raid_id
 
 
 async def login_until_done(reactor, args, deadline):
@@ -113,6 +138,9 @@ async def play_through_a_cut(reactor, args):
     say("authenticated", f"user={client.user_id}", "game={}:{}".format(*client.address))
     if args.party:
         say("party", (await client.create_party()).code)
+    raid_id = None
+    if args.raid:
+        raid_id = await raid_begun(client, args.raid_interface)
     say("lost", await heartbeat(reactor, client.connection, args.heartbeat, args.heartbeat_timeout))
     client.connection.transport.abortConnection()
     say("reconnecting")
@@ -120,6 +148,12 @@ async def play_through_a_cut(reactor, args):
     say("authenticated again", f"user={client.user_id}", "game={}:{}".format(*client.address))
     party = await client.my_party()
     say(*(("party", party.code) if party else ("no party",)))
+    if raid_id is not None:
+        try:
+            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
+            say("raid kept", f"hp={hit['hp']}")
+        except RemoteError as e:
+            say("no raid", getattr(e.code, "name", e.code))
     say("ready")
     if await commands.line == "quit":
         await client.logout()
@@ -140,6 +174,8 @@ def main(argv=None):
     g.add_argument("--password", required=True)
     g.add_argument("--register", action="store_true")
     g.add_argument("--party", action="store_true")
+    g.add_argument("--raid", action="store_true")
+    g.add_argument("--raid-interface", default="0.0.0.0", help="address the raid's UDP channel binds")
     g.add_argument("--heartbeat", type=float, default=0.5)
     g.add_argument("--heartbeat-timeout", type=float, default=1.5)
     g.add_argument("--reconnect-for", type=float, default=60.0)

@@ -13,7 +13,7 @@ import random
 import shutil
 import sys
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
@@ -47,6 +47,7 @@ class ClientLines(protocol.ProcessProtocol):
 
     def __init__(self):
         self.lines = []
+        self.times = []  # reactor.seconds() each line arrived at
         self.stderr = []
         self._partial = b""
         self._waiters = []  # (prefix, Deferred)
@@ -57,6 +58,7 @@ class ClientLines(protocol.ProcessProtocol):
         for raw in complete:
             line = raw.decode(errors="replace")
             self.lines.append(line)
+            self.times.append(reactor.seconds())
             for waiter in [w for w in self._waiters if line.startswith(w[0])]:
                 self._waiters.remove(waiter)
                 waiter[1].callback(line)
@@ -71,7 +73,10 @@ class ClientLines(protocol.ProcessProtocol):
         self._waiters = []
 
     def line(self, prefix, after=0):
-        """The first line from the C{after}th on that starts with C{prefix} (or one of a tuple); fails after L{STAGE_TIMEOUT} s."""
+        """
+        The first line from the C{after}th on that starts with C{prefix} (or
+        one of a tuple of them); fails after L{STAGE_TIMEOUT} s.
+        """
         for line in self.lines[after:]:
             if line.startswith(prefix):
                 return defer.succeed(line)
@@ -168,7 +173,7 @@ async def connect_from_host(address, port, timeout):
 
 
 class SecondHostTests(TestCase):
-    """scripts/netns.sh: the link it makes carries traffic, cut stops it, restore brings it back, down removes it all."""
+    """scripts/netns.sh: its link carries traffic, cut stops it, restore brings it back, down removes it all."""
 
     timeout = 60
 
@@ -199,7 +204,10 @@ class SecondHostTests(TestCase):
         self.assertEqual(await connect_from_host(host.client_address, closed_port, 5.0), "refused")
 
     async def test_up_is_idempotent_and_down_leaves_nothing_behind(self):
-        """A second up reuses the first's; down removes the namespace, both veth ends and the /30's routes; a second down is a no-op."""
+        """
+        A second up reuses the first's; down removes the namespace, both
+        veth ends and the /30's routes; a second down is a no-op.
+        """
         host = await SecondHost.up(self)
         code, out, err = await netns("up")
         self.assertEqual((code, SecondHost(out).__dict__), (0, host.__dict__), err)
@@ -242,7 +250,7 @@ class LinkCut:
         self.session = f"{host.host_address}:{session_port}"
         self.logs = log_lines(testcase)
         self.client = None
-        self.cut_at = None
+        self.cut_at = self.after_restore = self.attempts_while_cut = None
 
     async def authenticated(self, *options):
         """Start the client (it registers, logs in, enters the world, makes a party): its user id and party code."""
@@ -253,8 +261,16 @@ class LinkCut:
         await self.client.line("pong ")  # the heartbeat crosses the veth
         return int(line.split()[1].removeprefix("user=")), party.split()[1]
 
-    async def cut(self):
-        """Cut the link; C{(seconds until the client noticed, its line, seconds until the server dropped it)}."""
+    async def raiding(self):
+        """(After L{authenticated} with --raid.)  Its "raid ..." line (where raid_found sent it) and its first hit's."""
+        return await self.client.line("raid "), await self.client.line("hit ")
+
+    async def cut(self, hold=0.0):
+        """
+        Cut the link, and keep it cut until both ends noticed and at least
+        C{hold} seconds passed: C{(seconds until the client noticed, its
+        line, seconds until the server dropped it)}.
+        """
         after = len(self.client.lines)
         await self.host.cut()
         self.cut_at = reactor.seconds()
@@ -265,20 +281,39 @@ class LinkCut:
             noticed["client"] = (reactor.seconds() - self.cut_at, line)
 
         async def server_dropped():
-            await eventually(lambda: defer.succeed(any(
-                self.host.client_address in line and "IDLE_TIMEOUT" in line for line in self.logs)),
-                STAGE_TIMEOUT, 0.05)
+            await self.server_dropped()
             noticed["server"] = reactor.seconds() - self.cut_at
 
         await gather([defer.Deferred.fromCoroutine(client_noticed()), defer.Deferred.fromCoroutine(server_dropped())])
+        held = reactor.seconds() - self.cut_at
+        if held < hold:
+            await task.deferLater(reactor, hold - held, lambda: None)  # the scenario's length, not a wait for an event
         return (*noticed["client"], noticed["server"])
 
+    async def server_dropped(self):
+        """Wait until the game server logs that it dropped the second host's connection as idle."""
+        def dropped():
+            return defer.succeed(any(self.host.client_address in line and "IDLE_TIMEOUT" in line for line in self.logs))
+        await eventually(dropped, STAGE_TIMEOUT, 0.05)
+
     async def restored(self):
-        """Restore the link: the line the client prints once it is authenticated again, and what it says of its party."""
+        """
+        Restore the link: the line the client prints once it is
+        authenticated again, what it says of its party, and the seconds from
+        the restore to that authentication.  (The client failed to get back
+        in while cut: a test asserts that on L{attempts_while_cut}.)
+        """
+        self.attempts_while_cut = sum(line.startswith("attempt failed") for line in self.client.lines)
+        restored_at = reactor.seconds()
         await self.host.restore()
         again = await self.client.line("authenticated again ")
-        after = self.client.lines.index(again)
-        return again, await self.client.line(("party ", "no party"), after)
+        self.after_restore = self.client.lines.index(again)
+        took = self.client.times[self.after_restore] - restored_at
+        return again, await self.client.line(("party ", "no party"), self.after_restore), took
+
+    async def raid_after_restore(self):
+        """(After L{restored}, with --raid.)  What a hit in the raid got: "raid kept hp=N" or "no raid CODE"."""
+        return await self.client.line(("raid kept", "no raid"), self.after_restore)
 
     async def quit(self):
         """Log out and end the client: it says bye and exits 0."""
@@ -290,7 +325,7 @@ class LinkCut:
 
 
 class LinkCutTests(SessionServicesCase):
-    """A session and game server on this host's end of the veth, a player on the second host, the link cut mid-session."""
+    """A session and a game server on this host's end of the veth, a player on the second host, its link cut."""
 
     idle_timeout = 3.0
 
@@ -303,9 +338,11 @@ class LinkCutTests(SessionServicesCase):
         matchmaking = f"testmm{random.getrandbits(40):x}"
         self.addCleanup(lambda: gather([self.router.execute("DEL", key) for key in matchmaking_keys(matchmaking)]))
         address = self.host.host_address
-        game_port, session_port = free_port(), free_port()
+        self.game_port = game_port = free_port()
+        session_port = free_port()
         self.game = RunningServer(game_tap, "game", [
-            *shared, "--raids-matchmaking-prefix", matchmaking,
+            *shared, "--raids-matchmaking-prefix", matchmaking, "--raids-raid-size", "1",
+            "--raids-match-interval", "0.1", "--raids-hit-interval", "0", "--raids-time-limit", "60",
             "--game-listen", f"tcp:{game_port}:interface={address}", "--game-public-host", address,
             "--game-udp-interface", address,
             "--game-ping-interval", "0.5", "--game-idle-timeout", str(self.idle_timeout)]).start(self)
@@ -331,7 +368,57 @@ class LinkCutTests(SessionServicesCase):
         self.assertLess(server_after, self.idle_timeout + 2.0)
         self.assertEqual(len(self.game.part("Players")), 0)
 
-        again, party = await self.link.restored()
+        again, party, _ = await self.link.restored()
+        self.assertGreater(self.link.attempts_while_cut, 0)  # it tried, and was refused at once, while cut
         self.assertEqual(again.split()[2], f"user={user_id}")
+        self.assertEqual(party, "no party")
+        self.assertEqual(await self.link.quit(), 0)
+
+    async def test_a_raid_across_the_link_and_the_link_cut_mid_fight(self):
+        """
+        raid_found sends the player on the second host to the game server's
+        veth address for TCP and UDP, and the fight goes on across the link.
+        Cut mid-fight, both heartbeats notice; once restored the client logs
+        in again.  Today (no resume) a raid member who drops stays in the
+        raid until its end: the new login is still in the raid's party and
+        its hits still count (the boss goes from 29 to 28), though nothing
+        tells the client which raid it was in.
+        """
+        user_id, _ = await self.link.authenticated("--raid", "--heartbeat", "0.5", "--heartbeat-timeout", "1.5")
+        found, hit = await self.link.raiding()
+        address = self.host.host_address
+        self.assertIn(f" host={address}:{self.game_port} ", found)
+        self.assertIn(f" udp={address}:", found)
+        self.assertTrue(hit.startswith("hit damage=1 hp=29 "), hit)
+
+        client_after, client_line, server_after = await self.link.cut(hold=10.0)  # the issue's 10 s cut
+        self.assertIn("no pong in 1.5 s", client_line)
+        self.assertLess(server_after, self.idle_timeout + 2.0)
+
+        again, party, took = await self.link.restored()
+        self.assertGreater(self.link.attempts_while_cut, 0)
+        self.assertLess(took, 1.0 + 5.0)  # its backoff is capped at 1 s
+        self.assertEqual((again.split()[2], party.split()[0]), (f"user={user_id}", "party"))
+        self.assertEqual(await self.link.raid_after_restore(), "raid kept hp=28")
+        self.assertEqual(await self.link.quit(), 0)
+
+    async def test_the_client_library_alone_notices_a_cut_only_once_the_link_is_back(self):
+        """
+        Without pings of its own (the client library has no heartbeat
+        today), the client says nothing while the link is cut, even after
+        the server dropped it; only once the link is back does the server's
+        IDLE_TIMEOUT and close reach it.  The resume work's client heartbeat
+        is what makes a client notice while cut (the test above).
+        """
+        await self.link.authenticated("--heartbeat", "0")
+        after = len(self.link.client.lines)
+        await self.link.host.cut()
+        await self.link.server_dropped()
+        self.assertEqual(self.link.client.lines[after:], [])  # silent for longer than the heartbeat client needed
+        restored_at = reactor.seconds()
+        again, party, _ = await self.link.restored()
+        lost = self.link.client.lines.index(await self.link.client.line("lost ", after))
+        self.assertEqual(self.link.client.lines[lost], "lost connection closed (IDLE_TIMEOUT)")
+        self.assertGreaterEqual(self.link.client.times[lost], restored_at)
         self.assertEqual(party, "no party")
         self.assertEqual(await self.link.quit(), 0)
