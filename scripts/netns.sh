@@ -24,7 +24,8 @@
 # namespace dr-<8 hex>, veth ends dr-<8 hex>-h (host) and dr-<8 hex>-n;
 # DREAMRAID_NETNS=NAME (at most 12 of [a-z0-9-]) picks another.
 # Needs root; installs iproute2 from Debian's packages if `ip` is missing.
-# Exit codes: 0 done, 1 failed, 3 this machine cannot make network namespaces or veth pairs.
+# Exit codes: 0 done, 1 failed, 3 this machine cannot make network namespaces or
+# veth pairs, or routes all of 10.213.0.0/16 already (nothing is made then).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,7 +62,7 @@ ensure_ip() {
 ns_exists() { ip netns list | awk '{print $1}' | grep -qx -- "$NS"; }
 
 # The /30 (a.b.c.d/30) of the host's end, or nothing.
-host_cidr() { ip -4 -o addr show dev "$HOST_VETH" 2>/dev/null | awk '{print $4; exit}'; }
+host_cidr() { { ip -4 -o addr show dev "$HOST_VETH" 2>/dev/null || true; } | awk '{print $4; exit}'; }
 
 network_of() {  # 10.213.7.9/30 -> 10.213.7.8/30
     local ip=${1%/*} a b c d
@@ -72,7 +73,7 @@ network_of() {  # 10.213.7.9/30 -> 10.213.7.8/30
 print_state() {
     local cidr ns_cidr
     cidr=$(host_cidr)
-    ns_cidr=$(ip -n "$NS" -4 -o addr show dev "$NS_VETH" 2>/dev/null | awk '{print $4; exit}')
+    ns_cidr=$({ ip -n "$NS" -4 -o addr show dev "$NS_VETH" 2>/dev/null || true; } | awk '{print $4; exit}')
     printf 'NETNS=%s\nNETNS_HOST_VETH=%s\nNETNS_CLIENT_VETH=%s\n' "$NS" "$HOST_VETH" "$NS_VETH"
     printf 'NETNS_HOST_ADDR=%s\nNETNS_CLIENT_ADDR=%s\n' "${cidr%/*}" "${ns_cidr%/*}"
 }
@@ -91,7 +92,8 @@ pick_network() {
             return 0
         fi
     done
-    die "no free /30 in 10.213.0.0/16 among 64 tries"
+    say "no free /30 in 10.213.0.0/16 among 64 tries (something on this host routes it): nothing made"
+    exit 3
 }
 
 # -- commands -------------------------------------------------------------------
@@ -99,6 +101,11 @@ pick_network() {
 up() {
     need_root
     ensure_ip
+    local cidr net
+    cidr=$(host_cidr)
+    if [ -z "$cidr" ]; then
+        net=$(pick_network) || exit $?  # a.b.c.d: the host's end gets .d+1, the namespace's .d+2
+    fi
     if ! ns_exists; then
         if ! ip netns add "$NS" 2>/dev/null; then
             say "this machine cannot make network namespaces (ip netns add $NS failed)"
@@ -112,10 +119,7 @@ up() {
             exit 3
         fi
     fi
-    local cidr net
-    cidr=$(host_cidr)
     if [ -z "$cidr" ]; then
-        net=$(pick_network)  # a.b.c.d: the host's end is .d+1, the namespace's .d+2
         ip addr add "${net%.*}.$((${net##*.} + 1))/30" dev "$HOST_VETH"
         ip -n "$NS" addr add "${net%.*}.$((${net##*.} + 2))/30" dev "$NS_VETH"
         cidr=$(host_cidr)
