@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -231,8 +232,14 @@ class SecondHostTests(TestCase):
         setpriv = shutil.which("setpriv")
         if os.geteuid() != 0 or setpriv is None:
             raise SkipTest("needs root and setpriv to run the script as another user")
+        # A copy another user can read wherever the checkout is (a fresh clone under /root is not).
+        where = tempfile.mkdtemp(prefix="dreamraid-netns-")
+        self.addCleanup(shutil.rmtree, where)
+        os.chmod(where, 0o755)
+        script = shutil.copy(NETNS_SCRIPT, os.path.join(where, "netns.sh"))
+        os.chmod(script, 0o755)
         out, err, code = await getProcessOutputAndValue(
-            setpriv, ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/bash", str(NETNS_SCRIPT), "up"],
+            setpriv, ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/bash", script, "up"],
             env=dict(os.environ), path="/")
         self.assertEqual((code, err.decode().strip()),
                          (1, "netns: needs root (network namespaces and veth pairs are made with ip as root)"))
@@ -341,7 +348,7 @@ class LinkCutTests(SessionServicesCase):
         self.game_port = game_port = free_port()
         session_port = free_port()
         self.game = RunningServer(game_tap, "game", [
-            *shared, "--raids-matchmaking-prefix", matchmaking, "--raids-raid-size", "1",
+            *shared, "--raids-matchmaking-prefix", matchmaking, "--raids-raid-size", "1", "--raids-boss-hp", "30",
             "--raids-match-interval", "0.1", "--raids-hit-interval", "0", "--raids-time-limit", "60",
             "--game-listen", f"tcp:{game_port}:interface={address}", "--game-public-host", address,
             "--game-udp-interface", address,
@@ -380,9 +387,9 @@ class LinkCutTests(SessionServicesCase):
         veth address for TCP and UDP, and the fight goes on across the link.
         Cut mid-fight, both heartbeats notice; once restored the client logs
         in again.  Today (no resume) a raid member who drops stays in the
-        raid until its end: the new login is still in the raid's party and
-        its hits still count (the boss goes from 29 to 28), though nothing
-        tells the client which raid it was in.
+        raid until its end: the new login is still in its party and its
+        hits in the raid still count (the boss goes from 29 to 28), though
+        nothing tells the client which raid it was in.
         """
         user_id, _ = await self.link.authenticated("--raid", "--heartbeat", "0.5", "--heartbeat-timeout", "1.5")
         found, hit = await self.link.raiding()
