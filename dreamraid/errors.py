@@ -67,6 +67,7 @@ class ErrorCode(enum.IntEnum):
     HANDOFF_REFUSED = 72
     ZERO_REQUEST_ID = 73
     PARTY_CHANGED_WHILE_QUEUEING = 74
+    RESUME_EXPIRED = 75
 
 
 ERROR_TEXT = {
@@ -128,6 +129,8 @@ ERROR_TEXT = {
                                "which answers one, carries it); the request was not handled",
     ErrorCode.PARTY_CHANGED_WHILE_QUEUEING: "the party changed (a member joined or left) while it was being "
                                             "queued; nothing is queued: queue again",
+    ErrorCode.RESUME_EXPIRED: "nothing to resume: the session is no longer live (the resume grace ran out, or "
+                              "the user logged out or entered the world again); log in and enter the world again",
 }
 
 

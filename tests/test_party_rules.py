@@ -29,7 +29,7 @@ from dreamraid.services.livestore import profile_key, session_key
 from dreamraid.services.matchmaking import GROUPS, matchmaking_keys
 from dreamraid.services.parties import Parties
 from dreamraid.services.players import Players
-from dreamraid.services.presence import Presence, handoff_key, presence_key
+from dreamraid.services.presence import Left, Presence, handoff_key, presence_key
 from tests import cluster
 from tests.support import eventually, require_stack, when_logged
 from tests.test_game import GameServerCase
@@ -326,7 +326,7 @@ class HandoffTests(PartyCase):
         lists both and nobody heard "left".
         """
         stayer, stayer_id, old, mover_id, found, host = await self.raid_across_two_servers()
-        decided = when_logged(self, f"user {mover_id}: a connection closed without leaving the game")
+        decided = when_logged(self, f"user {mover_id}: a replaced connection closed")
         mover = await self.moved(host, mover_id, found)
         await old.closed
         self.assertEqual(old.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
@@ -404,7 +404,7 @@ class HandoffWaitTests(TestCase):
         leave = await self.closed()
         await self.router.execute("DEL", handoff_key(self.user_id))  # as its expiry would
         self.clock.advance(30)
-        self.assertTrue(await leave)
+        self.assertIs(await leave, Left.ENDED)
         self.assertIsNone(await self.router.execute("GET", session_key(self.user_id)))
         self.assertEqual(self.queue.enqueued, [(self.user_id, "logout")])
 
@@ -413,7 +413,7 @@ class HandoffWaitTests(TestCase):
         leave = await self.closed()
         await self.presence.enter_handoff(self.user_id, "to the host")
         self.clock.advance(30)
-        self.assertFalse(await leave)
+        self.assertIs(await leave, Left.REPLACED)
         self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"to the host")
         self.assertEqual(self.queue.enqueued, [])
 
@@ -421,10 +421,10 @@ class HandoffWaitTests(TestCase):
         """A server stopping does not wait for the ticket: the leave ends nothing, the session expires by itself."""
         leave = await self.closed()
         await self.players.stopService()
-        self.assertFalse(await leave)
+        self.assertIsNone(await leave)
         self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"first")
 
     async def test_a_logout_does_not_wait(self):
         """A logout is a leave at once, ticket or not."""
-        self.assertTrue(await self.players.leave(self.connection, wait_for_handoff=False))
+        self.assertIs(await self.players.leave(self.connection, wait_for_handoff=False), Left.ENDED)
         self.assertIsNone(await self.router.execute("GET", session_key(self.user_id)))
