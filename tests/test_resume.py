@@ -4,19 +4,27 @@ presence that plays the real scripts' rules in memory: the grace runs the
 leave once (also when a resume races its timer), a resume in time keeps
 everything, a resume after the grace gets RESUME_EXPIRED, a player taken
 over on another process leaves nothing behind here; and the Player state
-machine itself.
+machine itself.  Against the real stack: a party member sees away and
+back, a resume on another game server takes the player over, and 100
+resumes at once leave one connection holding the player.
 """
 
 import inspect
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from dreamraid.client.connection import ConnectionClosed
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.protocols import packets
 from dreamraid.services.avatar import Player, Stage
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import session_key
 from dreamraid.services.players import Players
-from dreamraid.services.presence import Entered, Left, Presence
+from dreamraid.services.presence import Entered, Left, Presence, away_key, presence_key
+from tests.support import eventually, when_logged
+from tests.test_game import GameServerCase
 from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
 
 GRACE = 30.0
@@ -302,3 +310,92 @@ class PlayerTests(TestCase):
         self.assertEqual(self.over, [])
         self.clock.advance(1)
         self.assertEqual(self.over, [self.player])
+
+
+class ResumeOnTheStackTests(GameServerCase):
+    """
+    Game servers over real TCP against the real Redis Cluster: a party
+    member sees away and back; a resume on another game server process
+    takes the player over and the first lets it go without leaving; 100
+    resumes at once leave exactly one connection holding the player.
+    """
+
+    timeout = 90
+
+    async def party_of_two(self, server):
+        """Two players on C{server}, in one party: C{(stayer, stayer_id, mover, mover_id, token of the mover, code)}."""
+        ids = [await self.new_user() for _ in range(2)]
+        tokens = [await self.entered_token(u) for u in ids]
+        clients = [await server.client(self) for _ in ids]
+        for client, token in zip(clients, tokens):
+            await client.request(packets.AUTHENTICATE, {"token": token})
+        _, party = await clients[0].request(packets.CREATE_PARTY, {})
+        await clients[1].request(packets.JOIN_PARTY, {"code": party["code"]})
+        await clients[0].next_push("party_changed")  # joined
+        return clients[0], ids[0], clients[1], ids[1], tokens[1], party["code"]
+
+    async def test_a_resume_on_another_server_takes_the_away_player_over(self):
+        """
+        The mover's socket is cut on server A: the party hears away, the
+        presence is marked away.  It resumes on server B: the reply names
+        the party, the party hears back, A lets the player go without
+        leaving (no timer left there), and the session and party stay.
+        """
+        first = await self.game_server("--game-resume-grace", "30")
+        second = await self.game_server("--game-resume-grace", "30")
+        stayer, stayer_id, mover, mover_id, token, code = await self.party_of_two(first)
+        mover.transport.abortConnection()
+        away = await stayer.next_push("party_changed")
+        self.assertEqual((away["reason"], away["user_id"], away["code"]), ("away", mover_id, code))
+        self.assertIsNotNone(await self.router.execute("GET", away_key(mover_id)))
+        let_go = when_logged(self, f"user {mover_id}: away here, taken over elsewhere")
+
+        resumed_on = await second.client(self)
+        _, resumed = await resumed_on.request(packets.RESUME, {"token": token, "user_id": 0, "ticket": ""})
+        self.assertEqual((resumed["user_id"], resumed["party_code"], resumed["raid_id"]), (mover_id, code, ""))
+        back = await stayer.next_push("party_changed")
+        self.assertEqual((back["reason"], back["user_id"]), ("back", mover_id))
+        await let_go.addTimeout(10, reactor)
+        self.assertIsNone(first.part("Players").player_of(mover_id))
+        self.assertIsNone(await self.router.execute("GET", away_key(mover_id)))
+        self.assertEqual(await self.router.execute("GET", presence_key(mover_id)),
+                         second.part("Players").player_of(mover_id).holder.encode())
+        _, party = await resumed_on.request(packets.MY_PARTY, {})
+        self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
+
+    async def test_a_hundred_resumes_at_once(self):
+        """
+        100 resumes of one away player at once, over 100 connections: each
+        is answered, exactly one connection ends up holding the player, the
+        other 99 are told logged_in_elsewhere and dropped, and the leave
+        never runs (the session, party and presence stay).
+        """
+        server = await self.game_server("--game-resume-grace", "30", "--game-connections-per-address", "256")
+        stayer, stayer_id, mover, mover_id, token, code = await self.party_of_two(server)
+        mover.transport.abortConnection()
+        await stayer.next_push("party_changed")  # away
+        clients = await gather([server.client(self) for _ in range(100)])
+        outcomes = await defer.DeferredList(
+            [c.request(packets.RESUME, {"token": token, "user_id": 0, "ticket": ""}) for c in clients],
+            consumeErrors=True)
+        players = server.part("Players")
+        await eventually(lambda: defer.succeed(sum(1 for c in clients if c.connected) == 1))
+        holding = [c for c in clients if c.connected]
+        for client, (ok, value) in zip(clients, outcomes):
+            if ok:
+                self.assertEqual(value[1]["user_id"], mover_id)
+            else:
+                self.assertIsInstance(value.value, ConnectionClosed)
+        dropped = [c for c in clients if not c.connected]
+        self.assertEqual(len(dropped), 99)
+        self.assertEqual({c.close_reason[0] for c in dropped}, {ErrorCode.LOGGED_IN_ELSEWHERE})
+        self.assertIs(players.connection_of(mover_id).player, players.player_of(mover_id))
+        self.assertEqual(players.player_of(mover_id).holder.encode(),
+                         await self.router.execute("GET", presence_key(mover_id)))
+        self.assertIsNotNone(await self.router.execute("GET", session_key(mover_id)))
+        _, served = await holding[0].request(packets.MY_PARTY, {})
+        self.assertEqual(served["code"], code)
+        back = await stayer.next_push("party_changed")
+        self.assertEqual((back["reason"], back["user_id"]), ("back", mover_id))
+        _, party = await stayer.request(packets.MY_PARTY, {})
+        self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
