@@ -23,7 +23,8 @@ from dreamraid.services.tokens import TokenIssuer, TokenVerifier, create_key_pai
 from tests import cluster
 from tests.support import make_settings, require_stack
 
-TEST_DATABASE = "dreamraid_test"
+# DREAMRAID_TEST_DATABASE: a database of one's own, for a branch whose schema differs from the shared one's.
+TEST_DATABASE = os.environ.get("DREAMRAID_TEST_DATABASE", "dreamraid_test")
 _prepared = []
 
 

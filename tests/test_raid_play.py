@@ -4,13 +4,15 @@ players cleared and timed out on one game server, a party of two and two
 solo players raiding as four, forged and replayed datagrams dropped and
 counted, positions relayed, the HP sequence never going backwards at a
 client, a player who drops still paid, a player whose socket is cut
-mid-fight resuming and paid once (MariaDB then agreeing), a resume after
-the grace refused; two game server processes, the
+mid-fight resuming and paid once (MariaDB then agreeing), one cut on the
+host resuming on the other process and sent back, a resume after the
+grace refused; two game server processes, the
 player on the other one handed over to the host by the client library, the
 raid completed, results and ranking right; and a host killed mid-raid, its
 players freed once its lease lapses.
 """
 
+import json
 import random
 
 from twisted.internet import reactor
@@ -22,6 +24,7 @@ from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import STILL_ONLINE, profile_key, session_key
 from dreamraid.services.loading import thd_load_profile
+from dreamraid.services.matchmaking import GROUPS, matchmaking_keys
 from dreamraid.services.sync import MysqlSnapshotStore, SyncWorker
 from tests.support import eventually, greeted_channels
 from tests.test_game import GameServerCase
@@ -241,6 +244,54 @@ class RaidPlayTests(GameServerCase):
         for client, result in zip((a, b), results):
             _, rank = await client.request(packets.MY_RANK, {})
             self.assertEqual(rank["score"], result["score"])
+
+    async def test_a_moved_player_cut_on_the_host_resumes_on_the_other_process(self):
+        """
+        Two processes; the player handed over to the raid's host (its live
+        session is now the handoff ticket) has its socket cut there and
+        resumes on the other process with that ticket: the other process
+        asks the host to give the player its place again, the client moves
+        back to the host by itself with the new ticket, greets UDP again,
+        and its later hits count.
+        """
+        options = self.raid_options("--game-resume-grace", "30")
+        first, second = await gather([self.game_process(*options), self.game_process(*options)])
+        (a, _), (b, _) = await self.player(first), await self.player(second)
+        found, _ = await self.matched([a, b])
+        raid_id, host = found[0]["raid_id"], found[0]["host"]
+        mover = next(c for c in (a, b) if c.ticket is not None)  # the one handed over to the host
+        other = b if mover is a else a
+        elsewhere = next(s for s in (first, second) if f"127.0.0.1:{s.port}" != host)
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        _, first_hit = await mover.request(packets.RAID_HIT, {"raid_id": raid_id})
+        mover.connection.transport.abortConnection()
+        await mover.connection.closed
+
+        # The other process reads the raid from the host's checkpoint (at most a second old): wait for the hit in it.
+        checkpoints = matchmaking_keys(options[1])[GROUPS + 7]
+
+        async def checkpointed():
+            state = await self.router.execute("HGET", checkpoints, raid_id)
+            return state is not None and json.loads(state)["hp"] == first_hit["hp"]
+        await eventually(checkpointed, timeout=10)
+        resumed = await mover.resume("127.0.0.1", elsewhere.port)
+        self.assertEqual((resumed["raid_id"], resumed["boss_hp"], resumed["score"]),
+                         (raid_id, first_hit["hp"], first_hit["damage"]))
+        again = await mover.next_push("raid_found")  # delivered once the client moved back to the host
+        self.assertEqual(f"{mover.address[0]}:{mover.address[1]}", host)
+        self.assertNotEqual(again["key"], next(f["key"] for f in found if f["member"] == again["member"]))
+        [channel], [hp] = await greeted_channels(self, [again])
+        self.assertEqual(hp, first_hit["hp"])
+        score, hp, turn = first_hit["damage"], first_hit["hp"], 0
+        while hp > 0:
+            client = (mover, other)[turn % 2]
+            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
+            if client is mover:
+                score += hit["damage"]
+            hp, turn = hit["hp"], turn + 1
+        result = await mover.next_push("raid_result")
+        self.assertEqual((result["cleared"], result["score"]), (True, score))
 
     async def test_host_killed_mid_raid_releases_its_players(self):
         """The host dies mid-raid: another process ends the raid once the lease lapses, and the players may queue."""
