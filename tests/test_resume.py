@@ -6,7 +6,8 @@ everything, a resume after the grace gets RESUME_EXPIRED, a player taken
 over on another process leaves nothing behind here; and the Player state
 machine itself.  Against the real stack: a party member sees away and
 back, a resume on another game server takes the player over, and 100
-resumes at once leave one connection holding the player.
+resumes at once leave one connection holding the player, and a resume
+drops an old connection still half open.
 """
 
 import inspect
@@ -317,7 +318,8 @@ class ResumeOnTheStackTests(GameServerCase):
     Game servers over real TCP against the real Redis Cluster: a party
     member sees away and back; a resume on another game server process
     takes the player over and the first lets it go without leaving; 100
-    resumes at once leave exactly one connection holding the player.
+    resumes at once leave exactly one connection holding the player; a
+    resume drops an old connection still half open.
     """
 
     timeout = 90
@@ -399,3 +401,24 @@ class ResumeOnTheStackTests(GameServerCase):
         self.assertEqual((back["reason"], back["user_id"]), ("back", mover_id))
         _, party = await stayer.request(packets.MY_PARTY, {})
         self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
+
+    async def test_a_resume_while_the_old_connection_is_half_open_drops_the_old_one(self):
+        """
+        The old connection never closed (half open, as after a silent link
+        loss): a resume on a new one takes the player over, the old one is
+        told logged_in_elsewhere and closed, nothing was away so nobody
+        hears away or back, and the party and session stay.
+        """
+        server = await self.game_server("--game-resume-grace", "30")
+        stayer, stayer_id, mover, mover_id, token, code = await self.party_of_two(server)
+        fresh = await server.client(self)
+        _, resumed = await fresh.request(packets.RESUME, {"token": token, "user_id": 0, "ticket": ""})
+        self.assertEqual((resumed["user_id"], resumed["party_code"]), (mover_id, code))
+        await mover.closed
+        self.assertEqual(mover.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
+        _, party = await stayer.request(packets.MY_PARTY, {})
+        self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
+        _, hunted = await fresh.request(packets.HUNT, {"monster": 1})
+        self.assertEqual(hunted["exp"], 1)
+        self.assertIsNotNone(await self.router.execute("GET", session_key(mover_id)))
+        self.assertEqual([name for name, _ in stayer.pushes if name == "party_changed"], [])  # no away, no back
