@@ -231,6 +231,9 @@ class GameSettings(ServerSettings):
     presence_ttl: float = setting(
         _number(float, 1.0, 3600.0), "seconds a player's presence lasts unless this server renews it"
     )
+    resume_grace: float = setting(
+        _number(float, 0.0, 3600.0), "seconds a player whose connection dropped stays away, all kept, for a resume"
+    )
     dev_grant: str = setting(_choice("on", "off"), "the development-only grant command (on or off)")
     udp_interface: str = setting(_text, "address the raid UDP socket binds")
     udp_port: int = setting(_number(int, 0, 65535), "raid UDP port (0: any free one)")

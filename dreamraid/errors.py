@@ -67,6 +67,7 @@ class ErrorCode(enum.IntEnum):
     HANDOFF_REFUSED = 72
     ZERO_REQUEST_ID = 73
     PARTY_CHANGED_WHILE_QUEUEING = 74
+    RESUME_EXPIRED = 75
 
     REFRESH_REFUSED = 80
 
@@ -132,6 +133,8 @@ ERROR_TEXT = {
                                             "queued; nothing is queued: queue again",
     ErrorCode.REFRESH_REFUSED: "the refresh token is unknown, expired, used already or revoked; log in with the "
                                "password (a token used twice ends every token of its login)",
+    ErrorCode.RESUME_EXPIRED: "nothing to resume: the session is no longer live (the resume grace ran out, or "
+                              "the user logged out or entered the world again); log in and enter the world again",
 }
 
 

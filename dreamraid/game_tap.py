@@ -51,7 +51,12 @@ def makeService(options, reactor=None):
     server_id = f"{socket.gethostname()}-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}"
     presence = Presence(router, server_id, game.presence_ttl, settings.sync.session_ttl)
     queue = SyncQueue(router, reactor, settings.sync.shards, settings.sync.prefix)
-    players = Players(verifier, presence, queue, reactor, game.presence_ttl)
+    parties = Parties(router, presence, random.SystemRandom(), settings.raids.raid_size)
+    raids = settings.raids
+    matchmaker = Matchmaker(router, presence, parties, reactor, random.SystemRandom(), raids,
+                            longest_life(raids), lambda formed: host.host(formed))
+    players = Players(verifier, presence, queue, reactor, game.presence_ttl, game.resume_grace, parties,
+                      matchmaker)
     players.setServiceParent(top)
     tables = load_tables(settings.tables.path)
     inventory = Inventory(router, tables, reactor, random.SystemRandom())
@@ -60,10 +65,6 @@ def makeService(options, reactor=None):
         "kicks": (players.check_kicks, 1.0),
     })
     ranking = Ranking(router, settings.sync.ranking_prefix)
-    parties = Parties(router, presence, random.SystemRandom(), settings.raids.raid_size)
-    raids = settings.raids
-    matchmaker = Matchmaker(router, presence, parties, reactor, random.SystemRandom(), raids,
-                            longest_life(raids), lambda formed: host.host(formed))
     host = RaidHost(router, presence, players, inventory, ranking, matchmaker, reactor, random.SystemRandom(), raids,
                     f"{game.public_host}:{_tcp_port(game.listen)}")
     host.setServiceParent(top)

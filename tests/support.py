@@ -141,8 +141,11 @@ def when_logged(testcase, text):
 
 # Tests register from 127.0.0.1 all over one shared Redis, many accounts a
 # run: their session servers have no per-address registration cap unless a
-# test sets one (an option given later wins).
-TEST_SERVER_OPTIONS = {"session": ["--session-registrations-per-address", "0"], "game": []}
+# test sets one (an option given later wins).  Their game servers have no
+# resume grace unless a test sets one: a dropped connection is a leave at
+# once, as the tests written before resume expect (tests of resume set it).
+TEST_SERVER_OPTIONS = {"session": ["--session-registrations-per-address", "0"],
+                       "game": ["--game-resume-grace", "0"]}
 
 
 def _free_ports(section, port, http_port):

@@ -45,6 +45,7 @@ class ShippedConfigTests(TestCase):
         self.assertEqual(s.session.http_listen, "tcp:9191:interface=127.0.0.1")
         self.assertEqual((s.game.ping_interval, s.game.idle_timeout, s.game.auth_timeout), (1.0, 15.0, 5.0))
         self.assertEqual(s.game.udp_port, 50000)
+        self.assertEqual(s.game.resume_grace, 30.0)
         self.assertEqual(len(s.redis.startup_nodes), 6)
         self.assertEqual(s.redis.startup_nodes[0], ("127.0.0.1", 7000))
         self.assertEqual((s.tokens.algorithm, s.tokens.audience, s.tokens.ttl), ("EdDSA", "dreamraid-game", 600))

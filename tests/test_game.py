@@ -223,15 +223,15 @@ class NewestAuthenticationTests(GameServerCase):
         first, _ = await self.authenticated(server, token)
         first_here = players.connection_of(user_id)
         first_left = defer.Deferred()
-        leave = players.leave
+        lost = players.connection_lost
 
-        async def leave_watched(connection, *args):
-            outcome = await leave(connection, *args)
+        def lost_watched(connection):
+            outcome = lost(connection)
             if connection is first_here:
                 first_left.callback(outcome)
             return outcome
 
-        players.leave = leave_watched
+        players.connection_lost = lost_watched
         second, _ = await self.authenticated(server, token)
         holder = await self.router.execute("GET", presence_key(user_id))
         await first.closed.addTimeout(10, reactor)

@@ -65,8 +65,19 @@ class RecordingPresence:
 @implementer(IPlayerConnection)
 class FakeConnection:
     def __init__(self):
-        self.user_id = self.jti = self.holder = None
+        self._player = self.holder = None
         self.kicked = []
+
+    @property
+    def player(self):
+        return self._player
+
+    @player.setter
+    def player(self, player):
+        """Players sets it at authentication: the holder is the authentication's, kept as it was then."""
+        self._player = player
+        if player is not None:
+            self.holder = player.holder
 
     def kick(self, code):
         self.kicked.append(code)

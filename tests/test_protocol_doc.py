@@ -107,7 +107,8 @@ class WhereEachMessageGoesTests(TestCase):
         text = section(docs.render(), packets.PARTY_CHANGED)
         for reason in parties.CHANGE_REASONS:
             self.assertRegex(text, rf"- `{re.escape(reason)}`: .+ told")
-        self.assertEqual(set(parties.CHANGE_REASONS), {parties.JOINED, parties.LEFT, parties.KICKED})
+        self.assertEqual(set(parties.CHANGE_REASONS), {parties.JOINED, parties.LEFT, parties.KICKED, parties.AWAY,
+                                                         parties.BACK})
 
     def test_examples_decode(self):
         """The example frames and datagrams in the reference are what the codec makes and reads."""

@@ -3,12 +3,16 @@ Whole raids over real TCP and UDP against the real Redis Cluster: two
 players cleared and timed out on one game server, a party of two and two
 solo players raiding as four, forged and replayed datagrams dropped and
 counted, positions relayed, the HP sequence never going backwards at a
-client, a player who drops still paid; two game server processes, the
+client, a player who drops still paid, a player whose socket is cut
+mid-fight resuming and paid once (MariaDB then agreeing), one cut on the
+host resuming on the other process and sent back, a resume after the
+grace refused; two game server processes, the
 player on the other one handed over to the host by the client library, the
 raid completed, results and ranking right; and a host killed mid-raid, its
 players freed once its lease lapses.
 """
 
+import json
 import random
 
 from twisted.internet import reactor
@@ -18,7 +22,10 @@ from dreamraid.client.game import GameClient
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import STILL_ONLINE, profile_key
+from dreamraid.services.livestore import STILL_ONLINE, profile_key, session_key
+from dreamraid.services.loading import thd_load_profile
+from dreamraid.services.matchmaking import GROUPS, matchmaking_keys
+from dreamraid.services.sync import MysqlSnapshotStore, SyncWorker
 from tests.support import eventually, greeted_channels
 from tests.test_game import GameServerCase
 
@@ -134,6 +141,74 @@ class RaidPlayTests(GameServerCase):
         exp, best = await self.router.execute("HMGET", profile_key(b_id), "exp", "best")
         self.assertEqual((int(exp), int(best)), (1, 1))
 
+    async def test_a_player_cut_mid_fight_resumes_and_is_paid_once(self):
+        """
+        B's socket is aborted mid-fight (no logout): B is away, not gone.
+        A hits while B is away; B resumes within seconds and is told the
+        raid as it is now (HP, time left, own score), gets its place again
+        (a new raid_found, a new UDP key) and greets the UDP channel again;
+        the fight goes on, B's later hits count, B is paid once, and after
+        B's logout MariaDB holds what B was told.
+        """
+        server = await self.game_server(*self.raid_options("--game-resume-grace", "30"))
+        host = server.part("RaidHost")
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        raid_id = found[0]["raid_id"]
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        _, b_hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
+        cut = reactor.seconds()
+        b.connection.transport.abortConnection()
+        await b.connection.closed
+        _, a_hit = await a.request(packets.RAID_HIT, {"raid_id": raid_id})  # while B is away
+        self.assertLess(a_hit["hp"], b_hit["hp"])
+
+        resumed = await b.resume()
+        self.assertLess(reactor.seconds() - cut, 5)
+        self.assertEqual((resumed["user_id"], resumed["raid_id"], resumed["boss_hp"], resumed["score"]),
+                         (b_id, raid_id, a_hit["hp"], b_hit["damage"]))
+        self.assertGreater(resumed["ms_left"], 0)
+        again = await b.next_push("raid_found")
+        self.assertEqual((again["raid_id"], again["member"]), (raid_id, found[1]["member"]))
+        self.assertNotEqual(again["key"], found[1]["key"])
+        [channel], [hp] = await greeted_channels(self, [again])
+        self.assertEqual(hp, a_hit["hp"])
+
+        b_score, hp, turn = b_hit["damage"], a_hit["hp"], 0
+        while hp > 0:
+            client = (b, a)[turn % 2]
+            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
+            if client is b:
+                b_score += hit["damage"]
+            hp, turn = hit["hp"], turn + 1
+        self.assertEqual(await channel.when_hp(lambda hp: hp == 0), 0)
+        result = await b.next_push("raid_result")
+        self.assertEqual((result["cleared"], result["score"], result["exp_gained"]), (True, b_score, b_score))
+        exp, best = await self.router.execute("HMGET", profile_key(b_id), "exp", "best")
+        self.assertEqual((int(exp), int(best)), (b_score, b_score))  # paid once
+        self.assertEqual(host.counters["forged"], 0)
+
+        await b.logout()
+        worker = SyncWorker(self.router, self.queue, self.live, MysqlSnapshotStore(self.database), reactor,
+                            self.settings.sync)
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        await eventually(lambda: _true(worker.counters["evicted"] >= 1))
+        stored = await self.database.pool.runWithConnection(thd_load_profile, b_id)
+        self.assertEqual((stored.level, stored.exp, stored.best), (result["level"], b_score, b_score))
+
+    async def test_a_resume_after_the_grace_is_refused(self):
+        """Away past the grace: the leave ran once, and a resume gets RESUME_EXPIRED (enter the world again)."""
+        server = await self.game_server("--game-resume-grace", "0.5")
+        a, a_id = await self.player(server)
+        a.connection.transport.abortConnection()
+        await a.connection.closed
+        await eventually(lambda: self.router.execute("EXISTS", session_key(a_id)).addCallback(lambda n: n == 0))
+        with self.assertRaises(RemoteError) as raised:
+            await a.resume()
+        self.assertEqual(raised.exception.code, ErrorCode.RESUME_EXPIRED)
+
     async def test_time_out_fails_with_scores_zero_and_a_dropped_player_stays(self):
         """Nobody clears in time: every score 0, nothing paid; a player who dropped stays live until the end."""
         server = await self.game_server(*self.raid_options("--raids-time-limit", "1", "--raids-ready-grace", "0"))
@@ -169,6 +244,54 @@ class RaidPlayTests(GameServerCase):
         for client, result in zip((a, b), results):
             _, rank = await client.request(packets.MY_RANK, {})
             self.assertEqual(rank["score"], result["score"])
+
+    async def test_a_moved_player_cut_on_the_host_resumes_on_the_other_process(self):
+        """
+        Two processes; the player handed over to the raid's host (its live
+        session is now the handoff ticket) has its socket cut there and
+        resumes on the other process with that ticket: the other process
+        asks the host to give the player its place again, the client moves
+        back to the host by itself with the new ticket, greets UDP again,
+        and its later hits count.
+        """
+        options = self.raid_options("--game-resume-grace", "30")
+        first, second = await gather([self.game_process(*options), self.game_process(*options)])
+        (a, _), (b, _) = await self.player(first), await self.player(second)
+        found, _ = await self.matched([a, b])
+        raid_id, host = found[0]["raid_id"], found[0]["host"]
+        mover = next(c for c in (a, b) if c.ticket is not None)  # the one handed over to the host
+        other = b if mover is a else a
+        elsewhere = next(s for s in (first, second) if f"127.0.0.1:{s.port}" != host)
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        _, first_hit = await mover.request(packets.RAID_HIT, {"raid_id": raid_id})
+        mover.connection.transport.abortConnection()
+        await mover.connection.closed
+
+        # The other process reads the raid from the host's checkpoint (at most a second old): wait for the hit in it.
+        checkpoints = matchmaking_keys(options[1])[GROUPS + 7]
+
+        async def checkpointed():
+            state = await self.router.execute("HGET", checkpoints, raid_id)
+            return state is not None and json.loads(state)["hp"] == first_hit["hp"]
+        await eventually(checkpointed, timeout=10)
+        resumed = await mover.resume("127.0.0.1", elsewhere.port)
+        self.assertEqual((resumed["raid_id"], resumed["boss_hp"], resumed["score"]),
+                         (raid_id, first_hit["hp"], first_hit["damage"]))
+        again = await mover.next_push("raid_found")  # delivered once the client moved back to the host
+        self.assertEqual(f"{mover.address[0]}:{mover.address[1]}", host)
+        self.assertNotEqual(again["key"], next(f["key"] for f in found if f["member"] == again["member"]))
+        [channel], [hp] = await greeted_channels(self, [again])
+        self.assertEqual(hp, first_hit["hp"])
+        score, hp, turn = first_hit["damage"], first_hit["hp"], 0
+        while hp > 0:
+            client = (mover, other)[turn % 2]
+            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
+            if client is mover:
+                score += hit["damage"]
+            hp, turn = hit["hp"], turn + 1
+        result = await mover.next_push("raid_result")
+        self.assertEqual((result["cleared"], result["score"]), (True, score))
 
     async def test_host_killed_mid_raid_releases_its_players(self):
         """The host dies mid-raid: another process ends the raid once the lease lapses, and the players may queue."""

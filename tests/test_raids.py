@@ -135,6 +135,9 @@ class NobodyHere:
     def connection_of(self, user_id):
         return None
 
+    def when_asked_to_place(self, place_again):
+        pass
+
 
 class RaidEndTests(MatchmakerCase):
     """A host on a driven clock, against the real Redis Cluster: its lease loop and the end of a raid."""

@@ -196,6 +196,9 @@ class NobodyConnected:
     def connection_of(self, user_id):
         return None
 
+    def when_asked_to_place(self, place_again):
+        pass
+
 
 MEMBERS = [11, 12]
 

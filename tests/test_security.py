@@ -656,6 +656,10 @@ def _seen(char, wire):
 FUZZED = [m for m in sorted(packets.MESSAGES.values(), key=lambda m: m.id)
           if m.id in GameProtocol.handlers and any(kind == "fixed" for _, kind, _, _ in m.fields)]
 REPLIES = packets.REPLY_OF
+# Refused credentials close the connection once the error is written.
+TOKEN_REFUSALS = {E.TOKEN_MALFORMED, E.TOKEN_SIGNATURE, E.TOKEN_EXPIRED, E.TOKEN_NOT_YET_VALID, E.TOKEN_AUDIENCE,
+                  E.TOKEN_ISSUER}
+CLOSING_REFUSALS = {E.HANDOFF_REFUSED, E.RESUME_EXPIRED, *TOKEN_REFUSALS}
 TABLES = load_tables(make_settings().tables.path)
 
 
@@ -690,6 +694,11 @@ def answers(message, body, authenticated):
         return False, {E.NOT_A_MEMBER}
     elif message is packets.AUTHENTICATE_HANDOFF:
         return False, {E.ALREADY_AUTHENTICATED if authenticated else E.HANDOFF_REFUSED}
+    elif message is packets.RESUME:
+        if authenticated:
+            return False, {E.ALREADY_AUTHENTICATED}
+        # A ticket is checked as the user's live session; else the token, which no fuzzed text is.
+        return False, {E.RESUME_EXPIRED} if body["ticket"] else TOKEN_REFUSALS
     else:
         return True, set()
     slot_refusals = {E.EMPTY_SLOT, E.MAX_ENHANCEMENT} if message is packets.ENHANCE else {E.EMPTY_SLOT}
@@ -776,7 +785,7 @@ class NumericEdgeTests(SecurityCase):
         """
         Send C{case}; check its answer against what the server must say, then
         that a ping still gets its pong; whether the connection is still
-        open (a refused handoff closes it).
+        open (a refused handoff or resume closes it).
         """
         label = f"{case.message.name} {case.damage} {case.values} {case.frame().hex()}"
         if case.damage == "none":
@@ -795,7 +804,7 @@ class NumericEdgeTests(SecurityCase):
                 self.assertIs(answer.message, REPLIES[case.message], label)
                 if case.message is packets.PING:
                     self.assertEqual(answer.body, case.body(), label)
-            if answer.message is packets.ERROR and answer.body["code"] == E.HANDOFF_REFUSED:
+            if answer.message is packets.ERROR and answer.body["code"] in CLOSING_REFUSALS:
                 await raw.closed.addTimeout(10, reactor)
                 return False
         pong = await raw.send(packets.PING.encode(4242, {"nonce": 4242}), 4242)
@@ -808,7 +817,7 @@ class NumericEdgeTests(SecurityCase):
         at 0, 1, either side of the sign bit and the top, damaged bodies and
         lying string lengths: a valid reply or a known refusal (never an
         internal error), on an authenticated and an unauthenticated
-        connection, each still answering pings (a refused handoff closes
+        connection, each still answering pings (a refused handoff or resume closes
         its connection; the next case goes on a new one); nothing unhandled
         is logged.
         """

@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 from dreamraid.errors import ERROR_TEXT, ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.protocols.game import GameFactory
+from dreamraid.services.avatar import Player
 from dreamraid.protocols.server import ServerFactory, ServerProtocol, handles
 from dreamraid.services.liveness import IPeer, Liveness
 from dreamraid.services.rediscluster import DeadlineExceeded
@@ -412,7 +413,7 @@ class FailingLogoutTests(TestCase):
         factory = GameFactory("dreamraid-test", settings, liveness, BrokenPlayers(), None, None, None, None, None)
         protocol, transport = factory.buildProtocol(None), StringTransport()
         protocol.makeConnection(transport)
-        protocol.user_id = 5
+        protocol.player = Player(5, "n", "jti", "test 1", protocol, clock, lambda player: None)
         liveness.authenticated(protocol.state)
         protocol.dataReceived(packets.LOGOUT.encode(1, {}))
         self.flushLoggedErrors(TypeError)

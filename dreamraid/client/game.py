@@ -94,6 +94,8 @@ class GameClient:
         self._pushes = []  # (name, body) of pushes nobody awaited yet
         self._waiters = {}  # name -> [(which bodies, Deferred)]
         self._raids = collections.OrderedDict()  # raid id -> "found" or "ended", the last RAIDS_REMEMBERED
+        self.token = None  # the login token, the live session until a raid handoff
+        self.ticket = None  # the last handoff ticket used: the live session after a move
         self._use(connection)
 
     @classmethod
@@ -103,7 +105,33 @@ class GameClient:
         _, body = await connection.request(packets.AUTHENTICATE, {"token": token})
         client = cls(reactor, connection, (host, port), body["user_id"], route)
         client.player = results.Player(**body)
+        client.token = token
         return client
+
+    async def resume(self, host=None, port=None):
+        """
+        After the connection dropped: connect again (to the server that held
+        the player, or C{host}:C{port}) and resume the player with its live
+        session (the login token, or the last handoff ticket); the resumed
+        reply's body (what was kept).  A player in a raid then gets its
+        raid_found push again (next_push), with a new ticket and UDP key.
+
+        @raise dreamraid.client.RemoteError: RESUME_EXPIRED once the grace ran out (log in and enter the world again).
+        """
+        address = self.address if host is None else (host, port)
+        connection = await connect(self._reactor, *address)
+        body = {"token": "" if self.ticket else self.token, "user_id": self.user_id if self.ticket else 0,
+                "ticket": self.ticket or ""}
+        try:
+            _, resumed = await connection.request(packets.RESUME, body)
+        except Exception:
+            if connection.connected:
+                connection.close()
+            raise
+        old, self.address = self.connection, address
+        self._use(connection)
+        old.on_push = None
+        return resumed
 
     def request(self, message, body):
         """The raw request: a Deferred of the reply's C{(message, body)}."""
@@ -303,6 +331,7 @@ class GameClient:
         host, port = self._route("tcp", _address(found["host"]))
         connection = await connect(self._reactor, host, port)
         await connection.request(packets.AUTHENTICATE_HANDOFF, {"user_id": self.user_id, "ticket": found["ticket"]})
+        self.ticket = found["ticket"]
         old, self.address = self.connection, (host, port)
         self._use(connection)
         old.on_push = None

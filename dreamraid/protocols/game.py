@@ -4,7 +4,6 @@ and change the inventory.  Each request is decoded here and handed to one
 service call; its result is encoded, its refusal becomes an error frame.
 """
 
-from twisted.internet import defer
 from zope.interface import implementer
 
 from dreamraid.errors import ErrorCode, RequestRefused
@@ -73,10 +72,15 @@ _PUSHES = {
 class GameProtocol(ServerProtocol):
     """One player's connection to a game server."""
 
-    user_id = None
-    jti = None
-    holder = None
-    name = None
+    player = None  # the services' Player this connection plays as, once authenticated
+
+    @property
+    def user_id(self):
+        return None if self.player is None else self.player.user_id
+
+    @property
+    def name(self):
+        return None if self.player is None else self.player.name
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
@@ -84,14 +88,9 @@ class GameProtocol(ServerProtocol):
         self.in_order(self._gone)
 
     def _gone(self):
-        if self.user_id is not None:
-            return defer.ensureDeferred(self.factory.players.leave(self, self._leave_game))
+        if self.player is not None:
+            return self.factory.players.connection_lost(self)
         return None
-
-    async def _leave_game(self, user_id):
-        """A player gone: their party and waiting ticket go too (a formed raid keeps them)."""
-        party = await self.factory.parties.leave_if_any(user_id)
-        await self.factory.matchmaker.withdraw([user_id], party)
 
     def kick(self, code):
         self.drop(code)
@@ -118,6 +117,29 @@ class GameProtocol(ServerProtocol):
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
         return await self._entered(self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"]))
 
+    @handles(packets.RESUME, needs_auth=False, ordered=True)
+    async def resume(self, body):
+        if self.user_id is not None:
+            raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
+        authenticated = await self._entered(self.factory.players.resume(self, body["token"], body["user_id"],
+                                                                        body["ticket"]))
+        if authenticated is None:
+            return None
+        user_id = self.user_id
+        reply = {**authenticated[1], "party_code": "", "queued_group": 0, "raid_id": "", "boss_hp": 0, "ms_left": 0,
+                 "score": 0}
+        party = await self.factory.parties.party_of(user_id)
+        if party is not None:
+            reply["party_code"] = party.code
+        place = await self.factory.matchmaker.place_of(user_id)
+        if place is not None and place[0] == "queued":
+            reply["queued_group"] = place[1]
+        elif place is not None:
+            standing = await self.factory.raids.rejoin(user_id, place[1], place[2])
+            reply.update(raid_id=standing.raid_id, boss_hp=standing.hp, ms_left=standing.ms_left,
+                         score=standing.score)
+        return packets.RESUMED, reply
+
     async def _entered(self, entering):
         try:
             entered = await entering
@@ -130,7 +152,6 @@ class GameProtocol(ServerProtocol):
         if not self.connected:
             # The connection went away while Redis answered: its leave, queued behind this, lets the user go.
             return None
-        self.name = entered.name
         self.factory.liveness.authenticated(self.state)
         return packets.AUTHENTICATED, {"user_id": entered.user_id, "name": entered.name,
                                        "level": entered.level, "exp": entered.exp}
@@ -146,10 +167,10 @@ class GameProtocol(ServerProtocol):
         # Frames after this one (a pipelined hunt, say) are no longer this player's.
         self.state.authenticated = False
         try:
-            await self.factory.players.leave(self, self._leave_game, wait_for_handoff=False)
+            await self.factory.players.leave(self, wait_for_handoff=False)
         finally:
             # Even if the leave failed (an error reply): the connection is nobody's now, and closes.
-            self.user_id = None
+            self.player = None
             self.close_after_reply = True
         return packets.LOGGED_OUT, {}
 

@@ -605,7 +605,7 @@ AUTHENTICATE = message(
     "of a user wins, on any game server and also with the same token: the older connection "
     "gets an error push logged_in_elsewhere and is closed, and the newer one keeps the session "
     "(and the party, ticket and raid place). Requests that change who the connection is or "
-    "where its player belongs (authenticate, authenticate_handoff, logout, create_party, "
+    "where its player belongs (authenticate, authenticate_handoff, resume, logout, create_party, "
     "join_party, leave_party, kick_member, queue_raid, cancel_queue) are served one at a time "
     "per connection, in the order sent, however many are pipelined; other requests are served "
     "as they arrive, except that one needing authentication sent behind a pending "
@@ -622,6 +622,34 @@ LOGOUT = message(
     "after the reply.",
 )
 LOGGED_OUT = message(203, "logged_out", Sender.SERVER, "The reply to logout.")
+RESUME = message(
+    206, "resume", Sender.CLIENT,
+    "Instead of authenticate, after a connection dropped without a logout: the player was kept "
+    "away for [game] resume_grace (session, presence, party, queue ticket and raid place), and a "
+    "resume on any game server within it takes the player over again (a connection of theirs "
+    "still open, half-open included, gets logged_in_elsewhere and is closed; on another game "
+    "server the player is let go without leaving). The credential is the live session: the login "
+    "token (token; user_id and ticket empty or 0), or, after a raid handoff made the handoff "
+    "ticket the live session, user_id and that ticket (token empty). The reply is resumed: what "
+    "was kept, as it is now (not a replay of the pushes missed). A player in a raid is then sent "
+    "a raid_found push again with a new handoff ticket and its UDP key: the client moves to the "
+    "raid's host if it is not there, and greets the UDP channel again. The party's other members "
+    "get party_changed with reason back. Errors: resume_expired (the grace ran out, or the session "
+    "ended: log in and enter the world again; the connection is closed), the token_* codes, "
+    "already_authenticated, unavailable.",
+    "token" / String, "user_id" / Int64ul, "ticket" / String,
+)
+RESUMED = message(
+    207, "resumed", Sender.SERVER,
+    "The reply to resume: who the connection is (as authenticated), and what was kept: the party's "
+    "code ('' for none), the level group of the ticket waiting (0 for none), and the raid the "
+    "player is in ('' for none) with the boss's HP, the milliseconds left of its fight (0 while it "
+    "waits for its players, or once over) and the player's own score so far (from the raid's "
+    "host, or its last checkpoint at most a second old when hosted elsewhere).",
+    "user_id" / Int64ul, "name" / String, "level" / Int8ul, "exp" / Int32ul,
+    "party_code" / String, "queued_group" / Int8ul,
+    "raid_id" / String, "boss_hp" / Int32ul, "ms_left" / Int32ul, "score" / Int32ul,
+)
 
 LEVEL_EXP = Struct("level" / Int16ul, "exp" / Int32ul)
 ENHANCE_CHANCE = Struct("enhancement" / Int16ul, "percent" / Int8ul)
@@ -772,7 +800,8 @@ KICK_MEMBER = message(
 )
 PARTY_CHANGED = message(
     256, "party_changed", Sender.SERVER,
-    "Push (request id 0) to the members of a party when someone joined, left or was kicked "
+    "Push (request id 0) to the members of a party when someone joined, left or was kicked, or "
+    "went away (their connection dropped; they are still a member) or came back with resume "
     "(reason), naming who (user_id), with the party as it is now; the kicked member gets it "
     "with an empty code.",
     "reason" / String, "user_id" / Int64ul,
@@ -911,6 +940,6 @@ REPLY_OF = {
     LIST_INVENTORY: INVENTORY, DELETE_ITEM: INVENTORY, MOVE_ITEM: INVENTORY, USE_ITEM: INVENTORY,
     ENHANCE: ENHANCED, GRANT: INVENTORY, RANKING_PAGE: RANKING, MY_RANK: RANK,
     CREATE_PARTY: PARTY, JOIN_PARTY: PARTY, LEAVE_PARTY: PARTY_LEFT, KICK_MEMBER: PARTY, MY_PARTY: PARTY,
-    QUEUE_RAID: QUEUED, CANCEL_QUEUE: QUEUE_CANCELLED, AUTHENTICATE_HANDOFF: AUTHENTICATED,
+    QUEUE_RAID: QUEUED, CANCEL_QUEUE: QUEUE_CANCELLED, AUTHENTICATE_HANDOFF: AUTHENTICATED, RESUME: RESUMED,
     RAID_READY: RAID_READY_OK, RAID_HIT: HIT,
 }

@@ -35,6 +35,7 @@ and a pass drops the tickets of servers whose lease lapsed: a game server
 that died leaves no players behind in the queue.
 """
 
+import json
 import string
 from typing import NamedTuple
 
@@ -454,6 +455,27 @@ class Matchmaker(Service):
             self._log.warn("matchmaking: cannot tell users {user_ids} their ticket was withdrawn: {error}",
                            user_ids=told, error=e)
         return True
+
+    async def place_of(self, user_id):
+        """
+        Where the user is in matchmaking now: C{("queued", level group)},
+        C{("raid", raid id, server id of its host or '')}, or None.
+        """
+        players, tickets, hosts = self._keys[GROUPS + 1], self._keys[GROUPS], self._keys[GROUPS + 5]
+        place = await self._router.execute("HGET", players, user_id)
+        if place is None:
+            return None
+        place = place.decode()
+        if place.startswith("r:"):
+            host = await self._router.execute("HGET", hosts, place[2:])
+            return "raid", place[2:], (host or b"").decode()
+        ticket = await self._router.execute("HGET", tickets, place)
+        return None if ticket is None else ("queued", int(ticket.split()[0]))
+
+    async def checkpoint(self, raid_id):
+        """The raid's last checkpoint (stage, hp, sequence, deadline, scores by user id text), or None."""
+        state = await self._router.execute("HGET", self._keys[GROUPS + 7], raid_id)
+        return None if state is None else json.loads(state)
 
     async def queue_lengths(self):
         """C{{level group: tickets waiting}}, every group."""

@@ -44,13 +44,16 @@ PARTY_CHANGED = "party_changed"
 
 # The reasons of a party_changed push, each with who is told; the wire
 # reference (docs/protocol.md) lists them from here.
-JOINED, LEFT, KICKED = "joined", "left", "kicked"
+JOINED, LEFT, KICKED, AWAY, BACK = "joined", "left", "kicked", "away", "back"
 CHANGE_REASONS = {
     JOINED: "user_id joined the party; the members already in it are told (the one joining gets the party reply)",
     LEFT: "user_id left the party (leave_party, logout or a dropped connection); the members still in it are told, "
           "with the leader it has now (nobody is told when the last member leaves: the party is gone)",
     KICKED: "the leader removed user_id; the members still in it are told (the leader too), and user_id gets it with "
             "an empty code, leader 0 and no members",
+    AWAY: "user_id's connection dropped without a logout: they are still a member, away for [game] resume_grace; "
+          "the other members are told (then back, or left once the grace ran out)",
+    BACK: "user_id, who was away, resumed; the other members are told",
 }
 
 
@@ -317,6 +320,12 @@ class Parties:
         except REDIS_ERRORS as e:
             self._log.warn("party {code}: changed for user {user_id}, but could not {what}: {error}",
                            code=code, user_id=user_id, what=what, error=e)
+
+    async def tell_status(self, user_id, reason):
+        """Tell the other members of the user's party, if any, C{reason} (L{AWAY}, L{BACK}) about the user."""
+        party = await self.party_of(user_id)
+        if party is not None:
+            await self._tell(party, [u for u, _ in party.members if u != user_id], reason, user_id)
 
     def _tell(self, party, user_ids, reason, subject):
         return self._presence.tell(user_ids, PARTY_CHANGED, _body(party, reason, subject))

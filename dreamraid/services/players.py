@@ -1,8 +1,17 @@
 """
-The players connected to one game server process: authentication with the
+The players of one game server process: authentication with the
 live-session check, one connection per user across every process (the
-newest authentication wins, also with the same token), presence renewal, and
-what happens when a player leaves.
+newest authentication wins, also with the same token), presence renewal,
+players away after their connection dropped, and what happens when a
+player leaves.
+
+Each user here has one L{dreamraid.services.avatar.Player}: its identity,
+the connection it plays through now (None while away) and its away state.
+A connection that closes without a logout leaves its player away for
+C{resume_grace} seconds: its session and presence are kept (this process
+goes on renewing them), and so are its party, ticket and raid place, until
+the player resumes (here or on any process) or the grace runs out and the
+leave runs, once.
 """
 
 from twisted.application.service import Service
@@ -11,9 +20,11 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.services.avatar import LeaveRules, Player
 from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.health import Unhealthy
+from dreamraid.services.parties import AWAY, BACK
 from dreamraid.services.presence import Left, holder_number
 from dreamraid.services.rediscluster import RedisClusterError
 
@@ -21,9 +32,7 @@ from dreamraid.services.rediscluster import RedisClusterError
 class IPlayerConnection(Interface):
     """What L{Players} needs of a client connection."""
 
-    user_id = Attribute("the authenticated user's id, or None")
-    jti = Attribute("the id of the token it authenticated with, or None")
-    holder = Attribute("its authentication's presence (L{dreamraid.services.presence.Entered.holder}), or None")
+    player = Attribute("the L{dreamraid.services.avatar.Player} it plays as, or None (set by authentication)")
 
     def kick(code):
         """Close the connection after telling the client C{code}."""
@@ -32,33 +41,50 @@ class IPlayerConnection(Interface):
         """Send the client C{event} (a name the protocol knows, such as C{"party_changed"}) with C{body}."""
 
 
-# Each connection's session and presence are renewed every third of the
-# presence TTL, a hundredth of the connections at a time: renewing them all at
+# Each player's session and presence are renewed every third of the
+# presence TTL, a hundredth of the players at a time: renewing them all at
 # once held every request up behind thousands of Redis calls.
 RENEWAL_SLICES = 100
 
+# The notice (L{Presence.ask}) asking a raid's host to give a resumed player their place again.
+PLACE_AGAIN = "raid_place_again"
+
 
 class Players(Service):
-    """The authenticated connections of this process, by user."""
+    """The players of this process, by user: connected, and away."""
 
     _log = Logger()
 
-    def __init__(self, verifier, presence, queue, clock, presence_ttl):
+    def __init__(self, verifier, presence, queue, clock, presence_ttl, resume_grace=0.0, parties=None,
+                 matchmaker=None):
+        """
+        @param resume_grace: seconds a player whose connection closed
+            without a logout stays away (all kept) before it leaves the game.
+        @param parties: the L{dreamraid.services.parties.Parties} a leaving
+            player leaves (and tells of away and back); None: no parties.
+        @param matchmaker: the L{dreamraid.services.matchmaking.Matchmaker}
+            a leaving player's ticket is withdrawn from; None: no queue.
+        """
         self._verifier = verifier
         self._presence = presence
-        self._queue = queue
         self._clock = clock
         self._presence_ttl = presence_ttl
-        self._connections = {}
-        self._slices = [{} for _ in range(RENEWAL_SLICES)]  # user id % RENEWAL_SLICES -> {user id: connection}
+        self._grace = resume_grace
+        self._rules = LeaveRules(presence, queue, parties, matchmaker)
+        self._players = {}  # user id -> Player
+        self._slices = [{} for _ in range(RENEWAL_SLICES)]  # user id % RENEWAL_SLICES -> {user id: Player}
         self._ticks = 0
         self._renewals = None
         self._kicks = None
         self._failures = FailureLog(self._log, clock)
-        self._handoff_waits = set()  # Deferreds of closed connections' players moving to a raid's host
+        self._departures = {}  # Player -> Deferreds of those waiting for its leave to end
+        self._leave_games = {}  # Player -> the leave_game its leave was asked to run instead of the rules'
+        self._leaving = set()  # Players whose session script is under way
+        self._background = set()  # Deferreds of leaves and party notices under way
+        self._place_again = None  # the raid host's, once it asked (when_asked_to_place)
 
     def __len__(self):
-        return len(self._connections)
+        return len(self._players)
 
     def startService(self):
         super().startService()
@@ -71,17 +97,24 @@ class Players(Service):
         super().stopService()
         if self._renewals.running:
             self._renewals.stop()
-        for wait in list(self._handoff_waits):
-            wait.cancel()
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self):
-        """Let every player go (their data is synced) and close their connections, before Redis goes."""
-        connections = list(self._connections.values())
-        await gather([self.leave(c, wait_for_handoff=False) for c in connections])
+        """
+        Let every player go, away ones too (their data is synced), and
+        close their connections, before Redis goes.  A player waiting for a
+        raid handoff ticket ends nothing: its session expires by itself.
+        """
+        for player in [p for p in self._players.values() if p in self._departures and p not in self._leaving]:
+            self._forget(player)
+            self._departed(player, None)
+        players = list(self._players.values())
+        connections = [p.connection for p in players if p.connection is not None]
+        await gather([self._depart(p, wait_for_handoff=False) for p in players])
         for connection in connections:
-            connection.user_id = None
+            connection.player = None
             connection.kick(ErrorCode.SHUTTING_DOWN)
+        await gather(list(self._background))
         await self._kicks.stop()
 
     async def check_kicks(self):
@@ -92,6 +125,8 @@ class Players(Service):
     def when_listening(self):
         """A Deferred that fires once this process hears kicks from the others."""
         return self._kicks.when_subscribed()
+
+    # -- taking a user over ------------------------------------------------------------
 
     async def authenticate(self, connection, token):
         """
@@ -119,90 +154,238 @@ class Players(Service):
         except RedisClusterError as e:
             self._log.warn("authenticate user {user_id}: {error}", user_id=user_id, error=e)
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
-        older = self._connections.get(user_id)
-        if older is not None and older is not connection:
-            if holder_number(older.holder) > holder_number(entered.holder):
-                # A later authentication here was registered first: this one is already replaced.
-                raise RequestRefused(ErrorCode.LOGGED_IN_ELSEWHERE)
-            older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
-        connection.user_id, connection.jti, connection.holder = user_id, jti, entered.holder
-        self._connections[user_id] = self._slices[user_id % RENEWAL_SLICES][user_id] = connection
+        self._attach(connection, user_id, jti, entered)
         return entered
 
+    async def resume(self, connection, token, user_id=0, ticket=""):
+        """
+        Take the player over again after its connection dropped (it was
+        away) or while an old connection of theirs is still half open: the
+        credential is the live session, the login C{token}'s id or, after a
+        raid handoff, the handoff C{ticket} of C{user_id}.  Everything the
+        player had (session, party, ticket, raid place) is theirs again; if
+        it was away, its party is told it is back.  An L{Entered}.
+
+        @raise RequestRefused: C{RESUME_EXPIRED} if the credential is not
+            the live session (the grace ran out and the leave ran, or the
+            user logged out or entered the world again); a bad token; Redis down.
+        """
+        if ticket:
+            credential = ticket
+        else:
+            claims = self._verifier.verify(token)
+            user_id, credential = claims.user_id, claims.jti
+        try:
+            entered = await self._take_over(connection, user_id, credential, self._presence.enter)
+        except RequestRefused as e:
+            if e.code == ErrorCode.SESSION_NOT_LIVE:
+                raise RequestRefused(ErrorCode.RESUME_EXPIRED) from None
+            raise
+        self._log.info("user {user_id}: resumed{away}", user_id=user_id, away=" (was away)" if entered.was_away else "")
+        if entered.was_away:
+            self._in_background(self._rules.tell_party(user_id, BACK))
+        return entered
+
+    def _attach(self, connection, user_id, jti, entered):
+        """The user is C{connection}'s now, with the presence C{entered} took: the older connection is closed."""
+        player = self._players.get(user_id)
+        if player is not None and holder_number(player.holder) > holder_number(entered.holder):
+            # A later authentication here was attached first: this one is already replaced.
+            raise RequestRefused(ErrorCode.LOGGED_IN_ELSEWHERE)
+        if player is None:
+            player = Player(user_id, entered.name, jti, entered.holder, connection, self._clock, self._grace_over)
+            self._players[user_id] = self._slices[user_id % RENEWAL_SLICES][user_id] = player
+            older = None
+        else:
+            older = player.connection
+            player.attach(connection, jti, entered.holder)
+            player.name = entered.name
+            self._departed(player, Left.REPLACED)  # a leave waiting for a handoff ticket finds it replaced
+        connection.player = player
+        if older is not None and older is not connection:
+            older.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
+        return player
+
     def connection_of(self, user_id):
-        """The user's connection to this process, or None."""
-        return self._connections.get(user_id)
+        """The user's connection to this process, or None (none here, or away)."""
+        player = self._players.get(user_id)
+        return None if player is None else player.connection
+
+    def player_of(self, user_id):
+        """The user's L{Player} on this process (connected or away), or None."""
+        return self._players.get(user_id)
 
     def taken_over(self, user_id, holder):
-        """Another process took C{user_id} over from the authentication C{holder}: close its connection here."""
-        connection = self._connections.get(user_id)
-        if connection is not None and connection.holder == holder:
-            connection.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
+        """Another process took C{user_id} over from the authentication C{holder}: let the player go here."""
+        player = self._players.get(user_id)
+        if player is not None and player.holder == holder:
+            connection = player.connection
+            self._forget(player)
+            self._departed(player, Left.REPLACED)
+            if connection is not None:
+                connection.kick(ErrorCode.LOGGED_IN_ELSEWHERE)
+            else:
+                self._log.info("user {user_id}: away here, taken over elsewhere (resumed); nothing ends here",
+                               user_id=user_id)
+
+    def when_asked_to_place(self, place_again):
+        """
+        Call C{place_again(user_id, raid_id)} when another process asks this
+        one (the raid's host) to give a resumed player their raid place again.
+        """
+        self._place_again = place_again
 
     def notified(self, user_ids, event, body):
         """Another process (or this one) told users of this one C{event}: push it to those still here."""
+        if event == PLACE_AGAIN:
+            if self._place_again is not None:
+                self._place_again(body["user_id"], body["raid_id"])
+            return
         for user_id in user_ids:
-            connection = self._connections.get(user_id)
-            if connection is not None:
-                connection.push(event, body)
+            player = self._players.get(user_id)
+            if player is not None and player.connection is not None:
+                player.connection.push(event, body)
+
+    def _forget(self, player):
+        """The player is no longer this process's: no renewal, no timer."""
+        if self._players.get(player.user_id) is player:
+            del self._players[player.user_id]
+            del self._slices[player.user_id % RENEWAL_SLICES][player.user_id]
+        player.gone()
+
+    # -- leaving ---------------------------------------------------------------------
+
+    def _current(self, connection):
+        """The player C{connection} plays as, if it is still that player's connection here; else None (logged)."""
+        player = connection.player
+        if player is None:
+            return None
+        if player.connection is connection and self._players.get(player.user_id) is player:
+            return player
+        self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host has "
+                       "the player); nothing ended, the party and any ticket stay", user_id=player.user_id)
+        return None
+
+    def connection_lost(self, connection):
+        """
+        The connection closed without a logout.  If it is still its
+        player's, the player is away for C{resume_grace} (the party is
+        told), then leaves unless it resumed; with no grace it leaves at
+        once.  A Deferred (or None) of what the leave found, if it ran now.
+        """
+        player = self._current(connection)
+        if player is None or player in self._departures:
+            return None  # replaced, or its leave is under way already
+        if self._grace > 0 and self.running:
+            player.went_away(self._grace)
+            self._log.info("user {user_id}: connection lost; away for {grace} s", user_id=player.user_id,
+                           grace=self._grace)
+            self._in_background(self._gone_away(player))
+            return None
+        return defer.ensureDeferred(self.leave(connection))
+
+    async def _gone_away(self, player):
+        """Mark the player away in its presence, and tell its party; a failure is logged."""
+        try:
+            await self._presence.mark_away(player.user_id, player.holder, self._grace)
+        except REDIS_ERRORS as e:
+            self._log.warn("user {user_id} is away, but not marked so: {error}", user_id=player.user_id, error=e)
+        await self._rules.tell_party(player.user_id, AWAY)
+
+    def _grace_over(self, player):
+        self._log.info("user {user_id}: away past the resume grace; leaving the game", user_id=player.user_id)
+        self._in_background(self._depart(player, wait_for_handoff=True))
+
+    def _in_background(self, work):
+        d = defer.ensureDeferred(work)
+        d.addErrback(lambda f: self._log.failure("a player's leave or notice failed", f))
+        self._background.add(d)
+        d.addBoth(lambda _: self._background.discard(d))
 
     async def leave(self, connection, leave_game=None, wait_for_handoff=True):
         """
-        The connection logged out or went away.  If a newer authentication
-        of the user (here or on another process, with any token, a raid
-        handoff among them) replaced it, nothing ends: the player goes on
-        there.  Otherwise end its session if it is still the live one, run
-        C{leave_game(user_id)} (an async callable: the player's ticket and
-        party go; also when Redis did not answer, as the player is most
-        likely gone), then have the user's data written back.  What the
-        leave found, a L{dreamraid.services.presence.Left}, or None if Redis
-        did not answer or this service stopped while it waited.
+        The connection logged out or its player leaves the game now.  If a
+        newer authentication of the user (here or on another process, with
+        any token, a raid handoff among them) replaced it, nothing ends: the
+        player goes on there.  Otherwise end its session if it is still the
+        live one, run the leave rules (C{leave_game(user_id)}, an async
+        callable, instead of leaving the party and queue, if given; also
+        when Redis did not answer, as the player is most likely gone), then
+        have the user's data written back.  What the leave found, a
+        L{dreamraid.services.presence.Left}, or None if Redis did not answer
+        or this service stopped while it waited.
 
         With C{wait_for_handoff} (a connection that closed, not a logout),
         one whose player has a raid handoff ticket waiting ends nothing yet:
-        the player is moving to the raid's host, and the old connection may
-        close before the new one arrives there.  The session is kept until
-        the ticket is used (the leave then finds the connection replaced) or
-        expires, then ended only if still this connection's.
+        the player is away while it moves to the raid's host (the old
+        connection may close before the new one arrives there), until the
+        ticket is used (the leave then finds the player replaced) or
+        expires; then the session is ended only if still this player's.
         """
-        user_id = connection.user_id
-        if self._connections.get(user_id) is connection:
-            del self._connections[user_id]
-            del self._slices[user_id % RENEWAL_SLICES][user_id]
-        wait_for_handoff = wait_for_handoff and self.running  # stopping lets every player go at once
+        player = self._current(connection)
+        if player is None:
+            return Left.REPLACED
+        return await self._depart(player, wait_for_handoff, leave_game)
+
+    def _depart(self, player, wait_for_handoff, leave_game=None):
+        """
+        A Deferred of the player's leave, once it ended (or found the
+        player resumed or taken over).  A leave already under way, or
+        waiting for a handoff ticket, is joined, not run twice.
+        """
+        waiting = defer.Deferred()
+        self._departures.setdefault(player, []).append(waiting)
+        if leave_game is not None:
+            self._leave_games[player] = leave_game
+        if player not in self._leaving:
+            self._in_background(self._try_leave(player, wait_for_handoff))
+        return waiting
+
+    def _departed(self, player, left):
+        """The player's leave is over (or moot): tell whoever waits for it."""
+        self._leave_games.pop(player, None)
+        for waiting in self._departures.pop(player, []):
+            waiting.callback(left)
+
+    async def _try_leave(self, player, wait_for_handoff):
+        """
+        End the player's session unless replaced, then the rest of the
+        leave; if a raid handoff ticket waits, the player stays away until
+        the ticket's time is up and this runs again.
+        """
+        user_id, holder = player.user_id, player.holder
+        self._leaving.add(player)
         try:
-            left = await self._presence.leave(user_id, connection.jti, connection.holder, wait_for_handoff)
-            while not isinstance(left, Left):  # the seconds a handoff ticket still waits
-                self._log.info("user {user_id}: a connection closed while a raid handoff ticket waits; the "
-                               "session waits {seconds:.1f} s for the player to move", user_id=user_id, seconds=left)
-                await self._waiting_for_handoff(left)
-                left = await self._presence.leave(user_id, connection.jti, connection.holder, wait_for_handoff)
-        except defer.CancelledError:
-            return None  # stopping: the session expires by itself and the next checkpoint syncs the user
+            left = await self._rules.end_session(player, wait_for_handoff and self.running)
         except REDIS_ERRORS as e:
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
             left = None
+        finally:
+            self._leaving.discard(player)
+        if player.holder != holder or player not in self._departures:
+            # Resumed here or taken over meanwhile (the script found the player replaced, or came first and the
+            # resume was refused): whoever holds the player now decides.
+            self._departed(player, Left.REPLACED)
+            return
+        if isinstance(left, float):  # the seconds a handoff ticket still waits: the departure stays open
+            self._log.info("user {user_id}: a connection closed while a raid handoff ticket waits; the "
+                           "session waits {seconds:.1f} s for the player to move", user_id=user_id, seconds=left)
+            if player.away:
+                player.wait_more(left)
+            else:
+                player.went_away(left)
+            return
+        leave_game = self._leave_games.get(player)
+        self._forget(player)
         if left is Left.REPLACED:
             self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host has "
                            "the player); nothing ended, the party and any ticket stay", user_id=user_id)
-            return left
-        if leave_game is not None:
-            await leave_game(user_id)
-        if left is Left.ENDED:
-            try:
-                await self._queue.enqueue(user_id, "logout")
-            except REDIS_ERRORS as e:
-                self._log.warn("user {user_id} left, but their sync was not queued: {error}", user_id=user_id, error=e)
-        return left
+        else:
+            await self._rules.after_session(user_id, left, leave_game)
+        self._departed(player, left)
 
-    def _waiting_for_handoff(self, seconds):
-        """A Deferred that fires once the handoff ticket's C{seconds} have passed; cancelled when this stops."""
-        if not self.running:
-            return defer.fail(defer.CancelledError())
-        wait = task.deferLater(self._clock, seconds, lambda: None)
-        self._handoff_waits.add(wait)
-        return wait.addBoth(lambda result: (self._handoff_waits.discard(wait), result)[1])
+    # -- renewal ------------------------------------------------------------------------
 
     async def _renew_slices(self, count):
         """
@@ -217,18 +400,25 @@ class Players(Service):
                 self._failures.failed("presence renewal: a slice failed")
         self._ticks += max(0, count - RENEWAL_SLICES)
 
-    async def _renew(self, connections):
+    async def _renew(self, players):
         """
-        Renew these connections' sessions and presence, a thousand at a
-        time; close those no longer live.  A user whose renewal failed is
+        Renew these players' sessions and presence (away ones too), a
+        thousand at a time.  A player another authentication took over is
+        let go (its connection closed); one whose session is no longer live
+        leaves (its connection closed).  A user whose renewal failed is
         logged and left for their next turn.
         """
-        for start in range(0, len(connections), 1000):
-            chunk = connections[start:start + 1000]
-            outcomes = await defer.DeferredList([self._presence.renew(c.user_id, c.jti, c.holder) for c in chunk],
+        for start in range(0, len(players), 1000):
+            chunk = players[start:start + 1000]
+            outcomes = await defer.DeferredList([self._presence.renew(p.user_id, p.jti, p.holder) for p in chunk],
                                                 consumeErrors=True)
-            for connection, (renewed, refused) in zip(chunk, outcomes):
+            for player, (renewed, refused) in zip(chunk, outcomes):
                 if not renewed:
                     self._failures.failed("presence renewal: cannot renew a user's presence", refused)
-                elif refused is not None:
-                    connection.kick(refused)
+                elif refused is ErrorCode.LOGGED_IN_ELSEWHERE:
+                    self.taken_over(player.user_id, player.holder)
+                elif refused is not None and self._players.get(player.user_id) is player:
+                    connection = player.connection
+                    self._in_background(self._depart(player, wait_for_handoff=False))
+                    if connection is not None:
+                        connection.kick(refused)

@@ -4,7 +4,9 @@ crosses processes when the same user logs in twice.
 
     {u:<id>}:presence   "<server id> <n>": the authentication holding the
                         user (the server's n-th), with a TTL that server
-                        renews while the user stays connected
+                        renews while the user stays connected or away
+    {u:<id>}:away       the holder, while its connection dropped and the
+                        player is away (for the resume grace)
 
 A user enters a game server only with the token that is their live session
 (the "double check" after the signature).  Entering renews the session and
@@ -36,6 +38,10 @@ def presence_key(user_id):
     return f"{{u:{user_id}}}:presence"
 
 
+def away_key(user_id):
+    return f"{{u:{user_id}}}:away"
+
+
 def handoff_key(user_id):
     return f"{{u:{user_id}}}:handoff"
 
@@ -48,16 +54,28 @@ def notice_channel(server_id):
     return f"notice:{{{server_id}}}"
 
 
-# KEYS: session, presence, profile.  ARGV: jti, holder, presence ttl ms,
-# session ttl ms.  {0} unless jti is the live session and the data is live;
-# else {1, the previous holder or '', name, level, exp}.
+# KEYS: session, presence, profile, away.  ARGV: jti, holder, presence ttl
+# ms, session ttl ms.  {0} unless jti is the live session and the data is
+# live; else {1, the previous holder or '', name, level, exp, the away
+# holder or ''} (the player is no longer away).
 _ENTER = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[3]) == 0 then return {0} end
 local previous = redis.call('GET', KEYS[2]) or ''
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local away = redis.call('GET', KEYS[4]) or ''
+if away ~= '' then redis.call('DEL', KEYS[4]) end
 local profile = redis.call('HMGET', KEYS[3], 'name', 'level', 'exp')
-return {1, previous, profile[1], profile[2], profile[3]}
+return {1, previous, profile[1], profile[2], profile[3], away}
+"""
+
+# KEYS: presence, away.  ARGV: holder, ms.  While the presence is still
+# holder's, marks the user away (the away key names the holder) for ms: 1;
+# else 0.
+_AWAY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # KEYS: session, presence.  ARGV: jti, holder, presence ttl ms, session
@@ -73,7 +91,7 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
-# KEYS: session, presence, handoff.  ARGV: jti, holder, '1' to wait for a
+# KEYS: session, presence, handoff, away.  ARGV: jti, holder, '1' to wait for a
 # handoff.  -1 if another authentication holds the user (it goes on with the
 # session, a raid handoff among them).  Asked to wait, while jti is still the
 # session and a handoff ticket waits: ends nothing, {the ticket's ms left}.
@@ -85,13 +103,14 @@ if holder and holder ~= ARGV[2] then return -1 end
 local live = redis.call('GET', KEYS[1]) == ARGV[1]
 if live and ARGV[3] == '1' and redis.call('PTTL', KEYS[3]) > 0 then return {redis.call('PTTL', KEYS[3])} end
 if holder then redis.call('DEL', KEYS[2]) end
+redis.call('DEL', KEYS[4])
 if not live then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
 
 
-# KEYS: handoff, session, presence, profile.  ARGV: ticket, holder,
+# KEYS: handoff, session, presence, profile, away.  ARGV: ticket, holder,
 # presence ttl ms, session ttl ms.  Uses the ticket up; if it was the user's
 # and their data is live, the ticket becomes the live session and this
 # server takes the presence: {1, previous holder or '', name, level, exp};
@@ -103,8 +122,10 @@ if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('EXISTS', KEYS[4]) == 0 then
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
 local previous = redis.call('GET', KEYS[3]) or ''
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+local away = redis.call('GET', KEYS[5]) or ''
+if away ~= '' then redis.call('DEL', KEYS[5]) end
 local profile = redis.call('HMGET', KEYS[4], 'name', 'level', 'exp')
-return {1, previous, profile[1], profile[2], profile[3]}
+return {1, previous, profile[1], profile[2], profile[3], away}
 """
 
 
@@ -131,6 +152,7 @@ class Entered(NamedTuple):
     level: int
     exp: int
     holder: str  # this authentication's presence: what the connection renews and leaves with
+    was_away: bool = False  # the player was marked away (its connection had dropped)
 
 
 def holder_server(holder):
@@ -158,6 +180,7 @@ class Presence:
         self._renew = Script(router, _RENEW)
         self._leave = Script(router, _LEAVE)
         self._handoff = Script(router, _HANDOFF)
+        self._away = Script(router, _AWAY)
 
     async def enter(self, user_id, jti):
         """
@@ -167,8 +190,8 @@ class Presence:
         @raise RequestRefused: C{SESSION_NOT_LIVE} unless C{jti} is the live session.
         """
         holder = self._new_holder()
-        reply = await self._enter([session_key(user_id), presence_key(user_id), profile_key(user_id)],
-                                  [jti, holder, self._presence_ms, self._session_ms])
+        reply = await self._enter([session_key(user_id), presence_key(user_id), profile_key(user_id),
+                                   away_key(user_id)], [jti, holder, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
         return self._entered(user_id, holder, reply)
@@ -190,7 +213,8 @@ class Presence:
         """
         holder = self._new_holder()
         reply = await self._handoff(
-            [handoff_key(user_id), session_key(user_id), presence_key(user_id), profile_key(user_id)],
+            [handoff_key(user_id), session_key(user_id), presence_key(user_id), profile_key(user_id),
+             away_key(user_id)],
             [ticket, holder, self._presence_ms, self._session_ms])
         if reply[0] != 1:
             raise RequestRefused(ErrorCode.HANDOFF_REFUSED)
@@ -209,7 +233,17 @@ class Presence:
             self._router.publish(kick_channel(holder_server(previous)), f"{user_id} {previous}").addErrback(
                 lambda f: self._log.warn("user {user_id}: cannot tell {previous} to let go ({error}); its renewal "
                                          "will", user_id=user_id, previous=previous, error=f.getErrorMessage()))
-        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), holder)
+        return Entered(user_id, reply[2].decode("utf-8"), int(reply[3]), int(reply[4]), holder,
+                       len(reply) > 5 and bool(reply[5]))
+
+    def mark_away(self, user_id, holder, seconds):
+        """
+        Mark the user away for C{seconds} while the presence is still
+        C{holder}'s (its connection dropped; the holder keeps renewing it);
+        a Deferred of whether it was.  Any authentication, and the leave,
+        take the mark off.
+        """
+        return self._away([presence_key(user_id), away_key(user_id)], [holder, int(seconds * 1000)]).addCallback(bool)
 
     def renew(self, user_id, jti, holder):
         """
@@ -231,7 +265,7 @@ class Presence:
         moving to the raid's host): a Deferred of the seconds the ticket has
         left, a float.
         """
-        keys = [session_key(user_id), presence_key(user_id), handoff_key(user_id)]
+        keys = [session_key(user_id), presence_key(user_id), handoff_key(user_id), away_key(user_id)]
         return self._leave(keys, [jti, holder, "1" if wait_for_handoff else "0"]).addCallback(_left)
 
     async def tell(self, user_ids, event, body):
@@ -248,6 +282,10 @@ class Presence:
         await gather([
             self._router.publish(notice_channel(server), json.dumps({"users": users, "event": event, "body": body}))
             for server, users in by_server.items()])
+
+    def ask(self, server_id, event, body):
+        """Have the process C{server_id} hear C{event} with C{body} (JSON-able) as a notice to no user."""
+        return self._router.publish(notice_channel(server_id), json.dumps({"users": [], "event": event, "body": body}))
 
     def listen(self, on_kick, on_notice):
         """

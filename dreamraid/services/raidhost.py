@@ -37,6 +37,7 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.limits import TokenBucket
 from dreamraid.services.livestore import profile_key, raid_mark_key, tab_key
+from dreamraid.services.players import PLACE_AGAIN
 from dreamraid.services.rediscluster import Script
 from dreamraid.services.raids import Raid, Stage, hit_damage, longest_life
 
@@ -103,6 +104,15 @@ class _Hosted:
         self.hp_sent_at = 0.0  # when the boss's HP last went to every player
 
 
+class Standing(NamedTuple):
+    """A raid as a resumed player is told it: the boss's HP, the ms left of the fight (0: not fighting), their score."""
+
+    raid_id: str
+    hp: int
+    ms_left: int
+    score: int
+
+
 class Channel(NamedTuple):
     """What the UDP protocol needs to check a raid's datagrams: each member's key, by member number."""
 
@@ -149,6 +159,7 @@ class RaidHost(Service):
         self.udp = None
         self._datagram_rate = settings.datagram_rate
         self._world_bound = settings.world_bound
+        players.when_asked_to_place(self.place_again)
         self.counters = dict.fromkeys(("received", "sent", "forged", "replayed", "unknown", "rate_limited",
                                        "bad_position", "relayed", "unsent"), 0)
 
@@ -342,6 +353,50 @@ class RaidHost(Service):
         await self._retried_or_logged(raid_id, until, "freeing its players", functools.partial(
             self._matchmaker.release, raid_id))
         await self._tell_failed(raid_id, members)
+
+    # -- resumed players -------------------------------------------------------------
+
+    async def rejoin(self, user_id, raid_id, host_server):
+        """
+        The player resumed while in raid C{raid_id} (hosted by
+        C{host_server}): give them their place again (a new handoff ticket,
+        a new UDP key, through a raid_found push), here or by asking the
+        host; their L{Standing}, from the raid itself if hosted here, else
+        from its checkpoint (at most a second old).
+        """
+        hosted = self._raids.get(raid_id)
+        if hosted is not None and user_id in hosted.members:
+            self.place_again(user_id, raid_id)
+            raid = hosted.raid
+            left = max(0.0, raid.deadline - self._clock.seconds()) if raid.stage is Stage.FIGHTING else 0.0
+            return Standing(raid_id, raid.hp, int(left * 1000), raid.scores.get(user_id, 0))
+        if host_server:
+            await self._presence.ask(host_server, PLACE_AGAIN, {"user_id": user_id, "raid_id": raid_id})
+        checkpoint = await self._matchmaker.checkpoint(raid_id) or {}
+        fighting = checkpoint.get("stage") == Stage.FIGHTING.value and checkpoint.get("deadline")
+        left = max(0.0, checkpoint["deadline"] - self._clock.seconds()) if fighting else 0.0
+        return Standing(raid_id, int(checkpoint.get("hp", self._settings.boss_hp)), int(left * 1000),
+                        int(checkpoint.get("scores", {}).get(str(user_id), 0)))
+
+    def place_again(self, user_id, raid_id):
+        """
+        Give a resumed player of a raid hosted here their place again: a
+        new datagram key (datagrams under the old one, which a dead socket
+        may still hold, are forged now), their old UDP address and sequence
+        forgotten until they greet again, and a raid_found push with a new
+        handoff ticket.
+        """
+        hosted = self._raids.get(raid_id)
+        if hosted is None or user_id not in hosted.members:
+            return
+        member = hosted.members.index(user_id)
+        keys = list(hosted.keys)
+        keys[member] = self._random.getrandbits(8 * KEY_SIZE).to_bytes(KEY_SIZE, "big")
+        hosted.keys = tuple(keys)
+        hosted.addresses.pop(member, None)
+        hosted.last_sequence.pop(member, None)
+        hosted.positions.pop(member, None)
+        self._ending(raid_id, self._give_place(hosted, member), "raid {raid_id}: cannot give a player their place again")
 
     # -- requests -----------------------------------------------------------------
 

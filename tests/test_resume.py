@@ -1,0 +1,423 @@
+"""
+A player away after their connection dropped, on a task.Clock with a
+presence that plays the real scripts' rules in memory: the grace runs the
+leave once (also when a resume races its timer), a resume in time keeps
+everything, a resume after the grace gets RESUME_EXPIRED, a player taken
+over on another process leaves nothing behind here; and the Player state
+machine itself.  Against the real stack: a party member sees away and
+back, a resume on another game server takes the player over, and 100
+resumes at once leave one connection holding the player, and a resume
+drops an old connection still half open.
+"""
+
+import inspect
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from dreamraid.client.connection import ConnectionClosed
+from dreamraid.errors import ErrorCode, RequestRefused
+from dreamraid.protocols import packets
+from dreamraid.services.avatar import Player, Stage
+from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import session_key
+from dreamraid.services.players import Players
+from dreamraid.services.presence import Entered, Left, Presence, away_key, presence_key
+from tests.support import eventually, when_logged
+from tests.test_game import GameServerCase
+from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
+
+GRACE = 30.0
+TTL = 300.0
+USER = 7
+
+
+class MemoryPresence:
+    """
+    The presence scripts' rules for one process, in memory: the session,
+    the holder, the away mark.  C{held} holds a leave's answer back until
+    the test releases it (to race it with a resume).
+    """
+
+    def __init__(self):
+        self.session, self.holder, self.away = {}, {}, {}
+        self.leaves, self.renewed, self.held = [], [], None
+        self._count = 0
+
+    def listen(self, on_kick, on_notice):
+        return self
+
+    def stop(self):
+        return defer.succeed(None)
+
+    def _entered(self, user_id, jti):
+        if self.session.get(user_id) != jti:
+            raise RequestRefused(ErrorCode.SESSION_NOT_LIVE)
+        self._count += 1
+        holder = f"here {self._count}"
+        self.holder[user_id] = holder
+        was_away = self.away.pop(user_id, None) is not None
+        return Entered(user_id, "n", 1, 0, holder, was_away)
+
+    def enter(self, user_id, jti):
+        try:
+            return defer.succeed(self._entered(user_id, jti))
+        except RequestRefused:
+            return defer.fail()
+
+    def enter_handoff(self, user_id, ticket):
+        return self.enter(user_id, ticket)
+
+    def renew(self, user_id, jti, holder):
+        self.renewed.append(user_id)
+        if self.holder.get(user_id, holder) != holder:
+            return defer.succeed(ErrorCode.LOGGED_IN_ELSEWHERE)
+        return defer.succeed(None if self.session.get(user_id) == jti else ErrorCode.SESSION_NOT_LIVE)
+
+    def mark_away(self, user_id, holder, seconds):
+        if self.holder.get(user_id) == holder:
+            self.away[user_id] = holder
+        return defer.succeed(True)
+
+    def _leave(self, user_id, jti, holder):
+        current = self.holder.get(user_id)
+        if current and current != holder:
+            return Left.REPLACED
+        self.holder.pop(user_id, None)
+        self.away.pop(user_id, None)
+        if self.session.get(user_id) != jti:
+            return Left.NOT_LIVE
+        del self.session[user_id]
+        return Left.ENDED
+
+    def leave(self, user_id, jti, holder, wait_for_handoff=False):
+        self.leaves.append(user_id)
+        if self.held is not None:
+            # The script runs when the test says, as Redis would run it later.
+            answer, self.held = self.held, None
+            return answer.addCallback(lambda _: self._leave(user_id, jti, holder))
+        return defer.succeed(self._leave(user_id, jti, holder))
+
+
+class RecordingParties:
+    """The parties a leaving player leaves, and the away and back notices, recorded."""
+
+    def __init__(self):
+        self.left, self.told = [], []
+
+    async def leave_if_any(self, user_id):
+        self.left.append(user_id)
+        return None
+
+    async def tell_status(self, user_id, reason):
+        self.told.append((user_id, reason))
+
+
+class RecordingMatchmaker:
+    def __init__(self):
+        self.withdrawn = []
+
+    async def withdraw(self, user_ids, party=None):
+        self.withdrawn.append(list(user_ids))
+        return False
+
+
+class AwayTests(TestCase):
+    """Players with a resume grace, on a task.Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence()
+        self.presence.session[USER] = "jti1"
+        self.queue = RecordingQueue()
+        self.parties = RecordingParties()
+        self.matchmaker = RecordingMatchmaker()
+        self.players = Players(FakeVerifier(), self.presence, self.queue, self.clock, TTL, GRACE, self.parties,
+                               self.matchmaker)
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.connection = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
+
+    def test_the_fakes_match_the_real_presence(self):
+        for name in ("enter", "enter_handoff", "renew", "leave", "mark_away", "listen"):
+            self.assertEqual(inspect.signature(getattr(MemoryPresence, name)),
+                             inspect.signature(getattr(Presence, name)), name)
+
+    def left_game(self):
+        """What the leave did: parties left, tickets withdrawn, syncs queued."""
+        return self.parties.left, self.matchmaker.withdrawn, self.queue.jobs
+
+    def dropped(self):
+        self.assertIsNone(self.players.connection_lost(self.connection))
+
+    def resumed(self, token=f"{USER}:jti1"):
+        connection = FakeConnection()
+        d = defer.ensureDeferred(self.players.resume(connection, token))
+        return connection, d
+
+    def test_a_drop_keeps_the_player_away_and_the_grace_runs_the_leave_once(self):
+        """Away: nothing ends, the party hears away, renewals go on; at the grace's end the leave runs, once."""
+        self.dropped()
+        player = self.players.player_of(USER)
+        self.assertIs(player.stage, Stage.AWAY)
+        self.assertEqual((self.presence.away, self.parties.told), ({USER: player.holder}, [(USER, "away")]))
+        self.clock.advance(GRACE - 0.01)
+        self.assertEqual((self.presence.leaves, self.left_game()), ([], ([], [], [])))
+        self.assertIn(USER, self.presence.renewed)  # still renewed while away: the presence does not lapse
+        self.clock.advance(0.01)
+        self.assertEqual(self.presence.leaves, [USER])
+        self.assertEqual(self.left_game(), ([USER], [[USER]], [(USER, "logout")]))
+        self.assertIsNone(self.players.player_of(USER))
+        self.clock.advance(GRACE * 10)
+        self.assertEqual(self.presence.leaves, [USER])
+        self.assertEqual(len(self.queue.jobs), 1)
+
+    def test_a_resume_in_time_keeps_everything(self):
+        """A resume within the grace: the same player plays on, the party hears back, no leave ever runs."""
+        self.dropped()
+        self.clock.advance(GRACE - 1)
+        connection, d = self.resumed()
+        entered = self.successResultOf(d)
+        self.assertTrue(entered.was_away)
+        player = self.players.player_of(USER)
+        self.assertIs(connection.player, player)
+        self.assertEqual((player.stage, player.connection), (Stage.PLAYING, connection))
+        self.assertEqual(self.parties.told, [(USER, "away"), (USER, "back")])
+        self.clock.advance(GRACE * 10)
+        self.assertEqual((self.presence.leaves, self.left_game()), ([], ([], [], [])))
+        self.assertEqual(self.presence.session[USER], "jti1")
+
+    def test_a_resume_after_the_grace_is_refused_with_its_code(self):
+        """The grace ran out and the leave ended the session: the resume gets RESUME_EXPIRED."""
+        self.dropped()
+        self.clock.advance(GRACE)
+        connection, d = self.resumed()
+        self.assertEqual(self.failureResultOf(d, RequestRefused).value.code, ErrorCode.RESUME_EXPIRED)
+        self.assertIsNone(connection.player)
+        self.assertEqual(len(self.queue.jobs), 1)
+
+    def test_a_resume_while_the_leave_script_runs_wins_if_redis_ran_it_first(self):
+        """
+        The grace ran out and the leave's script is on its way, but the
+        resume's script gets there first: the leave finds the player
+        replaced and ends nothing; the resumed player stays.
+        """
+        self.dropped()
+        self.presence.held = held = defer.Deferred()
+        self.clock.advance(GRACE)
+        self.assertEqual(self.presence.leaves, [USER])
+        connection, d = self.resumed()
+        self.successResultOf(d)
+        held.callback(None)  # the leave's script runs now, after the resume's
+        self.assertEqual(self.left_game(), ([], [], []))
+        self.assertIs(self.players.player_of(USER).connection, connection)
+        self.clock.advance(GRACE * 10)
+        self.assertEqual((self.presence.leaves, self.left_game()), ([USER], ([], [], [])))
+
+    def test_a_leave_that_redis_ran_first_refuses_the_resume(self):
+        """The leave's script ran first: the session ended once, and the resume is RESUME_EXPIRED."""
+        self.dropped()
+        self.clock.advance(GRACE)
+        connection, d = self.resumed()
+        self.assertEqual(self.failureResultOf(d, RequestRefused).value.code, ErrorCode.RESUME_EXPIRED)
+        self.assertEqual(self.left_game(), ([USER], [[USER]], [(USER, "logout")]))
+
+    def test_a_resume_on_another_process_lets_the_player_go_here_without_leaving(self):
+        """Another process took the away player over (its kick names this holder): no timer, no leave here."""
+        self.dropped()
+        holder = self.players.player_of(USER).holder
+        self.presence.holder[USER] = "there 1"
+        self.players.taken_over(USER, holder)
+        self.assertIsNone(self.players.player_of(USER))
+        self.clock.advance(GRACE * 10)
+        self.assertEqual((self.presence.leaves, self.left_game()), ([], ([], [], [])))
+
+    def test_a_lost_kick_is_made_good_by_the_renewal_while_away(self):
+        """The kick from the process that resumed the player was lost: the renewal lets the player go, no leave."""
+        self.dropped()
+        self.presence.holder[USER] = "there 1"
+        self.clock.advance(TTL / 3)
+        self.assertIsNone(self.players.player_of(USER))
+        self.clock.advance(GRACE * 10)
+        self.assertEqual((self.presence.leaves, self.left_game()), ([], ([], [], [])))
+
+    def test_a_logout_is_no_away(self):
+        """A logout leaves at once: no grace, no away notice."""
+        left = self.successResultOf(defer.ensureDeferred(self.players.leave(self.connection, wait_for_handoff=False)))
+        self.assertIs(left, Left.ENDED)
+        self.assertEqual(self.parties.told, [])
+        self.assertEqual(self.left_game(), ([USER], [[USER]], [(USER, "logout")]))
+
+    def test_a_hundred_resumes_at_once_leave_one_connection_holding_the_player(self):
+        """
+        100 resumes of the away player: each newer one closes the one
+        before (LOGGED_IN_ELSEWHERE), exactly one ends up holding the
+        player, and the leave never runs.
+        """
+        self.dropped()
+        resumes = [self.resumed() for _ in range(100)]
+        for _, d in resumes:
+            self.successResultOf(d)
+        connections = [c for c, _ in resumes]
+        holding = [c for c in connections if self.players.connection_of(USER) is c]
+        self.assertEqual(len(holding), 1)
+        self.assertEqual(sum(1 for c in connections if c.kicked == [ErrorCode.LOGGED_IN_ELSEWHERE]), 99)
+        self.assertEqual(holding[0].kicked, [])
+        self.clock.advance(GRACE * 10)
+        self.assertEqual((self.presence.leaves, self.left_game()), ([], ([], [], [])))
+
+    def test_stopping_lets_an_away_player_go(self):
+        """A server that stops lets every player go, away ones too (their data is synced)."""
+        self.dropped()
+        self.successResultOf(self.players.stopService())
+        self.assertEqual(self.left_game(), ([USER], [[USER]], [(USER, "logout")]))
+        self.clock.advance(GRACE * 10)
+        self.assertEqual(self.presence.leaves, [USER])
+
+
+class PlayerTests(TestCase):
+    """The Player state machine alone."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.over = []
+        self.player = Player(1, "n", "jti", "h 1", object(), self.clock, self.over.append)
+
+    def test_grace_over_fires_once(self):
+        self.player.went_away(5)
+        self.clock.advance(5)
+        self.clock.advance(50)
+        self.assertEqual(self.over, [self.player])
+
+    def test_attach_cancels_the_grace(self):
+        self.player.went_away(5)
+        self.player.attach(object(), "jti", "h 2")
+        self.clock.advance(50)
+        self.assertEqual((self.over, self.player.stage, self.player.holder), ([], Stage.PLAYING, "h 2"))
+
+    def test_gone_cancels_the_grace(self):
+        self.player.went_away(5)
+        self.player.gone()
+        self.clock.advance(50)
+        self.assertEqual((self.over, self.player.stage), ([], Stage.GONE))
+
+    def test_wait_more_moves_the_end(self):
+        self.player.went_away(5)
+        self.player.wait_more(20)
+        self.clock.advance(19)
+        self.assertEqual(self.over, [])
+        self.clock.advance(1)
+        self.assertEqual(self.over, [self.player])
+
+
+class ResumeOnTheStackTests(GameServerCase):
+    """
+    Game servers over real TCP against the real Redis Cluster: a party
+    member sees away and back; a resume on another game server process
+    takes the player over and the first lets it go without leaving; 100
+    resumes at once leave exactly one connection holding the player; a
+    resume drops an old connection still half open.
+    """
+
+    timeout = 90
+
+    async def party_of_two(self, server):
+        """Two players on C{server}, in one party: C{(stayer, stayer_id, mover, mover_id, token of the mover, code)}."""
+        ids = [await self.new_user() for _ in range(2)]
+        tokens = [await self.entered_token(u) for u in ids]
+        clients = [await server.client(self) for _ in ids]
+        for client, token in zip(clients, tokens):
+            await client.request(packets.AUTHENTICATE, {"token": token})
+        _, party = await clients[0].request(packets.CREATE_PARTY, {})
+        await clients[1].request(packets.JOIN_PARTY, {"code": party["code"]})
+        await clients[0].next_push("party_changed")  # joined
+        return clients[0], ids[0], clients[1], ids[1], tokens[1], party["code"]
+
+    async def test_a_resume_on_another_server_takes_the_away_player_over(self):
+        """
+        The mover's socket is cut on server A: the party hears away, the
+        presence is marked away.  It resumes on server B: the reply names
+        the party, the party hears back, A lets the player go without
+        leaving (no timer left there), and the session and party stay.
+        """
+        first = await self.game_server("--game-resume-grace", "30")
+        second = await self.game_server("--game-resume-grace", "30")
+        stayer, stayer_id, mover, mover_id, token, code = await self.party_of_two(first)
+        mover.transport.abortConnection()
+        away = await stayer.next_push("party_changed")
+        self.assertEqual((away["reason"], away["user_id"], away["code"]), ("away", mover_id, code))
+        self.assertIsNotNone(await self.router.execute("GET", away_key(mover_id)))
+        let_go = when_logged(self, f"user {mover_id}: away here, taken over elsewhere")
+
+        resumed_on = await second.client(self)
+        _, resumed = await resumed_on.request(packets.RESUME, {"token": token, "user_id": 0, "ticket": ""})
+        self.assertEqual((resumed["user_id"], resumed["party_code"], resumed["raid_id"]), (mover_id, code, ""))
+        back = await stayer.next_push("party_changed")
+        self.assertEqual((back["reason"], back["user_id"]), ("back", mover_id))
+        await let_go.addTimeout(10, reactor)
+        self.assertIsNone(first.part("Players").player_of(mover_id))
+        self.assertIsNone(await self.router.execute("GET", away_key(mover_id)))
+        self.assertEqual(await self.router.execute("GET", presence_key(mover_id)),
+                         second.part("Players").player_of(mover_id).holder.encode())
+        _, party = await resumed_on.request(packets.MY_PARTY, {})
+        self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
+
+    async def test_a_hundred_resumes_at_once(self):
+        """
+        100 resumes of one away player at once, over 100 connections: each
+        is answered, exactly one connection ends up holding the player, the
+        other 99 are told logged_in_elsewhere and dropped, and the leave
+        never runs (the session, party and presence stay).
+        """
+        server = await self.game_server("--game-resume-grace", "30", "--game-connections-per-address", "256")
+        stayer, stayer_id, mover, mover_id, token, code = await self.party_of_two(server)
+        mover.transport.abortConnection()
+        await stayer.next_push("party_changed")  # away
+        clients = await gather([server.client(self) for _ in range(100)])
+        outcomes = await defer.DeferredList(
+            [c.request(packets.RESUME, {"token": token, "user_id": 0, "ticket": ""}) for c in clients],
+            consumeErrors=True)
+        players = server.part("Players")
+        await eventually(lambda: defer.succeed(sum(1 for c in clients if c.connected) == 1))
+        holding = [c for c in clients if c.connected]
+        for client, (ok, value) in zip(clients, outcomes):
+            if ok:
+                self.assertEqual(value[1]["user_id"], mover_id)
+            else:
+                self.assertIsInstance(value.value, ConnectionClosed)
+        dropped = [c for c in clients if not c.connected]
+        self.assertEqual(len(dropped), 99)
+        self.assertEqual({c.close_reason[0] for c in dropped}, {ErrorCode.LOGGED_IN_ELSEWHERE})
+        self.assertIs(players.connection_of(mover_id).player, players.player_of(mover_id))
+        self.assertEqual(players.player_of(mover_id).holder.encode(),
+                         await self.router.execute("GET", presence_key(mover_id)))
+        self.assertIsNotNone(await self.router.execute("GET", session_key(mover_id)))
+        _, served = await holding[0].request(packets.MY_PARTY, {})
+        self.assertEqual(served["code"], code)
+        back = await stayer.next_push("party_changed")
+        self.assertEqual((back["reason"], back["user_id"]), ("back", mover_id))
+        _, party = await stayer.request(packets.MY_PARTY, {})
+        self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
+
+    async def test_a_resume_while_the_old_connection_is_half_open_drops_the_old_one(self):
+        """
+        The old connection never closed (half open, as after a silent link
+        loss): a resume on a new one takes the player over, the old one is
+        told logged_in_elsewhere and closed, nothing was away so nobody
+        hears away or back, and the party and session stay.
+        """
+        server = await self.game_server("--game-resume-grace", "30")
+        stayer, stayer_id, mover, mover_id, token, code = await self.party_of_two(server)
+        fresh = await server.client(self)
+        _, resumed = await fresh.request(packets.RESUME, {"token": token, "user_id": 0, "ticket": ""})
+        self.assertEqual((resumed["user_id"], resumed["party_code"]), (mover_id, code))
+        await mover.closed
+        self.assertEqual(mover.close_reason[0], ErrorCode.LOGGED_IN_ELSEWHERE)
+        _, party = await stayer.request(packets.MY_PARTY, {})
+        self.assertEqual(sorted(m["user_id"] for m in party["members"]), sorted([stayer_id, mover_id]))
+        _, hunted = await fresh.request(packets.HUNT, {"monster": 1})
+        self.assertEqual(hunted["exp"], 1)
+        self.assertIsNotNone(await self.router.execute("GET", session_key(mover_id)))
+        self.assertEqual([name for name, _ in stayer.pushes if name == "party_changed"], [])  # no away, no back
