@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from dreamraid.errors import ErrorCode
+from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.livestore import profile_key, session_key
 from dreamraid.services.players import RENEWAL_SLICES, IPlayerConnection, Players
 from dreamraid.services.rediscluster import ClusterUnavailable
@@ -263,9 +263,13 @@ class RenewalAgainstRedisTests(TestCase):
 
 @implementer(ITokenVerifier)
 class FakeVerifier:
-    """Takes C{"<user id>:<jti>"} for a token with those claims."""
+    """Takes C{"<user id>:<jti>"} for a token with those claims; every token has expired once C{expired} is set."""
 
-    def verify(self, token):
+    expired = False
+
+    def verify(self, token, allow_expired=False):
+        if self.expired and not allow_expired:
+            raise RequestRefused(ErrorCode.TOKEN_EXPIRED)
         user_id, jti = token.split(":")
         return Claims(int(user_id), jti, 0, 0)
 
@@ -317,6 +321,23 @@ class NewestAuthenticationTests(TestCase):
         connection = FakeConnection()
         await players.authenticate(connection, f"{self.user_id}:jti1")
         return connection
+
+    async def test_a_logout_spends_the_handoff_ticket(self):
+        """
+        A raid offered a handoff ticket, then the player logged out: the
+        ticket dies with the session, so it cannot take over the session of
+        the player's next login.
+        """
+        presence = Presence(self.router, f"test-spent-{random.getrandbits(40):x}", TTL, 900)
+        self.addCleanup(lambda: self.router.execute("DEL", handoff_key(self.user_id)))
+        holder = (await presence.enter(self.user_id, "jti1")).holder
+        await presence.offer_handoff(self.user_id, "to the host", 30)
+        self.assertIs(await presence.leave(self.user_id, "jti1", holder), Left.ENDED)
+        await self.router.execute("SET", session_key(self.user_id), "the next login")
+        with self.assertRaises(RequestRefused) as refused:
+            await presence.enter_handoff(self.user_id, "to the host")
+        self.assertEqual(refused.exception.code, ErrorCode.HANDOFF_REFUSED)
+        self.assertEqual(await self.router.execute("GET", session_key(self.user_id)), b"the next login")
 
     async def leave(self, players, connection):
         async def leave_game(user_id):

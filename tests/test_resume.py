@@ -78,7 +78,8 @@ class MemoryPresence:
     def mark_away(self, user_id, holder, seconds):
         if self.holder.get(user_id) == holder:
             self.away[user_id] = holder
-        return defer.succeed(True)
+            return defer.succeed(True)
+        return defer.succeed(False)
 
     def _leave(self, user_id, jti, holder):
         current = self.holder.get(user_id)
@@ -133,7 +134,8 @@ class AwayTests(TestCase):
         self.queue = RecordingQueue()
         self.parties = RecordingParties()
         self.matchmaker = RecordingMatchmaker()
-        self.players = Players(FakeVerifier(), self.presence, self.queue, self.clock, TTL, GRACE, self.parties,
+        self.verifier = FakeVerifier()
+        self.players = Players(self.verifier, self.presence, self.queue, self.clock, TTL, GRACE, self.parties,
                                self.matchmaker)
         self.players.startService()
         self.addCleanup(lambda: self.players.running and self.players.stopService())
@@ -156,6 +158,34 @@ class AwayTests(TestCase):
         connection = FakeConnection()
         d = defer.ensureDeferred(self.players.resume(connection, token))
         return connection, d
+
+    def test_a_resume_after_the_token_expired_is_taken(self):
+        """
+        The login token expired while the player played on (its session is
+        still live): a resume with it is taken, as the session is the
+        credential; an authenticate with it is still refused.
+        """
+        self.dropped()
+        self.verifier.expired = True
+        self.failureResultOf(defer.ensureDeferred(self.players.authenticate(FakeConnection(), f"{USER}:jti1")),
+                             RequestRefused)
+        connection, resumed = self.resumed()
+        self.assertEqual(self.successResultOf(resumed).user_id, USER)
+        self.assertIs(self.players.player_of(USER).stage, Stage.PLAYING)
+
+    def test_a_presence_taken_before_the_mark_tells_nobody_away(self):
+        """A resume elsewhere took the presence before the drop's mark: no mark, and the party hears no "away"."""
+        self.presence.holder[USER] = "elsewhere 1"
+        self.dropped()
+        self.assertEqual((self.presence.away, self.parties.told), ({}, []))
+
+    def test_a_stopping_server_takes_nobody_over(self):
+        """Once stopping, a resume (or authenticate) is refused SHUTTING_DOWN: nobody would run its leave."""
+        self.dropped()
+        self.successResultOf(defer.ensureDeferred(defer.maybeDeferred(self.players.stopService)))
+        connection, resumed = self.resumed()
+        self.assertEqual(self.failureResultOf(resumed, RequestRefused).value.code, ErrorCode.SHUTTING_DOWN)
+        self.assertIsNone(self.players.player_of(USER))
 
     def test_a_drop_keeps_the_player_away_and_the_grace_runs_the_leave_once(self):
         """Away: nothing ends, the party hears away, renewals go on; at the grace's end the leave runs, once."""

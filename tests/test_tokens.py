@@ -297,6 +297,14 @@ class RefusalTests(TokenTestCase):
         self.clock.advance(600 + 5)
         self.assertRefused(issued.token, ErrorCode.TOKEN_EXPIRED)
 
+    def test_expired_allowed_for_a_resume(self):
+        """Asked to allow expiry (a resume), the verifier gives an expired token's claims; its signature still counts."""
+        issued = self.issuer().issue(42)
+        self.clock.advance(600 + 5)
+        self.assertEqual(self.verifier().verify(issued.token, allow_expired=True).user_id, 42)
+        with self.assertRaises(RequestRefused):
+            self.verifier().verify(issued.token[:-4] + "AAAA", allow_expired=True)
+
     def test_expired_by_verifier_clock(self):
         """Expiry follows the verifier's clock, not the real time."""
         token = self.signed(self.claims(iat=100, exp=700))

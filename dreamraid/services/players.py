@@ -149,6 +149,9 @@ class Players(Service):
         return await self._take_over(connection, user_id, ticket, self._presence.enter_handoff)
 
     async def _take_over(self, connection, user_id, jti, enter):
+        if not self.running:
+            # Stopping: a player taken over now would be left with nobody to run its leave.
+            raise RequestRefused(ErrorCode.SHUTTING_DOWN)
         try:
             entered = await enter(user_id, jti)
         except RedisClusterError as e:
@@ -173,7 +176,9 @@ class Players(Service):
         if ticket:
             credential = ticket
         else:
-            claims = self._verifier.verify(token)
+            # An expired token still names its session: the live-session check below is the credential, as
+            # for the connection that dropped, which played on past its token's expiry.
+            claims = self._verifier.verify(token, allow_expired=True)
             user_id, credential = claims.user_id, claims.jti
         try:
             entered = await self._take_over(connection, user_id, credential, self._presence.enter)
@@ -285,12 +290,19 @@ class Players(Service):
         return defer.ensureDeferred(self.leave(connection))
 
     async def _gone_away(self, player):
-        """Mark the player away in its presence, and tell its party; a failure is logged."""
+        """
+        Mark the player away in its presence, and then tell its party; a
+        failure is logged.  A presence another authentication took already
+        (a resume elsewhere won the race) is not marked, and nobody hears
+        "away": the resume saw no mark and sends no "back".
+        """
         try:
-            await self._presence.mark_away(player.user_id, player.holder, self._grace)
+            marked = await self._presence.mark_away(player.user_id, player.holder, self._grace)
         except REDIS_ERRORS as e:
             self._log.warn("user {user_id} is away, but not marked so: {error}", user_id=player.user_id, error=e)
-        await self._rules.tell_party(player.user_id, AWAY)
+            return
+        if marked:
+            await self._rules.tell_party(player.user_id, AWAY)
 
     def _grace_over(self, player):
         self._log.info("user {user_id}: away past the resume grace; leaving the game", user_id=player.user_id)

@@ -105,7 +105,7 @@ if live and ARGV[3] == '1' and redis.call('PTTL', KEYS[3]) > 0 then return {redi
 if holder then redis.call('DEL', KEYS[2]) end
 redis.call('DEL', KEYS[4])
 if not live then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[3])
 return 1
 """
 

@@ -77,9 +77,11 @@ class ITokenIssuer(Interface):
 class ITokenVerifier(Interface):
     """Checks tokens presented by clients."""
 
-    def verify(token):
+    def verify(token, allow_expired=False):
         """
-        The L{Claims} of C{token}.
+        The L{Claims} of C{token}; with C{allow_expired}, also of one whose
+        expiry has passed (a resume, whose credential is the live session
+        the token names).
 
         @raise RequestRefused: with a C{TOKEN_*} L{ErrorCode} saying why the
             token is refused.
@@ -146,7 +148,7 @@ class TokenVerifier:
             keys = [_hmac_secret(secret) for secret in (settings.secret, *settings.other_secrets)]
         self._keys = {key_id(key): key for key in keys}  # the configured one first
 
-    def verify(self, token):
+    def verify(self, token, allow_expired=False):
         # A JWT is ASCII; anything else would make PyJWT fail to encode it.
         if not isinstance(token, str) or not token.isascii():
             raise RequestRefused(ErrorCode.TOKEN_MALFORMED)
@@ -159,7 +161,7 @@ class TokenVerifier:
         if not _USER_ID.fullmatch(claims["sub"]):
             raise RequestRefused(ErrorCode.TOKEN_MALFORMED)
         now = self._clock.seconds()
-        if expires_at + self._leeway <= now:
+        if expires_at + self._leeway <= now and not allow_expired:
             raise RequestRefused(ErrorCode.TOKEN_EXPIRED)
         if max(issued_at, not_before) > now + self._leeway:
             raise RequestRefused(ErrorCode.TOKEN_NOT_YET_VALID)
