@@ -629,14 +629,15 @@ RESUME = message(
     "resume on any game server within it takes the player over again (a connection of theirs "
     "still open, half-open included, gets logged_in_elsewhere and is closed; on another game "
     "server the player is let go without leaving). The credential is the live session: the login "
-    "token (token; user_id and ticket empty or 0), or, after a raid handoff made the handoff "
+    "token (token; user_id and ticket empty or 0; its signature is checked but not its expiry, "
+    "as the live session it names is the credential), or, after a raid handoff made the handoff "
     "ticket the live session, user_id and that ticket (token empty). The reply is resumed: what "
     "was kept, as it is now (not a replay of the pushes missed). A player in a raid is then sent "
     "a raid_found push again with a new handoff ticket and its UDP key: the client moves to the "
     "raid's host if it is not there, and greets the UDP channel again. The party's other members "
     "get party_changed with reason back. Errors: resume_expired (the grace ran out, or the session "
     "ended: log in and enter the world again; the connection is closed), the token_* codes, "
-    "already_authenticated, unavailable.",
+    "already_authenticated, unavailable, shutting_down (the server is stopping: resume on another).",
     "token" / String, "user_id" / Int64ul, "ticket" / String,
 )
 RESUMED = message(
