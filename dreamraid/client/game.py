@@ -433,7 +433,9 @@ class GameClient:
     def _use(self, connection):
         self.connection = connection
         connection.on_push = self._pushed
-        connection.closed.addCallback(self._lost, connection)
+        closed = getattr(connection, "closed", None)  # a stand-in connection may have none: never lost
+        if closed is not None:
+            closed.addCallback(self._lost, connection)
 
     def _remember(self, raid_id, state):
         """
