@@ -275,6 +275,12 @@ class ReconnectTests(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual([e[0] for e in self.events], ["reconnecting"])
 
+    def test_a_listener_may_close_the_client(self):
+        self.client.on("reconnecting", lambda attempt, delay: self.client.close())
+        self.first.drop()
+        self.assertEqual([e[0] for e in self.events], ["reconnecting"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_it_gives_up_after_a_while(self):
         self.client._give_up_after = 30
         self.first.drop()

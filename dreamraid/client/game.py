@@ -107,6 +107,7 @@ class GameClient:
         self._closing = False  # close or logout asked: no reconnecting
         self._moving = 0  # raid handoffs under way: the old connection may close meanwhile
         self._reconnecting = None  # the Deferred of the reconnect loop, while it runs
+        self._looping = False  # the loop itself is running (telling its listeners)
         self._back_waiters = []  # Deferreds fired once resumed (or failed if that cannot be)
         self._in_raid = {}  # raid id -> Raid, while open: a raid_found again after a resume rejoins it
         self.address = address
@@ -236,7 +237,13 @@ class GameClient:
             while True:
                 delay = self._backoff.delay(attempt)
                 attempt += 1
-                self._emit("reconnecting", attempt, delay)
+                self._looping = True  # a listener's close() cannot cancel the loop while it runs: see below
+                try:
+                    self._emit("reconnecting", attempt, delay)
+                finally:
+                    self._looping = False
+                if self._closing:
+                    raise defer.CancelledError()
                 await task.deferLater(self._reactor, delay, lambda: None)
                 try:
                     event = ("resumed", results.resumed(await self.resume()))
@@ -425,7 +432,7 @@ class GameClient:
     def close(self):
         """Close the connection; no reconnecting after (one under way stops)."""
         self._closing = True
-        if self._reconnecting is not None:
+        if self._reconnecting is not None and not self._looping:
             self._reconnecting.cancel()
         if self.connection.connected:
             self.connection.close()
