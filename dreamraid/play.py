@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 from zope.interface import implementer
 
-from dreamraid.client import ConnectionClosed, RemoteError, play
+from dreamraid.client import ConnectionClosed, OutcomeUnknown, RemoteError, play
 from dreamraid.client.results import raid_result
 from dreamraid.client.session import host_port, listen_address
 from dreamraid.config import DEFAULT_PATH, ConfigError, load_settings
@@ -304,6 +304,8 @@ class Terminal:
         say = self.screen.say
         if isinstance(error, RemoteError):
             say(f"{_code_name(error.code)}: {error.detail}", "red")
+        elif isinstance(error, OutcomeUnknown):
+            say(f"{error} (look before trying again)", "red")
         elif isinstance(error, ConnectionClosed):
             if self.client is not None:
                 self._disconnected(error.code, error.detail)
@@ -578,6 +580,10 @@ class Terminal:
             self._background(self._each(client, lambda name=message.name: client.next_push(name), show))
         self._background(self._each(client, client.next_raid, self._raid_found))
         client.connection.closed.addCallback(self._connection_closed, client, client.connection)
+        if hasattr(client, "on"):
+            client.on("resumed", lambda _: self._resumed(client))
+            client.on("entered_again", lambda _: self._resumed(client))
+            client.on("reconnect_failed", lambda error: self._reconnect_failed(client, error))
 
     async def _each(self, client, next_one, show):
         while client is self.client:
@@ -663,7 +669,20 @@ class Terminal:
         if client.connection is not connection:  # moved to a raid's host
             client.connection.closed.addCallback(self._connection_closed, client, client.connection)
             return
+        if client._will_reconnect(connection):  # the library reconnects by itself: say so and go on
+            self.screen.say("Connection lost: reconnecting...", "yellow")
+            return
         self._disconnected(*(connection.close_reason or (None, None)))
+
+    def _resumed(self, client):
+        if client is not self.client:
+            return
+        self.screen.say("Reconnected: playing on.", "green")
+        client.connection.closed.addCallback(self._connection_closed, client, client.connection)
+
+    def _reconnect_failed(self, client, error):
+        if client is self.client:
+            self._disconnected(getattr(error, "code", None), getattr(error, "detail", None))
 
     def _disconnected(self, code, detail):
         self._forget_client().close()

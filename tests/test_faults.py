@@ -320,7 +320,8 @@ class FaultCase(SessionServicesCase):
     async def player(self, session_port):
         """A new account, logged in through the session server and on its game server."""
         name = f"f_{random.getrandbits(40):x}"
-        player = Player(await play(reactor, "127.0.0.1", session_port, name, PASSWORD, register=True), name)
+        player = Player(await play(reactor, "127.0.0.1", session_port, name, PASSWORD, register=True,
+                                  reconnect=False), name)  # these players log in again by hand, as told
         self.addCleanup(lambda: player.client.close())
         return player
 
@@ -335,7 +336,7 @@ class FaultCase(SessionServicesCase):
             await session.enter_world(login.token)
         finally:
             session.close()
-        player.client = await GameClient.login(reactor, "127.0.0.1", game_port, login.token)
+        player.client = await GameClient.login(reactor, "127.0.0.1", game_port, login.token, reconnect=False)
         reported = player.client.player
         self.assertEqual((reported.level, reported.exp), (player.told.level, player.told.exp), player.name)
 

@@ -221,6 +221,24 @@ class PlayTests(ServersCase):
         self.assertIn("Log in first", await self.type(first, "hunt"))
 
 
+class PlayReconnectTests(ServersCase):
+    """dreamraid-play rides over a dropped link: it says it is reconnecting and plays on (a resume grace on)."""
+
+    game_options = ("--game-resume-grace", "30")
+    terminal, type, registered = PlayTests.terminal, PlayTests.type, PlayTests.registered
+
+    async def test_a_dropped_link_is_reconnected_and_play_goes_on(self):
+        terminal = self.terminal()
+        await self.registered(terminal)
+        terminal.client.connection.transport.abortConnection()
+        await terminal.transcript.shows("reconnecting...")
+        await terminal.transcript.shows("Reconnected: playing on.")
+        self.assertNotIn("Disconnected", terminal.transcript.since(0))
+        shown = await self.type(terminal, "hunt")
+        self.assertNotIn("Log in first", shown)
+        self.assertNotIn("Disconnected", shown)
+
+
 class ConsoleScriptTests(ServersCase):
     """The installed dreamraid-play, run as a process with its standard input and output piped."""
 

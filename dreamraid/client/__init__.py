@@ -4,9 +4,9 @@ game servers (L{GameClient}, whose raids are L{Raid}s), and the protocol
 connection beneath them.  See docs/client.md.
 """
 
-from dreamraid.client.connection import ClientProtocol, ConnectionClosed, RemoteError, connect
+from dreamraid.client.connection import ClientProtocol, ConnectionClosed, OutcomeUnknown, RemoteError, connect
 from dreamraid.client.game import GameClient, Raid, RaidChannel, RaidNotStarted
 from dreamraid.client.session import SessionClient, play
 
-__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "Raid", "RaidChannel", "RaidNotStarted",
+__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "OutcomeUnknown", "Raid", "RaidChannel", "RaidNotStarted",
            "RemoteError", "SessionClient", "connect", "play"]

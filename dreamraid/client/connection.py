@@ -18,6 +18,11 @@ from dreamraid.protocols import packets
 from dreamraid.protocols.framing import FrameReceiver
 
 DEFAULT_TIMEOUT = 10.0
+# The client's heartbeat: after HEARTBEAT_IDLE seconds with nothing heard it
+# pings, and a server silent HEARTBEAT_ANSWER seconds more is taken for dead
+# (well inside the server's 15 s idle timeout, which the ping also resets).
+HEARTBEAT_IDLE = 5.0
+HEARTBEAT_ANSWER = 5.0
 
 
 class RemoteError(Exception):
@@ -37,12 +42,32 @@ class ConnectionClosed(Exception):
         self.code, self.detail = code, detail
 
 
-class ClientProtocol(FrameReceiver):
-    """One connection to a dreamraid server."""
+class OutcomeUnknown(ConnectionClosed):
+    """
+    The connection dropped while a request that changes something was in
+    flight: the server may or may not have carried it out.  It is not sent
+    again by itself; look (a read) before trying again.
+    """
 
-    def __init__(self, clock, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, message, code=None, detail=None):
+        super().__init__(code, detail)
+        self.args = (f"outcome unknown: the connection dropped before {message} was answered",)
+        self.message = message
+
+
+class ClientProtocol(FrameReceiver):
+    """
+    One connection to a dreamraid server.  With C{heartbeat=(idle, answer)}
+    it pings a server silent for C{idle} seconds and aborts the connection
+    if nothing comes back within C{answer} seconds more (a dead server or a
+    dead link that TCP alone would notice only much later).
+    """
+
+    def __init__(self, clock, timeout=DEFAULT_TIMEOUT, heartbeat=None):
         self._clock = clock
         self._timeout = timeout
+        self._heartbeat = heartbeat
+        self._idle_call = None
         self._pending = {}
         self._next_id = 0
         self._nonce = 0
@@ -91,6 +116,38 @@ class ClientProtocol(FrameReceiver):
         self.transport.loseConnection()
         return self.closed
 
+    def connectionMade(self):
+        super().connectionMade()
+        self._heard()
+
+    def _heard(self):
+        """Something came from the server: the heartbeat starts over."""
+        if self._heartbeat is None:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._heartbeat[0])
+        else:
+            self._idle_call = self._clock.callLater(self._heartbeat[0], self._silent)
+
+    def _silent(self):
+        """Nothing heard for the idle time: ping, and abort if the answer does not come in time."""
+        self._idle_call = None
+        if not self.connected:
+            return
+
+        def dead(failure):
+            failure.trap(defer.TimeoutError)
+            if self.connected:
+                self.close_reason = None
+                self.transport.abortConnection()
+        self._nonce = (self._nonce + 1) & 0xFFFFFFFF
+        self.request(packets.PING, {"nonce": self._nonce}, timeout=self._heartbeat[1]).addErrback(dead).addErrback(
+            lambda failure: None)  # a connection that closed meanwhile: its closing says so
+
+    def stringReceived(self, payload):
+        self._heard()
+        super().stringReceived(payload)
+
     def frameReceived(self, frame):
         message, request_id, body = frame
         if request_id == 0:
@@ -110,6 +167,9 @@ class ClientProtocol(FrameReceiver):
 
     def connectionLost(self, reason):
         self.connected = False
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
         self._fail_pending(Failure(ConnectionClosed(*(self.close_reason or ()))))
         self.closed.callback(None)
 
@@ -150,7 +210,7 @@ def _code(value):
         return value
 
 
-def connect(reactor, host, port, timeout=DEFAULT_TIMEOUT):
-    """Connect to a dreamraid server; fires with a L{ClientProtocol}."""
+def connect(reactor, host, port, timeout=DEFAULT_TIMEOUT, heartbeat=None):
+    """Connect to a dreamraid server; fires with a L{ClientProtocol} (its C{heartbeat}: see there)."""
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    return connectProtocol(endpoint, ClientProtocol(reactor, timeout))
+    return connectProtocol(endpoint, ClientProtocol(reactor, timeout, heartbeat))

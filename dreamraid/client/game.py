@@ -18,7 +18,9 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from dreamraid.client import results
-from dreamraid.client.connection import connect
+from dreamraid.client.connection import HEARTBEAT_ANSWER, HEARTBEAT_IDLE, ConnectionClosed, OutcomeUnknown, RemoteError, connect
+from dreamraid.client.reconnect import Backoff
+from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 
 
@@ -39,6 +41,18 @@ RAIDS_REMEMBERED = 64
 # The pushes about one raid, each naming it.
 _RAID_PUSHES = (packets.RAID_FOUND, packets.RAID_FIGHT, packets.RAID_RESULT)
 _RAID_PUSH_NAMES = {message.name for message in _RAID_PUSHES}
+# The requests that only read: after a drop they are sent again once resumed; any
+# other request in flight fails with OutcomeUnknown instead.
+READS = frozenset({packets.LIST_INVENTORY, packets.MY_PARTY, packets.MY_RANK, packets.RANKING_PAGE,
+                   packets.GAME_TABLES, packets.PING})
+# The reasons a server may give for closing that still call for a resume.
+_RESUMABLE_CLOSES = frozenset({ErrorCode.IDLE_TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE})
+# What a resume can answer that means it will never succeed with this session.
+_SESSION_GONE = frozenset({ErrorCode.RESUME_EXPIRED, ErrorCode.TOKEN_EXPIRED, ErrorCode.TOKEN_MALFORMED,
+                           ErrorCode.TOKEN_SIGNATURE, ErrorCode.TOKEN_NOT_YET_VALID, ErrorCode.TOKEN_AUDIENCE,
+                           ErrorCode.TOKEN_ISSUER, ErrorCode.HANDOFF_REFUSED})
+# How long a client keeps trying to get back before it gives up (the server keeps an away player far less).
+GIVE_UP_AFTER = 120.0
 
 
 async def _first_of(*waiters):
@@ -80,13 +94,34 @@ class GameClient:
     channel (C{"udp"}).  The default, L{as_advertised}, takes them as they
     are; a client behind something that moves them (the tests' fault proxy,
     a NAT) maps them, and C{address} is then the routed address.
+
+    A connection that drops without a logout (or that the heartbeat finds
+    silent) is reconnected by itself, with L{Backoff} between attempts, and
+    the player resumed; see L{on} for the events the application hears.  A
+    request in flight then fails with L{OutcomeUnknown}, except the reads
+    (L{READS}), sent again once resumed.  C{relogin}, if given, is an async
+    callable giving a fresh C{(host, port, token)} (log in and enter the world
+    again) for when the session could not be resumed.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, connection, address, user_id, route=as_advertised):
+    def __init__(self, reactor, connection, address, user_id, route=as_advertised, reconnect=True, rng=None,
+                 relogin=None, heartbeat=(HEARTBEAT_IDLE, HEARTBEAT_ANSWER), give_up_after=GIVE_UP_AFTER):
         self._reactor = reactor
         self._route = route
+        self.reconnect = reconnect
+        self._backoff = Backoff(rng)
+        self._relogin = relogin
+        self._heartbeat = heartbeat
+        self._give_up_after = give_up_after
+        self._listeners = {}  # event name -> [callable]
+        self._closing = False  # close or logout asked: no reconnecting
+        self._moving = 0  # raid handoffs under way: the old connection may close meanwhile
+        self._reconnecting = None  # the Deferred of the reconnect loop, while it runs
+        self._looping = False  # the loop itself is running (telling its listeners)
+        self._back_waiters = []  # Deferreds fired once resumed (or failed if that cannot be)
+        self._in_raid = {}  # raid id -> Raid, while open: a raid_found again after a resume rejoins it
         self.address = address
         self.user_id = user_id
         self.player = None  # a results.Player once authenticated
@@ -99,11 +134,16 @@ class GameClient:
         self._use(connection)
 
     @classmethod
-    async def login(cls, reactor, host, port, token, route=as_advertised):
-        """Connect to a game server and authenticate with the login token (after enter_world)."""
-        connection = await connect(reactor, host, port)
+    async def login(cls, reactor, host, port, token, **options):
+        """
+        Connect to a game server and authenticate with the login token (after
+        enter_world); C{options} are L{GameClient}'s (C{route}, C{reconnect},
+        C{rng}, C{relogin}, C{heartbeat}, C{give_up_after}).
+        """
+        connection = await connect(reactor, host, port,
+                                   heartbeat=options.get("heartbeat", (HEARTBEAT_IDLE, HEARTBEAT_ANSWER)))
         _, body = await connection.request(packets.AUTHENTICATE, {"token": token})
-        client = cls(reactor, connection, (host, port), body["user_id"], route)
+        client = cls(reactor, connection, (host, port), body["user_id"], **options)
         client.player = results.Player(**body)
         client.token = token
         return client
@@ -119,7 +159,7 @@ class GameClient:
         @raise dreamraid.client.RemoteError: RESUME_EXPIRED once the grace ran out (log in and enter the world again).
         """
         address = self.address if host is None else (host, port)
-        connection = await connect(self._reactor, *address)
+        connection = await self._connect(*address)
         body = {"token": "" if self.ticket else self.token, "user_id": self.user_id if self.ticket else 0,
                 "ticket": self.ticket or ""}
         try:
@@ -135,10 +175,135 @@ class GameClient:
 
     def request(self, message, body):
         """The raw request: a Deferred of the reply's C{(message, body)}."""
-        return self.connection.request(message, body)
+        return defer.ensureDeferred(self._request(message, body))
 
     async def _body(self, message, **body):
-        return (await self.connection.request(message, body))[1]
+        return (await self._request(message, body))[1]
+
+    async def _request(self, message, body):
+        """
+        Send on the connection now, or once back if reconnecting; a read cut
+        by a drop is sent again once resumed, any other request raises
+        L{OutcomeUnknown}.
+        """
+        while True:
+            if self._reconnecting is not None:
+                await self._back()
+                continue
+            connection = self.connection
+            sent = connection.connected
+            try:
+                return await connection.request(message, body)
+            except OutcomeUnknown:
+                raise
+            except ConnectionClosed as e:
+                if not self._will_reconnect(connection):
+                    raise
+                if sent and message not in READS:
+                    raise OutcomeUnknown(message.name, e.code, e.detail) from e
+                await self._back()
+
+    # -- staying connected ------------------------------------------------------------
+
+    def on(self, event, listener):
+        """
+        Call C{listener} on each C{event}: C{"reconnecting"} (attempt number
+        from 1, the seconds waited before it) before each attempt,
+        C{"resumed"} (a L{results.Resumed}) once back,
+        C{"entered_again"} (a L{results.Player}) once back through
+        C{relogin} after the session could not be resumed, and
+        C{"reconnect_failed"} (the exception) when the client gives up.
+        """
+        self._listeners.setdefault(event, []).append(listener)
+
+    def _emit(self, event, *args):
+        for listener in list(self._listeners.get(event, ())):
+            try:
+                listener(*args)
+            except Exception:
+                self._log.failure("a {event} listener failed", event=event)
+
+    def _connect(self, host, port):
+        return connect(self._reactor, host, port, heartbeat=self._heartbeat)
+
+    def _will_reconnect(self, connection):
+        """Whether the drop of C{connection} starts (or started) a reconnect."""
+        if not self.reconnect or self._closing or self._moving or connection is not self.connection:
+            return False
+        return connection.close_reason is None or connection.close_reason[0] in _RESUMABLE_CLOSES
+
+    def _back(self):
+        """A Deferred fired once resumed, failed if the client gave up."""
+        waiter = defer.Deferred()
+        self._back_waiters.append(waiter)
+        return waiter
+
+    def _lost(self, _, connection):
+        if self._reconnecting is None and self._will_reconnect(connection):
+            self._reconnecting = defer.ensureDeferred(self._stay_connected())
+
+    async def _stay_connected(self):
+        """Reconnect with backoff and resume (or enter again through relogin); tell the listeners."""
+        started, attempt, event = self._reactor.seconds(), 0, None
+        try:
+            while True:
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                self._looping = True  # a listener's close() cannot cancel the loop while it runs: see below
+                try:
+                    self._emit("reconnecting", attempt, delay)
+                finally:
+                    self._looping = False
+                if self._closing:
+                    raise defer.CancelledError()
+                await task.deferLater(self._reactor, delay, lambda: None)
+                try:
+                    event = ("resumed", results.resumed(await self.resume()))
+                    break
+                except RemoteError as e:
+                    if e.code in _SESSION_GONE and self._relogin is not None:
+                        event = ("entered_again", await self._enter_again())
+                        break
+                    if e.code not in _RESUMABLE_CLOSES:
+                        raise
+                except (defer.CancelledError, OutcomeUnknown):
+                    raise
+                except Exception as e:  # refused, timed out, dropped again: try again
+                    self._log.info("reconnect attempt {attempt} failed: {error}", attempt=attempt, error=e)
+                if self._reactor.seconds() - started >= self._give_up_after:
+                    raise ConnectionClosed(None, f"could not reconnect in {self._give_up_after:g} s")
+        except BaseException as e:
+            self._reconnecting = None
+            failed = e if isinstance(e, ConnectionClosed) else ConnectionClosed(
+                getattr(e, "code", None), getattr(e, "detail", str(e)))
+            waiting, self._back_waiters = self._back_waiters, []
+            for waiter in waiting:
+                waiter.errback(failed)
+            if not isinstance(e, defer.CancelledError):
+                self._emit("reconnect_failed", e)
+            return
+        self._reconnecting = None
+        waiting, self._back_waiters = self._back_waiters, []
+        self._emit(*event)
+        for waiter in waiting:
+            waiter.callback(None)
+
+    async def _enter_again(self):
+        """The session is gone: log in again through the application's relogin and authenticate afresh."""
+        host, port, token = await self._relogin()
+        connection = await self._connect(host, port)
+        try:
+            _, body = await connection.request(packets.AUTHENTICATE, {"token": token})
+        except Exception:
+            if connection.connected:
+                connection.close()
+            raise
+        self.token, self.ticket, self.address = token, None, (host, port)
+        old = self.connection
+        self._use(connection)
+        old.on_push = None
+        self.player = results.Player(**body)
+        return self.player
 
     # -- progression and inventory ----------------------------------------------------
 
@@ -178,6 +343,7 @@ class GameClient:
 
     async def logout(self):
         """End the session (the server writes the player back to MySQL) and close."""
+        self._closing = True
         await self._body(packets.LOGOUT)
         self.close()
 
@@ -243,6 +409,7 @@ class GameClient:
             raise RaidNotStarted(results.raid_result(body))
         raid = Raid(self, body)
         self._remember(raid.raid_id, "found")
+        self._in_raid[raid.raid_id] = raid
         over = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] == raid.raid_id)
         greeted = None
         if not over.called:
@@ -275,12 +442,19 @@ class GameClient:
         return waiter
 
     def close(self):
+        """Close the connection; no reconnecting after (one under way stops)."""
+        self._closing = True
+        if self._reconnecting is not None and not self._looping:
+            self._reconnecting.cancel()
         if self.connection.connected:
             self.connection.close()
 
     def _use(self, connection):
         self.connection = connection
         connection.on_push = self._pushed
+        closed = getattr(connection, "closed", None)  # a stand-in connection may have none: never lost
+        if closed is not None:
+            closed.addCallback(self._lost, connection)
 
     def _remember(self, raid_id, state):
         """
@@ -303,7 +477,10 @@ class GameClient:
     def _pushed(self, message, body):
         if message in _RAID_PUSHES and self._raids.get(body["raid_id"]) == "ended":
             return  # a raid over for this player: a late raid_found, a repeated result
-        if message is packets.RAID_FOUND and self._route("tcp", _address(body["host"])) != self.address:
+        host = self._route("tcp", _address(body["host"])) if message is packets.RAID_FOUND else None
+        if message is packets.RAID_FOUND and body["raid_id"] in self._in_raid and host == self.address:
+            self._in_raid[body["raid_id"]].rejoin(body)  # after a resume: new key, greet again
+        elif message is packets.RAID_FOUND and host != self.address:
             defer.ensureDeferred(self._move(body)).addErrback(self._move_failed, body)
         else:
             self._deliver(message.name, body)
@@ -329,13 +506,20 @@ class GameClient:
     async def _move(self, found):
         """Reconnect to the raid's host with the handoff ticket, then hand on the raid_found push."""
         host, port = self._route("tcp", _address(found["host"]))
-        connection = await connect(self._reactor, host, port)
-        await connection.request(packets.AUTHENTICATE_HANDOFF, {"user_id": self.user_id, "ticket": found["ticket"]})
+        self._moving += 1
+        try:
+            connection = await self._connect(host, port)
+            await connection.request(packets.AUTHENTICATE_HANDOFF,
+                                     {"user_id": self.user_id, "ticket": found["ticket"]})
+        finally:
+            self._moving -= 1
         self.ticket = found["ticket"]
         old, self.address = self.connection, (host, port)
         self._use(connection)
         old.on_push = None
-        if self._raids.get(found["raid_id"]) != "ended":  # its result may have come during the move
+        if found["raid_id"] in self._in_raid:  # a raid rejoined after a resume: new key, greet again
+            self._in_raid[found["raid_id"]].rejoin(found)
+        elif self._raids.get(found["raid_id"]) != "ended":  # its result may have come during the move
             self._deliver(packets.RAID_FOUND.name, found)
 
 
@@ -383,7 +567,16 @@ class Raid:
         self.close()
         return results.raid_result(body)
 
+    def rejoin(self, found):
+        """After a resume: the raid's raid_found again, with a new key: greet the host again."""
+        self.channel.rejoin(found, self.client._route("udp", _address(found["udp"])))
+        if self.port is not None:
+            self.channel.greet(self.client._reactor, fresh=True).addErrback(
+                lambda failure: self.client._log.failure("raid {raid_id}'s host did not answer the greeting again",
+                                                         failure, raid_id=self.raid_id))
+
     def close(self):
+        self.client._in_raid.pop(self.raid_id, None)
         if self.port is not None:
             self.port.stopListening()
             self.port = None
@@ -421,11 +614,12 @@ class RaidChannel(DatagramProtocol):
     def hello(self):
         self.send(packets.UDP_HELLO, {})
 
-    def greet(self, clock, interval=0.5, timeout=10.0):
+    def greet(self, clock, interval=0.5, timeout=10.0, fresh=False):
         """
         Send the hello every C{interval} seconds until the host answers (a
         hello or its answer may be lost); a Deferred of the boss's HP, which
         fails with C{defer.TimeoutError} if no answer comes in C{timeout}.
+        C{fresh}: wait for an HP heard from now on, not the last one kept.
         """
         resend = task.LoopingCall(self.hello)
         resend.clock = clock
@@ -434,7 +628,21 @@ class RaidChannel(DatagramProtocol):
         def answered(result):
             resend.stop()
             return result
-        return self.when_hp(lambda hp: True).addTimeout(timeout, clock).addBoth(answered)
+        if fresh:
+            heard = defer.Deferred()
+            self._hp_waiters.append((lambda hp: True, heard))
+        else:
+            heard = self.when_hp(lambda hp: True)
+        return heard.addTimeout(timeout, clock).addBoth(answered)
+
+    def rejoin(self, found, server=None):
+        """
+        The raid's raid_found again (after a resume): its host's address (or
+        C{server}, where the client reaches it) and this player's new key.
+        """
+        self.server = server or _address(found["udp"])
+        self.key = bytes.fromhex(found["key"])
+        self.number, self.member = found["raid_number"], found["member"]
 
     def position(self, x, y, state):
         self.send(packets.POSITION, {"x": x, "y": y, "state": state})

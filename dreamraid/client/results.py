@@ -25,6 +25,28 @@ class World(NamedTuple):
     port: int
 
 
+class Resumed(NamedTuple):
+    """
+    A resume's reply: who the player is and what was kept, as it is now:
+    the party's code ('' for none), the level group of the ticket waiting
+    (0 for none), and the raid the player is in ('' for none) with the
+    boss's HP, the seconds left of its fight and the player's own score.
+    """
+
+    player: "Player"
+    party_code: str
+    queued_group: int
+    raid_id: str
+    boss_hp: int
+    seconds_left: float
+    score: int
+
+
+def resumed(body):
+    return Resumed(Player(body["user_id"], body["name"], body["level"], body["exp"]), body["party_code"],
+                   body["queued_group"], body["raid_id"], body["boss_hp"], body["ms_left"] / 1000, body["score"])
+
+
 class Player(NamedTuple):
     """Who a game connection is, as authenticated."""
 

@@ -17,6 +17,8 @@ and at logout, besides the game server's logout:
     await session.revoke(login.refresh_token)
 """
 
+from twisted.internet import defer
+
 from dreamraid.client import results
 from dreamraid.client.connection import connect
 from dreamraid.client.game import GameClient
@@ -68,12 +70,24 @@ class SessionClient:
             self.connection.close()
 
 
-async def play(reactor, host, port, name, password, register=False):
+async def play(reactor, host, port, name, password, register=False, password_callback=None, **options):
     """
     Log in through the session server at C{host:port} (creating the
     account first if C{register}), enter the world and authenticate on its
-    game server: the L{dreamraid.client.game.GameClient}.
+    game server: the L{dreamraid.client.game.GameClient} (C{options} are
+    its own).  With C{password_callback} (a callable giving the password,
+    or a Deferred of it) the client logs in and enters the world again by
+    itself when a dropped session could no longer be resumed.
     """
+    async def enter():
+        session = await SessionClient.connect(reactor, host, port)
+        try:
+            login = await session.login(name, await defer.maybeDeferred(password_callback))
+            world = await session.enter_world(login.token)
+        finally:
+            session.close()
+        return world.host, world.port, login.token
+
     session = await SessionClient.connect(reactor, host, port)
     try:
         if register:
@@ -82,7 +96,9 @@ async def play(reactor, host, port, name, password, register=False):
         world = await session.enter_world(login.token)
     finally:
         session.close()
-    return await GameClient.login(reactor, world.host, world.port, login.token)
+    if password_callback is not None:
+        options.setdefault("relogin", enter)
+    return await GameClient.login(reactor, world.host, world.port, login.token, **options)
 
 
 def listen_address(listen):
