@@ -187,6 +187,21 @@ class AwayTests(TestCase):
         self.assertEqual(self.failureResultOf(resumed, RequestRefused).value.code, ErrorCode.SHUTTING_DOWN)
         self.assertIsNone(self.players.player_of(USER))
 
+    def test_a_ticket_wait_told_while_stopping_ends_at_once(self):
+        """
+        A leave asked before the server stopped learns, once it is
+        stopping, that a handoff ticket waits: the stop does not wait the
+        ticket's 30 s; the player is let go (its session expires by itself).
+        """
+        answer = defer.Deferred()
+        self.presence.leave = lambda user_id, jti, holder, wait_for_handoff=False: answer
+        leaving = defer.ensureDeferred(self.players.leave(self.connection))
+        stopped = defer.maybeDeferred(self.players.stopService)
+        answer.callback(29.8)
+        self.successResultOf(stopped)
+        self.assertIsNone(self.successResultOf(leaving))
+        self.assertIsNone(self.players.player_of(USER))
+
     def test_a_drop_keeps_the_player_away_and_the_grace_runs_the_leave_once(self):
         """Away: nothing ends, the party hears away, renewals go on; at the grace's end the leave runs, once."""
         self.dropped()

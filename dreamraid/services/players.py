@@ -380,6 +380,11 @@ class Players(Service):
             # resume was refused): whoever holds the player now decides.
             self._departed(player, Left.REPLACED)
             return
+        if isinstance(left, float) and not self.running:
+            # Stopping meanwhile: nobody will be here when the ticket's time is up; the session expires by itself.
+            self._forget(player)
+            self._departed(player, None)
+            return
         if isinstance(left, float):  # the seconds a handoff ticket still waits: the departure stays open
             self._log.info("user {user_id}: a connection closed while a raid handoff ticket waits; the "
                            "session waits {seconds:.1f} s for the player to move", user_id=user_id, seconds=left)
