@@ -39,9 +39,14 @@ class RaidPlayTests(GameServerCase):
                 *extra]
 
     async def player(self, server):
-        """A new user logged in on C{server} through the client library: C{(client, user_id)}."""
+        """
+        A new user logged in on C{server} through the client library:
+        C{(client, user_id)}.  It does not reconnect by itself: these tests
+        cut connections and resume by hand, to check the server's side.
+        """
         user_id = await self.new_user()
-        client = await GameClient.login(reactor, "127.0.0.1", server.port, await self.entered_token(user_id))
+        client = await GameClient.login(reactor, "127.0.0.1", server.port, await self.entered_token(user_id),
+                                        reconnect=False)
         self.addCleanup(client.close)
         return client, user_id
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import pymysql
 from twisted.internet import defer, reactor, threads
@@ -141,22 +142,16 @@ def second_stack_ports():
 
 
 def write_second_config(path, base):
-    """A copy of the stack's configuration at C{path} with every address on C{base}'s free ports."""
-    settings = make_settings()
+    """A configuration at C{path} that includes the stack's and moves every address to C{base}'s free ports."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
-    parser.read(STACK_CONFIG, encoding="utf-8")
-    parser["redis"]["startup_nodes"] = ",".join(f"127.0.0.1:{base + i}" for i in range(6))
-    parser["mysql"]["port"] = str(base + 6)
-    parser["game"]["listen"] = f"tcp:{base + 7}:interface=127.0.0.1"
-    parser["game"]["http_listen"] = f"tcp:{base + 8}:interface=127.0.0.1"
-    parser["game"]["udp_port"] = str(base + 7)
-    parser["session"]["listen"] = f"tcp:{base + 9}:interface=127.0.0.1"
-    parser["session"]["http_listen"] = f"tcp:{base + 10}:interface=127.0.0.1"
-    parser["session"]["game_servers"] = f"127.0.0.1:{base + 7}"
-    # Relative paths would be read from the copy's directory.
-    parser["tokens"]["private_key"] = str(settings.tokens.private_key)
-    parser["tokens"]["public_key"] = str(settings.tokens.public_key)
-    parser["tables"]["path"] = str(settings.tables.path)
+    parser["include"] = {"base": str(Path(STACK_CONFIG).resolve())}  # its relative paths stay the base's
+    parser["redis"] = {"startup_nodes": ",".join(f"127.0.0.1:{base + i}" for i in range(6))}
+    parser["mysql"] = {"port": str(base + 6)}
+    parser["game"] = {"listen": f"tcp:{base + 7}:interface=127.0.0.1",
+                      "http_listen": f"tcp:{base + 8}:interface=127.0.0.1", "udp_port": str(base + 7)}
+    parser["session"] = {"listen": f"tcp:{base + 9}:interface=127.0.0.1",
+                         "http_listen": f"tcp:{base + 10}:interface=127.0.0.1",
+                         "game_servers": f"127.0.0.1:{base + 7}"}
     with open(path, "w", encoding="utf-8") as f:
         parser.write(f)
 
