@@ -32,6 +32,14 @@ def router(cls=RedisCluster, **overrides):
     return started
 
 
+async def router_for(testcase):
+    """A router on the local cluster with its slot table read, stopped after C{testcase}."""
+    started = router()
+    testcase.addCleanup(started.stopService)
+    await started.refresh()
+    return started
+
+
 async def node_command(address, *command, timeout=2.0):
     """C{command} on the node at C{address}, on a connection of its own."""
     endpoint = TCP4ClientEndpoint(reactor, address[0], address[1], timeout=timeout)

@@ -32,9 +32,7 @@ class InventoryCase(TestCase):
 
     async def setUp(self):
         require_stack()
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
         self.clock = task.Clock()
         self.clock.advance(1_000_000)
         self.random = random.Random(7)

@@ -120,9 +120,7 @@ class FailingTellTests(TestCase):
 
     async def setUp(self):
         require_stack()
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
 
     async def test_join_leave_and_kick_return_their_party(self):
         """Every tell fails; join, kick and leave still answer the party as changed, and one line is logged each."""

@@ -389,9 +389,7 @@ class HandoffWaitTests(TestCase):
 
     async def setUp(self):
         require_stack()
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
         self.clock = task.Clock()
         self.presence = Presence(self.router, f"test-handoff-{random.getrandbits(40):x}", 30, 900)
         self.queue = RecordingQueue()

@@ -215,9 +215,7 @@ class RenewalAgainstRedisTests(TestCase):
 
     async def setUp(self):
         require_stack()
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
         self.clock = Clock()
         self.presence = Presence(self.router, f"test-renewal-{random.getrandbits(40):x}", TTL, 900)
         self.players = Players(None, self.presence, None, self.clock, TTL)
@@ -297,9 +295,7 @@ class NewestAuthenticationTests(TestCase):
 
     async def setUp(self):
         require_stack()
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
         self.clock = Clock()
         self.queue = RecordingQueue()
         self.processes = []

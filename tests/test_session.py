@@ -52,9 +52,7 @@ class SessionServerTests(TestCase):
             "--session-rate-limits", "off",
         ]).start(self)
         self.client = await self.server.client(self)
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
         # Every test logs in from 127.0.0.1: start each with a clean count there.
         await self.router.execute("DEL", LoginThrottle.address_key("127.0.0.1"))
 

@@ -75,9 +75,7 @@ class RaceCase(TestCase):
         await prepare_test_database()
         self.private_key, self.public_key = new_key_pair(self)
         self.sync_prefix = f"test{random.getrandbits(48):x}"
-        self.router = cluster.router()
-        self.addCleanup(self.router.stopService)
-        await self.router.refresh()
+        self.router = await cluster.router_for(self)
         await self.clear_counts()
         self.addCleanup(self.clear_counts)
 
