@@ -65,6 +65,10 @@ class RaidPlayTests(GameServerCase):
             await client.request(packets.RAID_READY, {"raid_id": raid_id})
         fights = [await client.next_push("raid_fight") for client in clients]
         self.assertEqual({(f["hp"], f["sequence"]) for f in fights}, {(30, 0)})
+        return await self.hit_until_down(clients, raid_id)
+
+    async def hit_until_down(self, clients, raid_id):
+        """C{clients} hit in turn, the first first, until the boss falls; the hit replies, in order."""
         hits, turn = [], 0
         while not hits or hits[-1]["hp"] > 0:
             _, hit = await clients[turn % len(clients)].request(packets.RAID_HIT, {"raid_id": raid_id})
@@ -180,13 +184,7 @@ class RaidPlayTests(GameServerCase):
         [channel], [hp] = await greeted_channels(self, [again])
         self.assertEqual(hp, a_hit["hp"])
 
-        b_score, hp, turn = b_hit["damage"], a_hit["hp"], 0
-        while hp > 0:
-            client = (b, a)[turn % 2]
-            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
-            if client is b:
-                b_score += hit["damage"]
-            hp, turn = hit["hp"], turn + 1
+        b_score = b_hit["damage"] + sum(hit["damage"] for hit in (await self.hit_until_down([b, a], raid_id))[0::2])
         self.assertEqual(await channel.when_hp(lambda hp: hp == 0), 0)
         result = await b.next_push("raid_result")
         self.assertEqual((result["cleared"], result["score"], result["exp_gained"]), (True, b_score, b_score))
@@ -288,13 +286,8 @@ class RaidPlayTests(GameServerCase):
         self.assertNotEqual(again["key"], next(f["key"] for f in found if f["member"] == again["member"]))
         [channel], [hp] = await greeted_channels(self, [again])
         self.assertEqual(hp, first_hit["hp"])
-        score, hp, turn = first_hit["damage"], first_hit["hp"], 0
-        while hp > 0:
-            client = (mover, other)[turn % 2]
-            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
-            if client is mover:
-                score += hit["damage"]
-            hp, turn = hit["hp"], turn + 1
+        score = first_hit["damage"] + sum(
+            hit["damage"] for hit in (await self.hit_until_down([mover, other], raid_id))[0::2])
         result = await mover.next_push("raid_result")
         self.assertEqual((result["cleared"], result["score"]), (True, score))
 
