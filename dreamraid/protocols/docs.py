@@ -20,7 +20,7 @@ from dreamraid.config import DEFAULT_PATH, load_settings
 from dreamraid.errors import ERROR_TEXT, ErrorCode
 from dreamraid.protocols import game, packets
 from dreamraid.protocols.session import SessionProtocol
-from dreamraid.services import parties, raidhost, ranking
+from dreamraid.services import parties, raidhost
 from dreamraid.tables import TABS, load_tables
 
 DOC_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "protocol.md"

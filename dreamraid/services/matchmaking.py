@@ -47,7 +47,7 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.livestore import profile_key
-from dreamraid.services.rediscluster import LUA_SPLIT, RedisClusterError, Script
+from dreamraid.services.rediscluster import LUA_SPLIT, Script
 
 GROUPS = 6
 # Tickets of each group a pass looks at, oldest first.
