@@ -52,6 +52,12 @@ async def node_command(address, *command, timeout=2.0):
         protocol.transport.loseConnection()
 
 
+async def flush_scripts(router_):
+    """Empty the script cache of every master, as a failover to a fresh replica would."""
+    for master in router_.masters():
+        await node_command(master, "SCRIPT", "FLUSH")
+
+
 async def cluster_nodes(address):
     """C{{(host, port): (flags, master id, node id, slot ranges)}} as C{address} sees it."""
     text = (await node_command(address, "CLUSTER", "NODES")).decode()

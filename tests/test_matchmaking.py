@@ -200,7 +200,12 @@ class MatchmakerTests(MatchmakerCase):
         matchmaker.waited = Histogram("waited", "", ["group"], registry=registry)
         first, second, third = await self.new_user(1), await self.new_user(2), await self.new_user(4)
         await matchmaker.enqueue(first)
+        await cluster.flush_scripts(self.router)
         self.clock.advance(3)
+        # The pass the first ticket started must end before the second is queued: in CI on a
+        # fresh cluster it once formed the raid with the second ticket (its scripts had to be
+        # loaded, as after this flush), and the lengths below were {1: 0, ...}.
+        await matchmaker.passes_done()
         await matchmaker.enqueue(second)
         await matchmaker.enqueue(third)
         self.assertEqual(await matchmaker.queue_lengths(), {1: 2, 2: 1, 3: 0, 4: 0, 5: 0, 6: 0})

@@ -25,12 +25,6 @@ from tests.test_security import SecurityCase
 E = ErrorCode
 
 
-async def flush_scripts(router):
-    """Empty the script cache of every master, as a failover to a fresh replica would."""
-    for master in router.masters():
-        await cluster.node_command(master, "SCRIPT", "FLUSH")
-
-
 def answer(frame):
     """A frame as what a test compares: the reply's name, or the error's code."""
     return frame.body["code"] if frame.message is packets.ERROR else frame.message.name
@@ -100,7 +94,7 @@ class PipelinedTests(SecurityCase):
         raw = await self.authenticated_raw(server, await self.entered_token(joiner_id))
         for round_, flush in enumerate([True] * 5 + [False] * 5):
             if flush:
-                await flush_scripts(self.router)
+                await cluster.flush_scripts(self.router)
             first, second = codes if round_ % 2 == 0 else codes[::-1]
             base = 10 * (round_ + 1)
             joined, refused = raw.pipeline([(packets.JOIN_PARTY, base, {"code": first}),
@@ -246,7 +240,7 @@ class ClaimRaceTests(SecurityCase):
                 self.router.execute("DEL", party_key(code)), self.router.execute("DEL", membership_key(leader))]))
 
         for round_ in range(5):
-            await flush_scripts(self.router)
+            await cluster.flush_scripts(self.router)
             outcomes = await defer.DeferredList(
                 [defer.ensureDeferred(parties.join(joiner, "j", codes[i % 10])) for i in range(100)],
                 consumeErrors=True)

@@ -340,18 +340,32 @@ class Matchmaker(Service):
         self._renew = Script(router, _RENEW)
         self._reap = Script(router, _REAP)
         self._passes = None
+        self._in_flight = set()  # the Deferreds of passes under way
         self._failures = FailureLog(self._log, clock)
 
     def startService(self):
         super().startService()
-        self._passes = task.LoopingCall(lambda: defer.ensureDeferred(self._pass_logged()))
+        self._passes = task.LoopingCall(self._kick)
         self._passes.clock = self._clock
         self._passes.start(self._interval, now=False)
 
     def stopService(self):
+        """Stop the timer; fires once the passes under way are over, so no raid they form is dropped."""
         super().stopService()
         if self._passes.running:
             self._passes.stop()
+        return self.passes_done()
+
+    def _kick(self):
+        """Start a pass (from the timer, or after a ticket); its Deferred, which does not fail."""
+        d = defer.ensureDeferred(self._pass_logged())
+        self._in_flight.add(d)
+        d.addBoth(lambda result: (self._in_flight.discard(d), result)[1])
+        return d
+
+    def passes_done(self):
+        """A Deferred that fires once every pass under way now has ended."""
+        return defer.DeferredList(list(self._in_flight)).addCallback(lambda _: None)
 
     def _now_ms(self):
         return int(self._clock.seconds() * 1000)
@@ -396,7 +410,7 @@ class Matchmaker(Service):
             await self._presence.tell(others, MATCHMAKING, CANCELLED)
             raise RequestRefused(ErrorCode.PARTY_CHANGED_WHILE_QUEUEING)
         # A pass right after this request's reply, not before it.
-        self._clock.callLater(0, lambda: defer.ensureDeferred(self._pass_logged()))
+        self._clock.callLater(0, self._kick)
         return group
 
     async def _take_out_unconfirmed(self, ticket, others):
