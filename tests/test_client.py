@@ -209,12 +209,17 @@ class UdpClock(Clock):
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
         protocol.makeConnection(FakeDatagramTransport([]))
         self.channels.append(protocol)
-        return FakeUdpPort()
+        return FakeUdpPort(protocol)
 
 
 class FakeUdpPort:
+    """A listening UDP port: stopping it takes its protocol's transport away, as Twisted's does."""
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+
     def stopListening(self):
-        pass
+        self.protocol.doStop()
 
 
 def found(raid_id):
@@ -296,6 +301,27 @@ class GameClientPushTests(TestCase):
         result = self.client.next_push("raid_result")
         self.connection.on_push(packets.RAID_RESULT, ended("r1"))
         self.assertEqual(self.successResultOf(result)["raid_id"], "r1")
+
+    def test_a_raid_over_while_greeting_again_stops_the_hellos(self):
+        """
+        After a resume the raid's raid_found comes again and the client
+        greets its host anew; a raid that ends (its UDP port closed) before
+        the host answers stops those hellos: none is sent on a closed
+        port, and no "did not answer" failure is logged for a raid that is
+        over.
+        """
+        self.connection.on_push(packets.RAID_FOUND, found("r1"))
+        raid = self.joined("r1")
+        channel = self.reactor.channels[-1]
+        self.connection.on_push(packets.RAID_FOUND, {**found("r1"), "key": "11" * 16})  # resumed: a new key
+        self.assertEqual(channel.key, bytes([0x11]) * 16)
+        result = Deferred.fromCoroutine(raid.result())
+        self.connection.on_push(packets.RAID_RESULT, ended("r1"))
+        self.assertEqual(self.successResultOf(result).raid_id, "r1")
+        self.assertIsNone(channel.transport)
+        self.reactor.advance(0.5)  # a hello due on the closed port
+        self.reactor.advance(20)  # the greeting's timeout
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_a_raid_takes_only_its_own_result(self):
         """A raid_result of another raid (one that ended before it was found) is not this raid's result."""

@@ -537,6 +537,7 @@ class Raid:
         self.channel = RaidChannel(found, client._route("udp", _address(found["udp"])))
         self.port = None
         self.deadline = None
+        self._greeting = None  # the greeting again after a resume, until the host answers it
 
     @property
     def hp(self):
@@ -571,12 +572,22 @@ class Raid:
         """After a resume: the raid's raid_found again, with a new key: greet the host again."""
         self.channel.rejoin(found, self.client._route("udp", _address(found["udp"])))
         if self.port is not None:
-            self.channel.greet(self.client._reactor, fresh=True).addErrback(
-                lambda failure: self.client._log.failure("raid {raid_id}'s host did not answer the greeting again",
-                                                         failure, raid_id=self.raid_id))
+            self._stop_greeting()  # one under way, under the old key
+            self._greeting = self.channel.greet(self.client._reactor, fresh=True).addErrback(self._not_greeted)
+
+    def _not_greeted(self, failure):
+        if not failure.check(defer.CancelledError):  # cancelled: the raid is over, or greeted anew
+            self.client._log.failure("raid {raid_id}'s host did not answer the greeting again", failure,
+                                     raid_id=self.raid_id)
+
+    def _stop_greeting(self):
+        if self._greeting is not None and not self._greeting.called:
+            self._greeting.cancel()
+        self._greeting = None
 
     def close(self):
         self.client._in_raid.pop(self.raid_id, None)
+        self._stop_greeting()  # no hello on a closed port
         if self.port is not None:
             self.port.stopListening()
             self.port = None
