@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py --quick
 	$(BIN)/python bench/game_ops.py --quick
 	$(BIN)/python bench/raid_load.py --quick
+	$(BIN)/python bench/resume.py --quick
 	$(BIN)/python bench/ccu.py --quick
 	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/metrics_overhead.py --quick

@@ -16,9 +16,9 @@ from twisted.protocols.basic import LineReceiver
 
 from dreamraid.config import load_settings
 from dreamraid.services.deferreds import gather
-from dreamraid.services.livestore import LiveStore, Profile, data_keys, raid_mark_key, session_key
+from dreamraid.services.livestore import LiveStore, Profile, data_keys, raid_mark_key, raid_receipt_key, session_key
 from dreamraid.services.matchmaking import matchmaking_keys
-from dreamraid.services.presence import presence_key
+from dreamraid.services.presence import away_key, handoff_key, presence_key
 from dreamraid.services.rediscluster import RedisCluster
 from dreamraid.services.sync import SyncQueue
 from dreamraid.services.tokens import TokenIssuer, create_key_pair
@@ -106,10 +106,11 @@ class Players(NamedTuple):
     issued: list
 
 
-async def live_players(reactor, settings, count, items, chunk=2000):
+async def live_players(reactor, settings, count, items, chunk=2000, level=1):
     """
-    C{count} users with C{items} loaded live in Redis, each with a login
-    token (of a fresh key pair) that is their live session; L{Players}.
+    C{count} users of C{level} with C{items} loaded live in Redis, each with
+    a login token (of a fresh key pair) that is their live session;
+    L{Players}.
     They are loaded C{chunk} at a time: with every call sent at once, past
     about 10,000 users the last ones queued outlast the router's deadline.
     """
@@ -127,7 +128,7 @@ async def live_players(reactor, settings, count, items, chunk=2000):
     issued = [issuer.issue(u) for u in users]
     for first in range(0, count, chunk):
         part = slice(first, first + chunk)
-        await gather([live.load(Profile(u, f"b{u % 10**8}", 1, 0, 0, 0, dict(items))) for u in users[part]])
+        await gather([live.load(Profile(u, f"b{u % 10**8}", level, 0, 0, 0, dict(items))) for u in users[part]])
         await gather([live.claim_session(u, i.jti, 3600) for u, i in zip(users[part], issued[part])])
     return Players(router, work, public, users, issued)
 
@@ -145,16 +146,19 @@ def write_shares(work, name, values, count):
     return paths
 
 
-async def forget_players(reactor, router, settings, users, sync_prefix, matchmaking_prefix=None):
+async def forget_players(reactor, router, settings, users, sync_prefix, matchmaking_prefix=None, extra_keys=()):
     """
-    Delete what a benchmark's users left in Redis (sessions, presence, raid
-    marks, data), its sync streams and, if given, its matchmaking keys, a
-    chunk at a time; then stop the router.
+    Delete what a benchmark's users left in Redis (sessions, presence, away
+    marks and handoff tickets, raid marks and receipts, data), its sync
+    streams, if given its matchmaking keys, and C{extra_keys}, a chunk at a
+    time; then stop the router.
     """
     for first in range(0, len(users), 2000):
-        await gather([router.execute("DEL", session_key(u), presence_key(u), raid_mark_key(u), *data_keys(u))
+        await gather([router.execute("DEL", session_key(u), presence_key(u), away_key(u), handoff_key(u),
+                                     raid_mark_key(u), raid_receipt_key(u), *data_keys(u))
                       for u in users[first:first + 2000]])
     if matchmaking_prefix is not None:
         await gather([router.execute("DEL", key) for key in matchmaking_keys(matchmaking_prefix)])
+    await gather([router.execute("DEL", key) for key in extra_keys])
     await gather([router.execute("DEL", s) for s in SyncQueue(router, reactor, settings.sync.shards, sync_prefix).streams])
     await router.stopService()
