@@ -205,7 +205,7 @@ class Bot:
         began.addCallback(lambda fight: self._progress(self.name, "fighting"))
         # A raid whose host stops before the fight sends only its result.
         either = defer.DeferredList([began, ended], fireOnOneCallback=True)
-        began.addErrback(lambda failure: failure.trap(RaidEndedAway))  # the result says so too
+        began.addErrback(lambda failure: None)  # a raid lost, a client that gave up: the result says so too
         await either
         while not ended.called:
             try:
