@@ -13,6 +13,8 @@ import getpass
 import inspect
 import math
 import os
+import re
+import shutil
 import sys
 
 from twisted.internet import defer, interfaces, stdio, task
@@ -37,53 +39,125 @@ BAR_WIDTH = 20
 _COLORS = {"red": 31, "green": 32, "yellow": 33, "cyan": 36, "bold": 1, "dim": 2}
 
 
+# The ANSI (VT100) controls the terminal screen uses.
+SAVE_CURSOR, RESTORE_CURSOR = "\x1b7", "\x1b8"  # the position, column included
+INDEX = "\x1bD"  # down a row, the column kept; at the bottom the screen scrolls up
+ERASE_LINE, ERASE_BELOW = "\x1b[2K", "\x1b[J"
+_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\x1b.")
+
+
+def _up(rows):
+    return f"\x1b[{rows}A" if rows else ""
+
+
+def _down(rows):
+    return f"\x1b[{rows}B" if rows else ""
+
+
+def visible_length(text):
+    """How many columns C{text} takes on a terminal: its ANSI codes take none."""
+    return len(_ESCAPE.sub("", text))
+
+
+def fit(text, columns):
+    """C{text} cut to at most C{columns - 1} visible columns (its ANSI codes kept whole), so it never wraps."""
+    if columns is None or visible_length(text) < columns:
+        return text
+    kept, shown, at = [], 0, 0
+    while at < len(text) and shown < columns - 1:
+        code = _ESCAPE.match(text, at)
+        if code:
+            kept.append(code.group())
+            at = code.end()
+        else:
+            kept.append(text[at])
+            shown += 1
+            at += 1
+    return "".join(kept) + "\x1b[0m"
+
+
 class Screen:
     """
-    Where the game's output goes: lines, and a status line kept below them
-    (the prompt, or the boss's HP bar in a fight).  On a terminal the
-    status line is redrawn in place with ANSI codes; otherwise each new
-    status is a plain line of its own.
+    Where the game's output goes: lines, and below them the status line
+    (the boss's HP bar in a fight) and the input line the player types on.
+
+    On a terminal, which in cooked mode echoes what the player types itself
+    and hands the line over only at Enter, the input line is never written
+    over while the player types on it: the status is a line of its own just
+    above it, redrawn from the input line with the cursor saved and restored
+    (column included); a line said is inserted above the status (made room
+    for below, then I{insert line}), the status and the input line moving
+    down with the text typed so far; and once Enter moved the cursor down,
+    L{typed} draws the line entered (as history, unless empty), the status
+    and a fresh prompt.  C{columns}, a callable giving the terminal's width,
+    lets it count the rows a long line wraps to and cut the status to one
+    row.  Not on a terminal, each new status is a plain line of its own.
     """
 
     PROMPT = "> "
 
-    def __init__(self, write, tty=False):
+    def __init__(self, write, tty=False, columns=None):
         self._write = write
         self.tty = tty
-        self._status = None  # the status text, or None for the prompt
-        self._typed_below = 0  # lines the player's Enters moved the cursor below the status
+        self._columns = columns or (lambda: None)
+        self._status = None  # the status text, or None for none
+        self._shown = False  # whether the status and input lines are on the terminal
 
     def say(self, text, color=None):
         """Show C{text} (one or more lines)."""
-        if self.tty:
-            self._write(self._clear() + self.paint(text, color) + "\n" + self._bottom())
-        else:
+        if not self.tty:
             self._write(text + "\n")
+            return
+        painted = self.paint(text, color)
+        if not self._shown:
+            self._write(painted + "\n" + self._bottom())
+            return
+        rows = self._rows(text)
+        # Make room below the input line (scrolling if it is the last row), back to the column typed to,
+        # then insert the text's rows above the status: the status and input lines move down with it.
+        self._write(INDEX * rows + _up(rows) + SAVE_CURSOR + _up(self._status_rows()) + "\r" + f"\x1b[{rows}L" +
+                    painted + RESTORE_CURSOR + _down(rows))
 
     def status(self, text):
-        """Show C{text} as the status; None goes back to the prompt."""
+        """Show C{text} as the status; None takes it away."""
         if text == self._status:
             return
-        self._status = text
-        if self.tty:
-            self._write(self._clear() + self._bottom())
-        elif text is not None:
-            self._write(text + "\n")
+        before, self._status = self._status, text
+        if not self.tty:
+            if text is not None:
+                self._write(text + "\n")
+            return
+        if not self._shown:
+            self._write(self._bottom())
+        elif before is not None and text is not None:  # redrawn in place, the input line untouched
+            self._write(SAVE_CURSOR + _up(1) + "\r" + ERASE_LINE + self._fitted(text) + RESTORE_CURSOR)
+        elif text is not None:  # a status row inserted above the input line
+            self._write(INDEX + _up(1) + SAVE_CURSOR + "\r\x1b[1L" + self._fitted(text) + RESTORE_CURSOR + _down(1))
+        else:  # the status row deleted: the input line moves up into it
+            self._write(SAVE_CURSOR + _up(1) + "\x1b[1M" + RESTORE_CURSOR + _up(1))
 
-    def typed(self):
-        """The player pressed Enter: on a terminal the status line is one line further up."""
-        if self.tty and self._status is not None:
-            self._typed_below += 1
+    def typed(self, line=""):
+        """
+        The player pressed Enter after typing C{line}: on a terminal the
+        cursor is on the row below the input line; draw the line entered
+        (kept as history unless empty), the status and a new prompt.
+        """
+        if not (self.tty and self._shown):
+            return
+        entered = self._rows(self.PROMPT + line)
+        history = self.PROMPT + line + "\n" if line.strip() else ""
+        self._write(_up(entered + self._status_rows()) + "\r" + ERASE_BELOW + history + self._bottom())
 
     def prompt(self):
-        """Show the status line again after a command that showed nothing."""
-        if self.tty:
-            self._write(self._clear() + self._bottom())
+        """Make sure the status and the prompt are shown (after a command that showed nothing)."""
+        if self.tty and not self._shown:
+            self._write(self._bottom())
 
     def leave(self):
-        """The player is leaving: take the status line away."""
-        if self.tty:
-            self._write(self._clear())
+        """The player is leaving: take the status and input lines away."""
+        if self.tty and self._shown:
+            self._write("\r" + _up(self._status_rows()) + ERASE_BELOW)
+            self._shown = False
 
     def paint(self, text, color):
         """C{text} in C{color} (a name of L{_COLORS}) on a terminal; as it is otherwise."""
@@ -91,13 +165,21 @@ class Screen:
             return text
         return f"\x1b[{_COLORS[color]}m{text}\x1b[0m"
 
-    def _clear(self):
-        up = f"\x1b[{self._typed_below}A" if self._typed_below else ""
-        self._typed_below = 0
-        return up + "\r\x1b[J"
-
     def _bottom(self):
-        return self.PROMPT if self._status is None else self._status
+        """The status line (if any) and the prompt, drawn from the start of a free row."""
+        self._shown = True
+        return ("" if self._status is None else self._fitted(self._status) + "\n") + self.PROMPT
+
+    def _status_rows(self):
+        return 0 if self._status is None else 1
+
+    def _fitted(self, text):
+        return fit(text, self._columns())
+
+    def _rows(self, text):
+        """The terminal rows C{text} takes, its long lines wrapped at the terminal's width (if known)."""
+        columns = self._columns()
+        return sum(max(1, -(-visible_length(line) // columns)) if columns else 1 for line in text.split("\n"))
 
 
 class Usage(Exception):
@@ -678,6 +760,10 @@ class Terminal:
         if client is not self.client:
             return
         self.screen.say("Reconnected: playing on.", "green")
+        if self.battle is not None and self.battle.raid.lost:  # its result came while the link was down
+            self._end_battle()
+            self.screen.say("Your raid ended while you were away: `profile` and `inventory` show what it paid.",
+                            "yellow")
         client.connection.closed.addCallback(self._connection_closed, client, client.connection)
 
     def _reconnect_failed(self, client, error):
@@ -766,8 +852,9 @@ class StdioLines(LineReceiver):
 
     def lineReceived(self, line):
         terminal, screen = self.terminal, self.terminal.screen
-        screen.typed()
-        done = terminal.command(line.decode("utf-8", "replace").rstrip("\r"))
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        screen.typed(text)
+        done = terminal.command(text)
         done.addCallback(lambda _: None if terminal.finished.called else screen.prompt())
 
     def readConnectionLost(self):
@@ -804,7 +891,8 @@ class Options(usage.Options):
 
 
 async def _play(reactor, options):
-    screen = Screen(lambda text: lines.transport.write(text.encode("utf-8")), tty=sys.stdout.isatty())
+    screen = Screen(lambda text: lines.transport.write(text.encode("utf-8")), tty=sys.stdout.isatty(),
+                    columns=lambda: shutil.get_terminal_size().columns)
     terminal = Terminal(reactor, screen, options["session"], options["tables"])
     lines = StdioLines(terminal)
     stdio.StandardIO(lines, reactor=reactor)

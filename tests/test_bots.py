@@ -1,8 +1,16 @@
-"""Scripted players against a real session server and game server."""
+"""Scripted players against a real session server and game server, directly and through the fault proxy that cuts them."""
 
-from twisted.internet import reactor
+import collections
+import random
 
-from dreamraid.bots import main, run_bots, session_address
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from dreamraid.bots import Bot, main, run_bots, session_address
+from dreamraid.client import OutcomeUnknown, RemoteError
+from dreamraid.client.results import Hunted, Player, Rank
+from dreamraid.errors import ErrorCode
+from dreamraid.faultproxy import ABORT, FaultProxy, Faults
 from tests.support import CONFIG
 from tests.test_client_library import ServersCase
 
@@ -37,3 +45,115 @@ class BotsTests(ServersCase):
         with self.assertRaises(SystemExit) as exited:
             main(["--session", "host:notaport"])
         self.assertEqual(exited.exception.code, 2)
+
+
+class CutHuntGame:
+    """
+    A game client as a bot sees it, whose first hunt is cut by a drop: the
+    server carried it out (C{landed}) or not; C{player} is what the client
+    was told once back.
+    """
+
+    def __init__(self, landed):
+        self.landed = landed
+        self.player = Player(1, "bot", 1, 0)
+        self.hunts = 0  # hunts the server carried out
+        self.sent = 0
+
+    async def hunt(self, monster):
+        self.sent += 1
+        if self.sent == 1:
+            if self.landed:
+                self.hunts += 1
+                self.player = Player(1, "bot", 2, 1)  # as the resume tells it
+            raise OutcomeUnknown("hunt")
+        self.hunts += 1
+        return Hunted(1, 1 + self.hunts, self.hunts, 1, ())
+
+    async def my_rank(self):
+        return Rank(0, 0)
+
+
+class BotCutTests(TestCase):
+    """What a bot does with a change a drop cut, on a fake client and a task.Clock."""
+
+    def hunt_once(self, landed):
+        clock = task.Clock()
+        bot = Bot(clock, ("127.0.0.1", 1), "bot", 1, "hunt", 1.0)
+        bot.game = CutHuntGame(landed)
+        bot._told = (1, 0)
+        d = defer.ensureDeferred(bot._hunt(3))
+        clock.advance(0.25)
+        return bot.game, self.successResultOf(d)
+
+    def test_a_cut_hunt_that_landed_is_not_hunted_again(self):
+        """The exp the server gave back moved: that hunt counts, and no second one is sent."""
+        game, level = self.hunt_once(landed=True)
+        self.assertEqual((game.sent, game.hunts, level), (1, 1, 2))
+
+    def test_a_cut_hunt_that_did_not_land_is_hunted_again(self):
+        game, level = self.hunt_once(landed=False)
+        self.assertEqual((game.sent, game.hunts, level), (2, 1, 2))
+
+    def test_other_refusals_still_stop_the_hunt(self):
+        clock = task.Clock()
+        bot = Bot(clock, ("127.0.0.1", 1), "bot", 1, "hunt", 1.0)
+        bot.game = CutHuntGame(landed=False)
+
+        async def refused(monster):
+            raise RemoteError(ErrorCode.UNKNOWN_MONSTER, "no")
+        bot.game.hunt = refused
+        self.failureResultOf(defer.ensureDeferred(bot._hunt(9)), RemoteError)
+
+
+class BotsThroughCutsTests(ServersCase):
+    """
+    Bots whose game traffic (TCP and UDP) crosses the fault proxy, which
+    resets every connection twice: once all are playing, once all are
+    fighting.  The game server keeps a cut player away for 30 s.
+    """
+
+    timeout = 120
+    BOTS, BOSS_HP = 8, 240
+    game_options = ("--game-resume-grace", "30", "--raids-boss-hp", str(BOSS_HP))
+
+    def proxied_route(self):
+        """A fault proxy in front of the game server, TCP and UDP; the proxy, its TCP forwarder, and the route."""
+        udp_host, _, udp_port = self.game.part("RaidHost").udp_address.rpartition(":")
+        proxy = FaultProxy(reactor, random.Random(20), Faults())
+        tcp = proxy.tcp(0, "127.0.0.1", self.game.port)
+        udp = proxy.udp(0, udp_host, int(udp_port))
+        proxy.startService()
+        self.addCleanup(proxy.stopService)
+        routes = {("tcp", ("127.0.0.1", self.game.port)): ("127.0.0.1", tcp.port),
+                  ("udp", (udp_host, int(udp_port))): ("127.0.0.1", udp.port)}
+        return proxy, tcp, lambda kind, address: routes.get((kind, address), address)
+
+    async def test_bots_play_on_through_cuts_and_their_raids_clear(self):
+        """
+        Eight bots through the proxy: every connection is reset once all
+        eight are logged in (hunting), and again once all eight are
+        fighting their raids.  Each bot comes back by itself twice or more,
+        none fails, each hunts its number of times (one level, one group),
+        and all four raids clear with the boss's whole HP scored.
+        """
+        proxy, tcp, route = self.proxied_route()
+        reached = collections.Counter()
+        cuts = []
+
+        def progress(name, stage):
+            reached[stage] += 1
+            if stage in ("entered", "fighting") and reached[stage] == self.BOTS:
+                cuts.append(stage)
+                reactor.callLater(0, proxy.cut, ABORT)
+        summary = await run_bots(reactor, ("127.0.0.1", self.session.port), self.BOTS, hunts=3, route=route,
+                                 progress=progress)
+        text = "\n".join(summary.lines())
+        self.assertEqual(cuts, ["entered", "fighting"], text)
+        self.assertEqual([r.error for r in summary.reports], [""] * self.BOTS, text)
+        self.assertEqual([r.raid for r in summary.reports], ["cleared"] * self.BOTS, text)
+        self.assertTrue(all(r.reconnects >= 2 for r in summary.reports), text)
+        self.assertEqual({r.hunts for r in summary.reports}, {3}, text)
+        self.assertEqual(len({r.level for r in summary.reports}), 1, text)
+        self.assertEqual(sum(r.score for r in summary.reports), self.BOTS // 2 * self.BOSS_HP, text)
+        self.assertGreaterEqual(tcp.counters["accepted"], 3 * self.BOTS)  # each bot's first connection and two more

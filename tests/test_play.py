@@ -5,13 +5,17 @@ import random
 import re
 import sys
 
+from types import SimpleNamespace
+
+import pyte
 from twisted.internet import defer, error, reactor
+from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from dreamraid.config import load_settings
 from dreamraid.client.session import listen_address
-from dreamraid.play import Options, Screen, Terminal, hp_bar
+from dreamraid.play import Battle, Options, Screen, Terminal, hp_bar
 from dreamraid.tables import load_tables
 from tests.support import CONFIG, eventually, spawn
 from tests.test_client_library import ServersCase
@@ -68,18 +72,6 @@ class ScreenTests(TestCase):
         screen.status(None)
         self.assertEqual(written, ["hello\n", "Boss [##..] 2/4\n"])
 
-    def test_terminal_screen_redraws_the_status_in_place(self):
-        """On a terminal the status is redrawn on its own line, moving back over the lines Enter added."""
-        written = []
-        screen = Screen(written.append, tty=True)
-        screen.status("Boss 4/4")
-        screen.typed()
-        screen.status("Boss 3/4")
-        screen.say("a push")
-        self.assertEqual(written, ["\r\x1b[JBoss 4/4", "\x1b[1A\r\x1b[JBoss 3/4", "\r\x1b[Ja push\nBoss 3/4"])
-        screen.status(None)
-        self.assertEqual(written[-1], "\r\x1b[J" + Screen.PROMPT)
-
     def test_hp_bar(self):
         """The bar fills with the boss's share of its HP, and shows a sliver while it lives."""
         self.assertEqual(hp_bar(18, 30, 10), "[######....]")
@@ -91,6 +83,133 @@ class ScreenTests(TestCase):
         self.assertEqual(listen_address("tcp:9091:interface=127.0.0.1"), ("127.0.0.1", 9091))
         self.assertEqual(listen_address("tcp:port=9091"), ("127.0.0.1", 9091))
         self.assertRaises(ValueError, listen_address, "unix:/tmp/socket")
+
+
+class CookedTerminal:
+    """
+    A VT100 terminal (pyte) in cooked mode: the program's output, its
+    newlines made CR LF (as the tty's ONLCR does), and what the player
+    types, echoed as they type it (Enter echoes CR LF).
+    """
+
+    def __init__(self, columns=60, rows=8):
+        self.screen = pyte.Screen(columns, rows)
+        self.stream = pyte.Stream(self.screen)
+        self.written = []
+
+    def write(self, text):
+        self.written.append(text)
+        self.stream.feed(text.replace("\n", "\r\n"))
+
+    def type(self, text):
+        self.stream.feed(text)
+
+    def enter(self):
+        self.stream.feed("\r\n")
+
+    def rows(self):
+        """The screen's rows down to the cursor's, trailing blanks off."""
+        return [row.rstrip() for row in self.screen.display[:self.screen.cursor.y + 1]]
+
+    def input_line(self):
+        """The row the cursor is on, up to the cursor."""
+        return self.screen.display[self.screen.cursor.y][:self.screen.cursor.x]
+
+
+class TerminalScreenTests(TestCase):
+    """A terminal screen drawn on an emulated cooked terminal while the player types."""
+
+    def setUp(self):
+        self.terminal = CookedTerminal()
+        self.screen = Screen(self.terminal.write, tty=True, columns=lambda: 60)
+        self.screen.say("Welcome, alice!")
+
+    def test_typed_text_stays_visible_while_the_hp_bar_redraws(self):
+        """
+        Each HP redraw, and a line said meanwhile, leave the half-typed
+        line and the cursor after it as they were; the status stays the
+        row above it.
+        """
+        terminal, screen = self.terminal, self.screen
+        screen.status("Boss [####] 4/4")
+        terminal.type("fight au")
+        for hp in (3, 2, 1):
+            screen.status(f"Boss [{'#' * hp}{'.' * (4 - hp)}] {hp}/4")
+            self.assertEqual(terminal.rows()[-2:], [f"Boss [{'#' * hp}{'.' * (4 - hp)}] {hp}/4", "> fight au"])
+            self.assertEqual(terminal.input_line(), "> fight au")
+        screen.say("bob joined the party", "cyan")
+        self.assertEqual(terminal.rows(), ["Welcome, alice!", "bob joined the party", "Boss [#...] 1/4", "> fight au"])
+        self.assertEqual(terminal.input_line(), "> fight au")
+        terminal.type("to")
+        terminal.enter()
+        screen.typed("fight auto")
+        self.assertEqual(terminal.rows(), ["Welcome, alice!", "bob joined the party", "> fight auto",
+                                           "Boss [#...] 1/4", ">"])
+        self.assertEqual(terminal.input_line(), "> ")
+        screen.say("Hitting the boss for you.")
+        screen.status(None)
+        self.assertEqual(terminal.rows()[2:], ["> fight auto", "Hitting the boss for you.", ">"])
+        self.assertEqual(terminal.input_line(), "> ")
+
+    def test_a_redraw_never_erases_the_input_line(self):
+        """The bytes of an HP redraw: the cursor saved, up to the status row, that row erased, the cursor restored."""
+        self.screen.status("Boss 4/4")
+        self.screen.status("Boss 3/4")
+        self.assertEqual(self.terminal.written[-1], "\x1b7\x1b[1A\r\x1b[2KBoss 3/4\x1b8")
+
+    def test_an_empty_enter_in_a_fight_leaves_no_history(self):
+        """Enter alone hits: the status and prompt are drawn again where they were, no "> " line piles up."""
+        terminal, screen = self.terminal, self.screen
+        screen.status("Boss 4/4")
+        for _ in range(3):
+            terminal.enter()
+            screen.typed("")
+        self.assertEqual(terminal.rows(), ["Welcome, alice!", "Boss 4/4", ">"])
+
+    def test_lines_said_scroll_the_screen_and_keep_the_input_line(self):
+        """More lines than the screen has rows: the older ones scroll away, the status and the typed text stay."""
+        terminal, screen = self.terminal, self.screen
+        screen.status("Boss 9/9")
+        terminal.type("hel")
+        for n in range(12):
+            screen.say(f"line {n}")
+        self.assertEqual(terminal.rows(), [f"line {n}" for n in range(6, 12)] + ["Boss 9/9", "> hel"])
+        self.assertEqual(terminal.input_line(), "> hel")
+
+    def test_long_lines_wrap_above_and_the_status_is_cut_to_one_row(self):
+        terminal = CookedTerminal(columns=20, rows=8)
+        screen = Screen(terminal.write, tty=True, columns=lambda: 20)
+        screen.say("hi")
+        screen.status(screen.paint("Boss [##########] 10/10  97s left", "green"))
+        terminal.type("inv")
+        screen.say("a line long enough to wrap twice over")
+        self.assertEqual(terminal.rows(), ["hi", "a line long enough t", "o wrap twice over", "Boss [##########] 1",
+                                           "> inv"])
+        self.assertEqual(terminal.input_line(), "> inv")
+
+    def test_leaving_takes_the_status_and_prompt_away(self):
+        self.screen.status("Boss 4/4")
+        self.screen.say("Bye!")
+        self.screen.leave()
+        self.assertEqual(self.terminal.rows(), ["Welcome, alice!", "Bye!", ""])
+
+
+class LostRaidTests(TestCase):
+    """A raid that ended while the link was down, on a stand-in client."""
+
+    def test_a_raid_lost_while_away_ends_the_fight_on_screen(self):
+        """Back after a drop and no longer in the raid: the HP bar goes, and the player is told why."""
+        transcript = Transcript()
+        clock = Clock()
+        terminal = Terminal(clock, Screen(transcript.write), ("127.0.0.1", 1), TABLES)
+        raid = SimpleNamespace(lost=True, close=lambda: closed.append(True), deadline=60, hp=3)
+        closed = []
+        terminal.client = SimpleNamespace(connection=SimpleNamespace(closed=defer.Deferred()))
+        terminal.battle = Battle(raid, clock)
+        terminal._resumed(terminal.client)
+        self.assertIsNone(terminal.battle)
+        self.assertEqual(closed, [True])
+        self.assertIn("Your raid ended while you were away", transcript.text)
 
 
 class OptionsTests(TestCase):
@@ -237,6 +356,25 @@ class PlayReconnectTests(ServersCase):
         shown = await self.type(terminal, "hunt")
         self.assertNotIn("Log in first", shown)
         self.assertNotIn("Disconnected", shown)
+
+
+class PlaySessionGoneTests(ServersCase):
+    """A game server that keeps no away player (resume grace 0): dreamraid-play comes back with the refresh token."""
+
+    terminal, type, registered = PlayTests.terminal, PlayTests.type, PlayTests.registered
+
+    async def test_a_drop_past_resuming_comes_back_without_the_password(self):
+        """No "Disconnected", no "Bye!": the client logs in again with its refresh token and play goes on."""
+        terminal = self.terminal()
+        name = await self.registered(terminal)
+        terminal.client.connection.transport.abortConnection()
+        await terminal.transcript.shows("reconnecting...")
+        await terminal.transcript.shows("Reconnected: playing on.")
+        self.assertFalse(terminal.finished.called)
+        self.assertIn(f"{name}: level 1", await self.type(terminal, "profile"))
+        self.assertIn("You hunted", await self.type(terminal, "hunt"))
+        self.assertNotIn("Disconnected", terminal.transcript.text)
+        self.assertNotIn("Bye!", terminal.transcript.text)
 
 
 class ConsoleScriptTests(ServersCase):

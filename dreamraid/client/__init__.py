@@ -5,8 +5,8 @@ connection beneath them.  See docs/client.md.
 """
 
 from dreamraid.client.connection import ClientProtocol, ConnectionClosed, OutcomeUnknown, RemoteError, connect
-from dreamraid.client.game import GameClient, Raid, RaidChannel, RaidNotStarted
-from dreamraid.client.session import SessionClient, play
+from dreamraid.client.game import GameClient, Raid, RaidChannel, RaidEndedAway, RaidNotStarted
+from dreamraid.client.session import Relogin, SessionClient, play
 
-__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "OutcomeUnknown", "Raid", "RaidChannel", "RaidNotStarted",
-           "RemoteError", "SessionClient", "connect", "play"]
+__all__ = ["ClientProtocol", "ConnectionClosed", "GameClient", "OutcomeUnknown", "Raid", "RaidChannel", "RaidEndedAway", "RaidNotStarted",
+           "Relogin", "RemoteError", "SessionClient", "connect", "play"]

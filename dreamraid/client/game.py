@@ -36,6 +36,20 @@ class RaidNotStarted(Exception):
         self.result = result
 
 
+class RaidEndedAway(Exception):
+    """
+    The client came back after a drop, and this raid was no longer the
+    player's: it ended while the player was away (its result, pushed then,
+    was missed), or the session could not be resumed and the client entered
+    the world afresh.  What the raid paid, if anything, shows in the
+    player's state (inventory, rank) as it is now.
+    """
+
+    def __init__(self, raid_id):
+        super().__init__(f"raid {raid_id} ended for this player while the client was reconnecting")
+        self.raid_id = raid_id
+
+
 # Raids a client remembers as found or ended, to drop their late pushes.
 RAIDS_REMEMBERED = 64
 # The pushes about one raid, each naming it.
@@ -101,18 +115,22 @@ class GameClient:
     request in flight then fails with L{OutcomeUnknown}, except the reads
     (L{READS}), sent again once resumed.  C{relogin}, if given, is an async
     callable giving a fresh C{(host, port, token)} (log in and enter the world
-    again) for when the session could not be resumed.
+    again) for when the session could not be resumed; C{end_login}, if given,
+    an async callable run at L{logout} after the server's (L{dreamraid.client.play}
+    gives one of each: a refresh, and the refresh tokens' revocation).
     """
 
     _log = Logger()
 
     def __init__(self, reactor, connection, address, user_id, route=as_advertised, reconnect=True, rng=None,
-                 relogin=None, heartbeat=(HEARTBEAT_IDLE, HEARTBEAT_ANSWER), give_up_after=GIVE_UP_AFTER):
+                 relogin=None, heartbeat=(HEARTBEAT_IDLE, HEARTBEAT_ANSWER), give_up_after=GIVE_UP_AFTER,
+                 end_login=None):
         self._reactor = reactor
         self._route = route
         self.reconnect = reconnect
         self._backoff = Backoff(rng)
         self._relogin = relogin
+        self._end_login = end_login
         self._heartbeat = heartbeat
         self._give_up_after = give_up_after
         self._listeners = {}  # event name -> [callable]
@@ -138,7 +156,7 @@ class GameClient:
         """
         Connect to a game server and authenticate with the login token (after
         enter_world); C{options} are L{GameClient}'s (C{route}, C{reconnect},
-        C{rng}, C{relogin}, C{heartbeat}, C{give_up_after}).
+        C{rng}, C{relogin}, C{heartbeat}, C{give_up_after}, C{end_login}).
         """
         connection = await connect(reactor, host, port,
                                    heartbeat=options.get("heartbeat", (HEARTBEAT_IDLE, HEARTBEAT_ANSWER)))
@@ -244,7 +262,7 @@ class GameClient:
 
     async def _stay_connected(self):
         """Reconnect with backoff and resume (or enter again through relogin); tell the listeners."""
-        started, attempt, event = self._reactor.seconds(), 0, None
+        started, attempt, event, gone = self._reactor.seconds(), 0, None, False
         try:
             while True:
                 delay = self._backoff.delay(attempt)
@@ -258,12 +276,17 @@ class GameClient:
                     raise defer.CancelledError()
                 await task.deferLater(self._reactor, delay, lambda: None)
                 try:
-                    event = ("resumed", results.resumed(await self.resume()))
+                    if not gone:
+                        try:
+                            event = ("resumed", results.resumed(await self.resume()))
+                            break
+                        except RemoteError as e:
+                            if e.code not in _SESSION_GONE or self._relogin is None:
+                                raise
+                            gone = True  # from now on, only entering again can bring the player back
+                    event = ("entered_again", await self._enter_again())
                     break
                 except RemoteError as e:
-                    if e.code in _SESSION_GONE and self._relogin is not None:
-                        event = ("entered_again", await self._enter_again())
-                        break
                     if e.code not in _RESUMABLE_CLOSES:
                         raise
                 except (defer.CancelledError, OutcomeUnknown):
@@ -283,6 +306,8 @@ class GameClient:
                 self._emit("reconnect_failed", e)
             return
         self._reconnecting = None
+        self.player = event[1] if event[0] == "entered_again" else event[1].player
+        self._raids_lost_away("" if event[0] == "entered_again" else event[1].raid_id)
         waiting, self._back_waiters = self._back_waiters, []
         self._emit(*event)
         for waiter in waiting:
@@ -302,8 +327,18 @@ class GameClient:
         old = self.connection
         self._use(connection)
         old.on_push = None
-        self.player = results.Player(**body)
-        return self.player
+        return results.Player(**body)
+
+    def _raids_lost_away(self, kept):
+        """
+        Back after a drop, in raid C{kept} only ('' for none): the other
+        raids still open here ended (or let the player go) while it was
+        away, and their results, pushed then, were missed.
+        """
+        for raid_id, raid in list(self._in_raid.items()):
+            if raid_id != kept:
+                self._remember(raid_id, "ended")
+                raid.lost_away()
 
     # -- progression and inventory ----------------------------------------------------
 
@@ -344,7 +379,11 @@ class GameClient:
     async def logout(self):
         """End the session (the server writes the player back to MySQL) and close."""
         self._closing = True
-        await self._body(packets.LOGOUT)
+        try:
+            await self._body(packets.LOGOUT)
+        finally:
+            if self._end_login is not None:
+                await self._end_login()
         self.close()
 
     # -- ranking ----------------------------------------------------------------------
@@ -452,6 +491,10 @@ class GameClient:
     def _use(self, connection):
         self.connection = connection
         connection.on_push = self._pushed
+        early = getattr(connection, "pushes", [])  # pushed before the authentication's reply came
+        connection.pushes = []
+        for name, body in early:
+            self._pushed(packets.MESSAGES_BY_NAME[name], body)
         closed = getattr(connection, "closed", None)  # a stand-in connection may have none: never lost
         if closed is not None:
             closed.addCallback(self._lost, connection)
@@ -538,6 +581,8 @@ class Raid:
         self.port = None
         self.deadline = None
         self._greeting = None  # the greeting again after a resume, until the host answers it
+        self.lost = False  # it ended for the player while the client was away (RaidEndedAway)
+        self._lost_waiters = []
 
     @property
     def hp(self):
@@ -548,7 +593,7 @@ class Raid:
         Wait for the fight to begin; a L{results.Fight}.  A raid whose host
         stops before the fight sends only its result: await L{result} too.
         """
-        body = await self.client.next_push(packets.RAID_FIGHT.name, lambda body: body["raid_id"] == self.raid_id)
+        body = await self._unless_lost(packets.RAID_FIGHT)
         self.deadline = body["deadline_ms"] / 1000
         return results.Fight(body["hp"], self.deadline)
 
@@ -562,11 +607,36 @@ class Raid:
             self.channel.position(x, y, state)
 
     async def result(self):
-        """Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes."""
-        body = await self.client.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] == self.raid_id)
+        """
+        Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes.
+
+        @raise RaidEndedAway: the raid ended while the client was away, its result missed.
+        """
+        body = await self._unless_lost(packets.RAID_RESULT)
         self.client._remember(self.raid_id, "ended")
         self.close()
         return results.raid_result(body)
+
+    async def _unless_lost(self, message):
+        """The body of this raid's next C{message} push, or L{RaidEndedAway} once the raid is lost (L{lost_away})."""
+        if self.lost:
+            raise RaidEndedAway(self.raid_id)
+        pushed = self.client.next_push(message.name, lambda body: body["raid_id"] == self.raid_id)
+        lost = defer.Deferred()
+        self._lost_waiters.append(lost)
+        try:
+            return (await _first_of(pushed, lost))[1]
+        finally:
+            if lost in self._lost_waiters:
+                self._lost_waiters.remove(lost)
+
+    def lost_away(self):
+        """The client came back and the raid was not the player's any more: its waits raise L{RaidEndedAway}."""
+        self.lost = True
+        self.close()
+        waiting, self._lost_waiters = self._lost_waiters, []
+        for waiter in waiting:
+            waiter.errback(RaidEndedAway(self.raid_id))
 
     def rejoin(self, found):
         """After a resume: the raid's raid_found again, with a new key: greet the host again."""

@@ -15,13 +15,19 @@ Later, once the token has expired (10 minutes), without the password:
 and at logout, besides the game server's logout:
 
     await session.revoke(login.refresh_token)
+
+L{play} does all of this: it logs in, enters the world and authenticates,
+and its client, when a dropped session can no longer be resumed, gets back
+in with the refresh token (L{Relogin}); its logout revokes the login.
 """
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from dreamraid.client import results
-from dreamraid.client.connection import connect
-from dreamraid.client.game import GameClient
+from dreamraid.client.connection import ConnectionClosed, RemoteError, connect
+from dreamraid.client.game import GameClient, as_advertised
+from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
 
 
@@ -70,25 +76,116 @@ class SessionClient:
             self.connection.close()
 
 
+class Relogin:
+    """
+    How a client that L{play} logged in gets back in when its session could
+    no longer be resumed (the resume grace ran out, the server lost it):
+    without the password when it can.  Called, it refreshes with the newest
+    refresh token (keeping the rotated one in its place), enters the world
+    with the new access token and gives C{(host, port, token)} for the game
+    server (the address passed through C{route}); the
+    L{dreamraid.client.game.GameClient} authenticates with it.
+
+    Only a refresh the session server refused (C{REFRESH_REFUSED}: expired,
+    revoked, used already) or whose reply never came (the token may be
+    spent: presenting it again would revoke the login) falls back to the
+    password, asked of C{password_callback} (a callable giving it, or a
+    Deferred of it); without one that refusal is raised, a
+    L{dreamraid.client.RemoteError} with C{REFRESH_REFUSED}.  A session
+    server out of reach (nothing sent) is raised as it is: the client tries
+    again after its backoff.  L{revoke} ends the login's refresh tokens (at
+    logout).  Calls run one at a time, so no refresh token is sent twice.
+    """
+
+    _log = Logger()
+
+    def __init__(self, connect, name, login, password_callback=None, route=as_advertised):
+        """
+        @param connect: a callable giving (an awaitable of) a connected L{SessionClient}.
+        @param login: the L{results.Login} the client logged in with.
+        """
+        self._connect = connect
+        self._name = name
+        self._password_callback = password_callback
+        self._route = route
+        self.refresh_token = login.refresh_token  # the newest; None once one was lost in flight
+        self._family_token = login.refresh_token  # a token of the login's family, spent or not: what revoke sends
+        self._lock = defer.DeferredLock()
+
+    def __call__(self):
+        return self._lock.run(lambda: defer.ensureDeferred(self._enter()))
+
+    async def _enter(self):
+        session = await self._connect()
+        try:
+            login = await self._login(session)
+            world = await session.enter_world(login.token)
+        finally:
+            session.close()
+        return (*self._route("tcp", (world.host, world.port)), login.token)
+
+    async def _login(self, session):
+        """A new L{results.Login}: refreshed, or with the password if the refresh cannot be had."""
+        refused = RemoteError(ErrorCode.REFRESH_REFUSED, "no refresh token left: log in with the password")
+        token, self.refresh_token = self.refresh_token, None  # spent, or maybe spent, once sent
+        if token is not None:
+            try:
+                login = await session.refresh(token)
+            except RemoteError as e:
+                if e.code is not ErrorCode.REFRESH_REFUSED:  # the store out of reach: nothing was spent
+                    self.refresh_token = token
+                    raise
+                refused = e
+            except defer.CancelledError:
+                raise
+            except (ConnectionClosed, defer.TimeoutError) as e:
+                self._log.info("the refresh's reply never came ({error}): its token may be spent", error=e)
+                refused = RemoteError(ErrorCode.REFRESH_REFUSED,
+                                      "the refresh's reply never came, its token may be spent: log in with the password")
+            else:
+                self.refresh_token = self._family_token = login.refresh_token
+                return login
+        if self._password_callback is None:
+            raise refused
+        login = await session.login(self._name, await defer.maybeDeferred(self._password_callback))
+        self.refresh_token = self._family_token = login.refresh_token
+        return login
+
+    def revoke(self):
+        """End every refresh token of the login (at logout); a failure is logged, not raised: a Deferred."""
+        return self._lock.run(lambda: defer.ensureDeferred(self._revoke()))
+
+    async def _revoke(self):
+        token, self.refresh_token, self._family_token = self._family_token, None, None
+        if token is None:
+            return
+        try:
+            session = await self._connect()
+            try:
+                await session.revoke(token)
+            finally:
+                session.close()
+        except Exception as e:
+            self._log.warn("cannot revoke the login's refresh tokens at logout: {error}", error=e)
+
+
 async def play(reactor, host, port, name, password, register=False, password_callback=None, **options):
     """
     Log in through the session server at C{host:port} (creating the
     account first if C{register}), enter the world and authenticate on its
     game server: the L{dreamraid.client.game.GameClient} (C{options} are
-    its own).  With C{password_callback} (a callable giving the password,
-    or a Deferred of it) the client logs in and enters the world again by
-    itself when a dropped session could no longer be resumed.
-    """
-    async def enter():
-        session = await SessionClient.connect(reactor, host, port)
-        try:
-            login = await session.login(name, await defer.maybeDeferred(password_callback))
-            world = await session.enter_world(login.token)
-        finally:
-            session.close()
-        return world.host, world.port, login.token
+    its own; C{route} maps the game server's address too).
 
-    session = await SessionClient.connect(reactor, host, port)
+    When a dropped session could no longer be resumed, the client gets back
+    in by itself through a L{Relogin}: with the login's refresh token, and
+    only if the refresh is refused with the password from
+    C{password_callback} (a callable giving it, or a Deferred of it), if
+    given.  Its logout revokes the login's refresh tokens.
+    """
+    def session_client():
+        return SessionClient.connect(reactor, host, port)
+
+    session = await session_client()
     try:
         if register:
             await session.register(name, password)
@@ -96,9 +193,11 @@ async def play(reactor, host, port, name, password, register=False, password_cal
         world = await session.enter_world(login.token)
     finally:
         session.close()
-    if password_callback is not None:
-        options.setdefault("relogin", enter)
-    return await GameClient.login(reactor, world.host, world.port, login.token, **options)
+    relogin = Relogin(session_client, name, login, password_callback, options.get("route", as_advertised))
+    options.setdefault("relogin", relogin)
+    options.setdefault("end_login", relogin.revoke)
+    game_host, game_port = options.get("route", as_advertised)("tcp", (world.host, world.port))
+    return await GameClient.login(reactor, game_host, game_port, login.token, **options)
 
 
 def listen_address(listen):
