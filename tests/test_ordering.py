@@ -10,7 +10,7 @@ itself (the membership claim).
 
 import random
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.protocols import packets

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pymysql
 from twisted.internet import defer, reactor, threads
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
