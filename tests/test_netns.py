@@ -18,6 +18,7 @@ import tempfile
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from dreamraid import game_tap, session_tap
@@ -32,6 +33,7 @@ from tests.storage import SessionServicesCase
 from tests.support import ROOT, RunningServer, eventually, free_port, log_lines, require_stack
 
 NETNS_SCRIPT = ROOT / "scripts" / "netns.sh"
+_log = Logger()
 STAGE_TIMEOUT = 30.0  # seconds any one stage of a test may take
 
 
@@ -452,6 +454,9 @@ class LinkCutTests(SessionServicesCase):
         self.assertGreater(len([n for n, after in attempts if after < 0]), 1)  # it tried, and failed, while cut
         self.assertLess(took, BACKOFF_CAP + 2.0)  # the next attempt after the restore, at most the cap away
         self.assertEqual(self.link.logged(f"user {user_id}: resumed"), [f"user {user_id}: resumed (was away)"])
+        _log.info("the link cut: the client noticed after {client:.2f} s, the server dropped it after {server:.2f} s; "
+                  "{attempts} reconnect attempts, resumed {took:.2f} s after the restore", client=client_after,
+                  server=server_after, attempts=len(attempts), took=took)  # for docs/operations.md's figures
         self.assertEqual(await self.kept(user_id), playing)
 
         self.assertEqual(await self.link.client.line("udp again "), "udp again hp=29")
