@@ -10,25 +10,29 @@ what happens to it one line at a time on stdout.
 
     python -m tests.netns_client play --session HOST:PORT --name N --password P
                                       [--register] [--party] [--raid] [--raid-interface ADDR]
-                                      [--heartbeat S] [--heartbeat-timeout S]
-        Logs in through the session server, enters the world, authenticates
-        at the game server ("authenticated user=ID game=HOST:PORT"), creates a
-        party if asked ("party CODE"), queues for a raid if asked and joins it
-        over TCP and UDP ("raid ID host=HOST:PORT udp=HOST:PORT hp=N"), waits
-        for the fight and hits once ("hit damage=N hp=N fight_hp=N"), then pings the game server every
-        --heartbeat seconds ("pong MS") until a ping goes unanswered for
-        --heartbeat-timeout seconds or the connection closes ("lost WHY");
-        with --heartbeat 0 it pings once, then waits for the connection to
-        close, which is all the client library notices by itself.
-        Then it logs in again, with backoff, until it can ("reconnecting",
-        "attempt failed WHY", "authenticated again user=ID game=HOST:PORT"),
-        says what became of its party ("party CODE" or "no party") and of its
-        raid, by hitting again ("raid kept hp=N" or "no raid CODE_NAME"),
-        prints "ready" and waits for a line on stdin: "quit" logs out ("bye").
-
-The client library has no heartbeat of its own today (it answers the
-server's pings but never notices a silent server); the pings here are that
-heartbeat, for the test.
+                                      [--heartbeat-idle S] [--heartbeat-answer S]
+        A player through the client library, nothing by hand: it logs in
+        through the session server, enters the world and authenticates at
+        the game server with the library's heartbeat (--heartbeat-idle and
+        --heartbeat-answer, the library's own by default) and reconnect on
+        ("authenticated user=ID game=HOST:PORT"), creates a party if asked
+        ("party CODE"), queues for a raid if asked, joins it over TCP and
+        UDP ("raid ID host=HOST:PORT udp=HOST:PORT hp=N"), waits for the
+        fight and hits once ("hit damage=N hp=N fight_hp=N").  It then says
+        "playing" and waits for the library to lose the connection and get
+        the player back, printing its events as they come: "lost WHY" (the
+        connection it lost, and the reason the server gave for closing it,
+        if one came), "reconnecting attempt=N delay=S" before each attempt,
+        then "resumed user=ID party=CODE raid=ID hp=N score=N" (what the
+        server kept), or "entered again ..." (the session was gone) or
+        "reconnect failed WHY" (the library gave up; the client exits 1).
+        In a raid it then waits until the raid's UDP channel hears the boss
+        under its new key ("udp again hp=N"), hits until the boss is down
+        ("hits count=N damage=N hp=0"), waits for the last HP datagram
+        ("udp hp=0") and for the result ("result cleared=B score=N
+        team_score=N exp_gained=N level=N best=N").  Last it reads its party
+        ("party CODE" or "no party"), prints "ready" and waits for a line on
+        stdin: "quit" logs out ("bye").
 """
 
 import argparse
@@ -38,9 +42,9 @@ import sys
 from twisted.internet import defer, stdio, task
 from twisted.protocols.basic import LineReceiver
 
-from dreamraid.client import ConnectionClosed, RemoteError, play
+from dreamraid.client import play
+from dreamraid.client.connection import HEARTBEAT_ANSWER, HEARTBEAT_IDLE
 from dreamraid.client.session import host_port
-from dreamraid.protocols import packets
 
 
 def say(*words):
@@ -63,31 +67,8 @@ def probe(host, port, timeout):
     return 0
 
 
-async def heartbeat(reactor, connection, interval, timeout):
-    """
-    Ping every C{interval} seconds until a ping fails; why it failed.  With
-    C{interval} 0, one ping and no more: then only what the library notices
-    by itself (the connection closing).
-    """
-    nonce = 0
-    while True:
-        nonce += 1
-        started = reactor.seconds()
-        try:
-            await connection.request(packets.PING, {"nonce": nonce}, timeout=timeout)
-        except defer.TimeoutError:
-            return f"no pong in {timeout} s"
-        except ConnectionClosed as e:
-            return str(e)
-        say("pong", round((reactor.seconds() - started) * 1000, 1))
-        if not interval:
-            await connection.closed
-            return str(ConnectionClosed(*(connection.close_reason or ())))
-        await task.deferLater(reactor, interval, lambda: None)
-
-
 async def raid_begun(client, interface):
-    """Queue (the party, or alone), join the raid formed, wait for the fight and hit once: the raid's id."""
+    """Queue (the party, or alone), join the raid formed, wait for the fight and hit once: the L{Raid}."""
     await client.queue_raid()
     raid = await client.next_raid(interface=interface)
     found = raid.channel.server
@@ -95,22 +76,68 @@ async def raid_begun(client, interface):
     fight = await raid.fight()
     hit = await raid.hit()
     say("hit", f"damage={hit.damage}", f"hp={hit.hp}", f"fight_hp={fight.hp}")
-    return raid.raid_id
+    return raid
 
 
-async def login_until_done(reactor, args, deadline):
-    """Log in and authenticate again, backing off from 0.2 s to at most 1 s, until it works or C{deadline}."""
-    host, port = host_port(args.session)
-    wait = 0.2
-    while True:
-        try:
-            return await play(reactor, host, port, args.name, args.password)
-        except Exception as e:
-            if reactor.seconds() > deadline:
-                raise
-            say("attempt failed", repr(e))
-        await task.deferLater(reactor, wait, lambda: None)
-        wait = min(wait * 2, 1.0)
+def back_again(client):
+    """
+    Print the library's reconnect events as they come; a Deferred that
+    fires once the player is back (resumed or entered again) and fails if
+    the library gave up.
+    """
+    back, lost = defer.Deferred(), client.connection
+
+    def reconnecting(attempt, delay):
+        if attempt == 1:
+            reason = lost.close_reason
+            say("lost", "closed by the server:" if reason else "closed without a reason from the server",
+                *([getattr(reason[0], "name", reason[0])] if reason else []))
+        say("reconnecting", f"attempt={attempt}", f"delay={delay:.2f}")
+
+    def resumed(record):
+        say("resumed", f"user={record.player.user_id}", f"party={record.party_code or '-'}",
+            f"raid={record.raid_id or '-'}", f"hp={record.boss_hp}", f"score={record.score}")
+        back.callback(record)
+
+    def entered_again(player):
+        say("entered again", f"user={player.user_id}")
+        back.callback(None)
+
+    def failed(error):
+        say("reconnect failed", repr(error))
+        back.errback(error)
+
+    client.on("reconnecting", reconnecting)
+    client.on("resumed", resumed)
+    client.on("entered_again", entered_again)
+    client.on("reconnect_failed", failed)
+    return back
+
+
+def heard_under_a_new_key(channel):
+    """A Deferred of the first boss HP the raid's UDP channel hears under a key other than today's."""
+    heard, key = defer.Deferred(), channel.key
+
+    def on_hp(hp, _):
+        if channel.key != key and not heard.called:
+            channel.on_hp = None
+            heard.callback(hp)
+    channel.on_hp = on_hp
+    return heard
+
+
+async def fight_on(raid):
+    """After the resume: hit until the boss is down, then the raid's result and its last HP datagram."""
+    count = damage = 0
+    hp = raid.hp
+    while hp > 0:
+        hit = await raid.hit()
+        count, damage, hp = count + 1, damage + hit.damage, hit.hp
+    say("hits", f"count={count}", f"damage={damage}", f"hp={hp}")
+    say("udp", f"hp={await raid.channel.when_hp(lambda hp: hp == 0)}")  # before the result closes the channel
+    result = await raid.result()
+    say("result", f"cleared={result.cleared}", f"score={result.score}", f"team_score={result.team_score}",
+        f"exp_gained={result.exp_gained}", f"level={result.level}", f"best={result.best}")
 
 
 class _Commands(LineReceiver):
@@ -134,31 +161,31 @@ async def play_through_a_cut(reactor, args):
     host, port = host_port(args.session)
     commands = _Commands()
     stdio.StandardIO(commands, reactor=reactor)
-    client = await play(reactor, host, port, args.name, args.password, register=args.register)
+    client = await play(reactor, host, port, args.name, args.password, register=args.register, reconnect=True,
+                        heartbeat=(args.heartbeat_idle, args.heartbeat_answer))
     say("authenticated", f"user={client.user_id}", "game={}:{}".format(*client.address))
     if args.party:
         say("party", (await client.create_party()).code)
-    raid_id = None
-    if args.raid:
-        raid_id = await raid_begun(client, args.raid_interface)
-    say("lost", await heartbeat(reactor, client.connection, args.heartbeat, args.heartbeat_timeout))
-    client.connection.transport.abortConnection()
-    say("reconnecting")
-    client = await login_until_done(reactor, args, reactor.seconds() + args.reconnect_for)
-    say("authenticated again", f"user={client.user_id}", "game={}:{}".format(*client.address))
+    raid = await raid_begun(client, args.raid_interface) if args.raid else None
+    back = back_again(client)
+    heard = heard_under_a_new_key(raid.channel) if raid is not None else None
+    say("playing")
+    try:
+        await back
+    except Exception:
+        client.close()
+        return 1
+    if raid is not None:
+        say("udp again", f"hp={await heard}")
+        await fight_on(raid)
     party = await client.my_party()
     say(*(("party", party.code) if party else ("no party",)))
-    if raid_id is not None:
-        try:
-            _, hit = await client.request(packets.RAID_HIT, {"raid_id": raid_id})
-            say("raid kept", f"hp={hit['hp']}")
-        except RemoteError as e:
-            say("no raid", getattr(e.code, "name", e.code))
     say("ready")
     if await commands.line == "quit":
         await client.logout()
         say("bye")
     client.close()
+    return 0
 
 
 def main(argv=None):
@@ -176,13 +203,19 @@ def main(argv=None):
     g.add_argument("--party", action="store_true")
     g.add_argument("--raid", action="store_true")
     g.add_argument("--raid-interface", default="0.0.0.0", help="address the raid's UDP channel binds")
-    g.add_argument("--heartbeat", type=float, default=0.5)
-    g.add_argument("--heartbeat-timeout", type=float, default=1.5)
-    g.add_argument("--reconnect-for", type=float, default=60.0)
+    g.add_argument("--heartbeat-idle", type=float, default=HEARTBEAT_IDLE,
+                   help="seconds of silence before the library pings the server")
+    g.add_argument("--heartbeat-answer", type=float, default=HEARTBEAT_ANSWER,
+                   help="seconds the library then waits for the answer before it takes the link for dead")
     args = parser.parse_args(argv)
     if args.command == "probe":
         return probe(args.host, args.port, args.timeout)
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(play_through_a_cut(reactor, args)))
+
+    async def run(reactor):
+        code = await play_through_a_cut(reactor, args)
+        if code:
+            raise SystemExit(code)
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 Real link failures: a second host on this machine (a network namespace
 joined by a veth pair, made and removed by C{scripts/netns.sh}) whose link
 is cut with C{ip link set down}.  Checks that the script's cut really stops
-traffic and its down leaves nothing behind, and what a session across the
-link does when the link dies: the game server's heartbeat drops it, the
-client's heartbeat notices, and the client gets back in once the link is
-back.  Needs root (skipped otherwise); the session tests need the stack.
+traffic and its down leaves nothing behind, and what a raid across the link
+does when the link dies for 10 s: the client library's heartbeat notices,
+the game server keeps the player away, and once the link is back the
+library resumes the player into the same raid, which is cleared and pays
+once.  Needs root (skipped otherwise); the session tests need the stack.
 """
 
 import os
@@ -17,16 +18,22 @@ import tempfile
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from dreamraid import game_tap, session_tap
+from dreamraid.client.reconnect import BACKOFF_CAP
 from dreamraid.services.accounts import LoginThrottle
 from dreamraid.services.deferreds import gather
+from dreamraid.services.livestore import profile_key, raid_mark_key, session_key
 from dreamraid.services.matchmaking import matchmaking_keys
+from dreamraid.services.parties import membership_key, party_key
+from dreamraid.services.presence import away_key, presence_key
 from tests.storage import SessionServicesCase
-from tests.support import ROOT, RunningServer, eventually, free_port, log_lines
+from tests.support import ROOT, RunningServer, eventually, free_port, log_lines, require_stack
 
 NETNS_SCRIPT = ROOT / "scripts" / "netns.sh"
+_log = Logger()
 STAGE_TIMEOUT = 30.0  # seconds any one stage of a test may take
 
 
@@ -247,17 +254,18 @@ class SecondHostTests(TestCase):
 
 class LinkCut:
     """
-    One player on the second host, logged in across the veth, and its link
-    cut: each stage a method, so a test can assert what happens at each.
+    One player on the second host, playing across the veth through the
+    client library (heartbeat and reconnect its own), and its link cut:
+    each stage a method, so a test can assert what happens at each.
     """
 
-    def __init__(self, testcase, host, session_port, idle_timeout):
-        self.testcase, self.host, self.idle_timeout = testcase, host, idle_timeout
+    def __init__(self, testcase, host, session_port):
+        self.testcase, self.host = testcase, host
         self.name = f"n_{random.getrandbits(40):x}"
         self.session = f"{host.host_address}:{session_port}"
         self.logs = log_lines(testcase)
         self.client = None
-        self.cut_at = self.after_restore = self.attempts_while_cut = None
+        self.cut_at = self.restored_at = None
 
     async def authenticated(self, *options):
         """Start the client (it registers, logs in, enters the world, makes a party): its user id and party code."""
@@ -265,18 +273,23 @@ class LinkCut:
                                        "--password", "correct horse", "--register", "--party", *options)
         line = await self.client.line("authenticated ")
         party = await self.client.line("party ")
-        await self.client.line("pong ")  # the heartbeat crosses the veth
         return int(line.split()[1].removeprefix("user=")), party.split()[1]
 
     async def raiding(self):
-        """(After L{authenticated} with --raid.)  Its "raid ..." line (where raid_found sent it) and its first hit's."""
-        return await self.client.line("raid "), await self.client.line("hit ")
-
-    async def cut(self, hold=0.0):
         """
-        Cut the link, and keep it cut until both ends noticed and at least
-        C{hold} seconds passed: C{(seconds until the client noticed, its
-        line, seconds until the server dropped it)}.
+        (After L{authenticated} with --raid.)  Its "raid ..." line (where
+        raid_found sent it) and its first hit's, once it plays on with its
+        reconnect listeners in place.
+        """
+        found, hit = await self.client.line("raid "), await self.client.line("hit ")
+        await self.client.line("playing")
+        return found, hit
+
+    async def cut(self):
+        """
+        Cut the link and wait until both ends noticed: C{(seconds until the
+        client said it lost the connection, that line, seconds until the
+        game server dropped it as idle)}.
         """
         after = len(self.client.lines)
         await self.host.cut()
@@ -292,9 +305,6 @@ class LinkCut:
             noticed["server"] = reactor.seconds() - self.cut_at
 
         await gather([defer.Deferred.fromCoroutine(client_noticed()), defer.Deferred.fromCoroutine(server_dropped())])
-        held = reactor.seconds() - self.cut_at
-        if held < hold:
-            await task.deferLater(reactor, hold - held, lambda: None)  # the scenario's length, not a wait for an event
         return (*noticed["client"], noticed["server"])
 
     async def server_dropped(self):
@@ -303,24 +313,34 @@ class LinkCut:
             return defer.succeed(any(self.host.client_address in line and "IDLE_TIMEOUT" in line for line in self.logs))
         await eventually(dropped, STAGE_TIMEOUT, 0.05)
 
+    async def held(self, seconds):
+        """Keep the link cut until C{seconds} after the cut."""
+        left = self.cut_at + seconds - reactor.seconds()
+        if left > 0:
+            await task.deferLater(reactor, left, lambda: None)  # the scenario's length, not a wait for an event
+
     async def restored(self):
         """
-        Restore the link: the line the client prints once it is
-        authenticated again, what it says of its party, and the seconds from
-        the restore to that authentication.  (The client failed to get back
-        in while cut: a test asserts that on L{attempts_while_cut}.)
+        Restore the link: the line the client prints once the library
+        resumed the player, and the seconds from the restore to it.
         """
-        self.attempts_while_cut = sum(line.startswith("attempt failed") for line in self.client.lines)
-        restored_at = reactor.seconds()
+        self.restored_at = reactor.seconds()
         await self.host.restore()
-        again = await self.client.line("authenticated again ")
-        self.after_restore = self.client.lines.index(again)
-        took = self.client.times[self.after_restore] - restored_at
-        return again, await self.client.line(("party ", "no party"), self.after_restore), took
+        line = await self.client.line(("resumed ", "entered again ", "reconnect failed "), self.lines_before_restore())
+        return line, self.client.times[self.client.lines.index(line)] - self.restored_at
 
-    async def raid_after_restore(self):
-        """(After L{restored}, with --raid.)  What a hit in the raid got: "raid kept hp=N" or "no raid CODE"."""
-        return await self.client.line(("raid kept", "no raid"), self.after_restore)
+    def lines_before_restore(self):
+        """How many lines the client printed before the link was restored."""
+        return sum(1 for t in self.client.times if t < self.restored_at)
+
+    def reconnect_attempts(self):
+        """The attempts the library announced: C{(attempt number, seconds after the restore)}, in order."""
+        return [(int(line.split()[1].removeprefix("attempt=")), at - self.restored_at)
+                for line, at in zip(self.client.lines, self.client.times) if line.startswith("reconnecting ")]
+
+    def logged(self, text):
+        """The game server's log lines that contain C{text}."""
+        return [line for line in self.logs if text in line]
 
     async def quit(self):
         """Log out and end the client: it says bye and exits 0."""
@@ -332,13 +352,23 @@ class LinkCut:
 
 
 class LinkCutTests(SessionServicesCase):
-    """A session and a game server on this host's end of the veth, a player on the second host, its link cut."""
+    """
+    A session and a game server (with a resume grace) on this host's end
+    of the veth, a player on the second host in a raid, its link cut.
+    """
 
-    idle_timeout = 3.0
+    idle_timeout = 3.0  # the game server's: it drops the silent connection well inside the cut
+    ping_interval = 0.5
+    resume_grace = 30.0
+    # The client's heartbeat (idle, answer), shorter than the library's 5 + 5 s so that it notices well inside
+    # the 10 s cut rather than just as the link comes back.
+    heartbeat = (1.0, 2.0)
+    cut_for = 10.0  # the issue's cut
 
     async def setUp(self):
+        require_stack()
+        self.host = await SecondHost.up(self)  # before the stack is touched: skipped at once without root
         await super().setUp()
-        self.host = await SecondHost.up(self)
         await self.router.execute("DEL", LoginThrottle.address_key(self.host.client_address))
         shared = ["--tokens-public-key", self.public_key, "--sync-prefix", self.settings.sync.prefix,
                   "--sync-ranking-prefix", self.settings.sync.ranking_prefix]
@@ -351,81 +381,95 @@ class LinkCutTests(SessionServicesCase):
             *shared, "--raids-matchmaking-prefix", matchmaking, "--raids-raid-size", "1", "--raids-boss-hp", "30",
             "--raids-match-interval", "0.1", "--raids-hit-interval", "0", "--raids-time-limit", "60",
             "--game-listen", f"tcp:{game_port}:interface={address}", "--game-public-host", address,
-            "--game-udp-interface", address,
-            "--game-ping-interval", "0.5", "--game-idle-timeout", str(self.idle_timeout)]).start(self)
+            "--game-udp-interface", address, "--game-resume-grace", str(self.resume_grace),
+            "--game-ping-interval", str(self.ping_interval), "--game-idle-timeout", str(self.idle_timeout)]).start(self)
         await self.game.part("Players").when_listening()
         self.session = RunningServer(session_tap, "session", [
             *shared, "--tokens-private-key", self.private_key, "--mysql-database", self.settings.mysql.database,
             "--accounts-scrypt-n", "1024", "--session-listen", f"tcp:{session_port}:interface={address}",
             "--session-game-servers", f"{address}:{game_port}"]).start(self)
-        self.link = LinkCut(self, self.host, session_port, self.idle_timeout)
+        self.link = LinkCut(self, self.host, session_port)
 
-    async def test_both_ends_notice_a_cut_link_and_the_client_gets_back_in(self):
+    async def kept(self, user_id):
         """
-        Cut mid-session, the client's heartbeat notices within its 1.5 s and
-        the game server's drops the silent connection after its idle
-        timeout; once restored the client logs in again.  Today (no resume)
-        the drop was a logout: the player's party is gone.
+        What the game server and Redis hold of the player: C{(its Player's
+        stage here, live session?, presence?, away mark?, its party's code,
+        in that party's members?, raid mark?)}.
         """
-        user_id, _ = await self.link.authenticated("--heartbeat", "0.5", "--heartbeat-timeout", "1.5")
-        client_after, client_line, server_after = await self.link.cut()
-        self.assertIn("no pong in 1.5 s", client_line)
-        self.assertLess(client_after, 1.5 + 0.5 + 1.0)
-        self.assertGreater(server_after, self.idle_timeout - 0.5 - 0.1)  # silent since at most a ping interval before
-        self.assertLess(server_after, self.idle_timeout + 2.0)
-        self.assertEqual(len(self.game.part("Players")), 0)
+        player = self.game.part("Players").player_of(user_id)
+        keys = [session_key(user_id), presence_key(user_id), away_key(user_id), raid_mark_key(user_id)]
+        session, presence, away, raid = [bool(n) for n in await gather([self.router.execute("EXISTS", k)
+                                                                         for k in keys])]
+        code = await self.router.execute("GET", membership_key(user_id))
+        code = code.decode() if code else None
+        ids = await self.router.execute("HGET", party_key(code), "ids") if code else None
+        member = ids is not None and str(user_id) in ids.decode().split()
+        return (player.stage.name if player else None, session, presence, away, code, member, raid)
 
-        again, party, _ = await self.link.restored()
-        self.assertGreater(self.link.attempts_while_cut, 0)  # it tried, and was refused at once, while cut
-        self.assertEqual(again.split()[2], f"user={user_id}")
-        self.assertEqual(party, "no party")
-        self.assertEqual(await self.link.quit(), 0)
-
-    async def test_a_raid_across_the_link_and_the_link_cut_mid_fight(self):
+    async def test_a_raid_across_the_link_survives_a_10_s_cut(self):
         """
         raid_found sends the player on the second host to the game server's
-        veth address for TCP and UDP, and the fight goes on across the link.
-        Cut mid-fight, both heartbeats notice; once restored the client logs
-        in again.  Today (no resume) a raid member who drops stays in the
-        raid until its end: the new login is still in its party and its
-        hits in the raid still count (the boss goes from 29 to 28), though
-        nothing tells the client which raid it was in.
+        veth address for TCP and UDP, and the fight begins across the link.
+        The link is cut for 10 s mid-fight: the client library's heartbeat
+        notices (nothing else can while no segment crosses), says it is
+        reconnecting, tries in vain while cut, and once the link is back
+        resumes the player into the same raid, greets the UDP channel again,
+        and its later hits count: the raid is cleared and the player paid
+        once.  The game server dropped the silent connection, but kept the
+        player away, not gone: live session, presence, party and raid place
+        stay, and the leave never runs.
         """
-        user_id, _ = await self.link.authenticated("--raid", "--heartbeat", "0.5", "--heartbeat-timeout", "1.5")
+        user_id, code = await self.link.authenticated("--raid", "--heartbeat-idle", str(self.heartbeat[0]),
+                                                      "--heartbeat-answer", str(self.heartbeat[1]))
         found, hit = await self.link.raiding()
+        raid_id = found.split()[1]
         address = self.host.host_address
         self.assertIn(f" host={address}:{self.game_port} ", found)
         self.assertIn(f" udp={address}:", found)
         self.assertTrue(hit.startswith("hit damage=1 hp=29 "), hit)
+        playing = ("PLAYING", True, True, False, code, True, True)
+        self.assertEqual(await self.kept(user_id), playing)
 
-        client_after, client_line, server_after = await self.link.cut(hold=10.0)  # the issue's 10 s cut
-        self.assertIn("no pong in 1.5 s", client_line)
+        client_after, lost, server_after = await self.link.cut()
+        # The library's heartbeat: idle + answer after the last frame heard (the server pings every 0.5 s), and
+        # no reason from the server (its IDLE_TIMEOUT cannot cross the cut link).
+        self.assertEqual(lost, "lost closed without a reason from the server")
+        idle, answer = self.heartbeat
+        self.assertGreater(client_after, idle + answer - 1.0)
+        self.assertLess(client_after, idle + answer + 1.0)
         self.assertLess(server_after, self.idle_timeout + 2.0)
+        await self.link.client.line("reconnecting attempt=1 ")
+        away = ("AWAY", True, True, True, code, True, True)
 
-        again, party, took = await self.link.restored()
-        self.assertGreater(self.link.attempts_while_cut, 0)
-        self.assertLess(took, 1.0 + 5.0)  # its backoff is capped at 1 s
-        self.assertEqual((again.split()[2], party.split()[0]), (f"user={user_id}", "party"))
-        self.assertEqual(await self.link.raid_after_restore(), "raid kept hp=28")
-        self.assertEqual(await self.link.quit(), 0)
+        async def kept_away():
+            return await self.kept(user_id) == away
+        await eventually(kept_away, STAGE_TIMEOUT, 0.05)  # the away mark is written just after the log line
+        self.assertEqual(len(self.link.logged(f"user {user_id}: connection lost; away for 30")), 1)
 
-    async def test_the_client_library_alone_notices_a_cut_only_once_the_link_is_back(self):
-        """
-        Without pings of its own (the client library has no heartbeat
-        today), the client says nothing while the link is cut, even after
-        the server dropped it; only once the link is back does the server's
-        IDLE_TIMEOUT and close reach it.  The resume work's client heartbeat
-        is what makes a client notice while cut (the test above).
-        """
-        await self.link.authenticated("--heartbeat", "0")
-        after = len(self.link.client.lines)
-        await self.link.host.cut()
-        await self.link.server_dropped()
-        self.assertEqual(self.link.client.lines[after:], [])  # silent for longer than the heartbeat client needed
-        restored_at = reactor.seconds()
-        again, party, _ = await self.link.restored()
-        lost = self.link.client.lines.index(await self.link.client.line("lost ", after))
-        self.assertEqual(self.link.client.lines[lost], "lost connection closed (IDLE_TIMEOUT)")
-        self.assertGreaterEqual(self.link.client.times[lost], restored_at)
-        self.assertEqual(party, "no party")
+        await self.link.held(self.cut_for)
+        resumed, took = await self.link.restored()
+        self.assertEqual(resumed, f"resumed user={user_id} party={code} raid={raid_id} hp=29 score=1")
+        attempts = self.link.reconnect_attempts()
+        self.assertEqual([n for n, _ in attempts], list(range(1, len(attempts) + 1)))
+        self.assertGreater(len([n for n, after in attempts if after < 0]), 1)  # it tried, and failed, while cut
+        self.assertLess(took, BACKOFF_CAP + 2.0)  # the next attempt after the restore, at most the cap away
+        self.assertEqual(self.link.logged(f"user {user_id}: resumed"), [f"user {user_id}: resumed (was away)"])
+        _log.info("the link cut: the client noticed after {client:.2f} s, the server dropped it after {server:.2f} s; "
+                  "{attempts} reconnect attempts, resumed {took:.2f} s after the restore", client=client_after,
+                  server=server_after, attempts=len(attempts), took=took)  # for docs/operations.md's figures
+        self.assertEqual(await self.kept(user_id), playing)
+
+        self.assertEqual(await self.link.client.line("udp again "), "udp again hp=29")
+        self.assertEqual(await self.link.client.line("hits "), "hits count=29 damage=29 hp=0")
+        self.assertEqual(await self.link.client.line("udp hp="), "udp hp=0")
+        result = await self.link.client.line("result ")
+        self.assertTrue(result.startswith("result cleared=True score=30 team_score=30 exp_gained=30 "), result)
+        level = int(result.split()[5].removeprefix("level="))
+        self.assertEqual(await self.router.execute("HMGET", profile_key(user_id), "exp", "level", "best"),
+                         [b"30", str(level).encode(), b"30"])  # paid once
+        self.assertEqual(await self.link.client.line(("party ", "no party"), self.link.lines_before_restore()),
+                         f"party {code}")
+        self.assertEqual((await self.kept(user_id))[:6], playing[:6])  # the raid over, still in the game and party
+        self.assertEqual(self.link.logged("leaving the game"), [])
+        self.assertEqual(sum(line.startswith("authenticated ") for line in self.link.client.lines), 1)
         self.assertEqual(await self.link.quit(), 0)
