@@ -24,7 +24,7 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import session_key
 from dreamraid.services.players import Players
 from dreamraid.services.presence import Entered, Left, Presence, away_key, presence_key
-from tests.support import eventually, when_logged
+from tests.support import eventually, log_lines, when_logged
 from tests.test_game import GameServerCase
 from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
 
@@ -466,3 +466,88 @@ class ResumeOnTheStackTests(GameServerCase):
         self.assertEqual(hunted["exp"], 1)
         self.assertIsNotNone(await self.router.execute("GET", session_key(mover_id)))
         self.assertEqual([name for name, _ in stayer.pushes if name == "party_changed"], [])  # no away, no back
+
+
+class LeaveFailureTests(TestCase):
+    """
+    A leave that fails with something other than a Redis error (a bug in
+    the script's reply, a party service that raises) still ends: whoever
+    waits for it hears, the player is let go here, one line is logged, and
+    the server can stop.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence()
+        self.parties = RecordingParties()
+        self.matchmaker = RecordingMatchmaker()
+        self.queue = RecordingQueue()
+        self.players = Players(FakeVerifier(), self.presence, self.queue, self.clock, TTL, GRACE, self.parties,
+                               self.matchmaker)
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.lines = log_lines(self)
+
+    def entered(self, user_id):
+        self.presence.session[user_id] = f"jti{user_id}"
+        connection = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(connection, f"{user_id}:jti{user_id}")))
+        return connection
+
+    def failures(self):
+        return [line for line in self.lines if "the leave failed" in line]
+
+    def test_a_bug_in_the_session_script_ends_a_hundred_leaves_at_once(self):
+        """
+        The presence's leave raises a TypeError (not a Redis error) for 100
+        players logging out at once: every logout's Deferred fires, each
+        player is let go here, the rest of the leave (party, ticket) runs,
+        one line each is logged, and the server stops without hanging.
+        """
+        connections = {user_id: self.entered(user_id) for user_id in range(1, 101)}
+
+        def broken(user_id, jti, holder, wait_for_handoff=False):
+            raise TypeError("a bug")
+        self.presence.leave = broken
+        leaves = [defer.ensureDeferred(self.players.leave(c, wait_for_handoff=False)) for c in connections.values()]
+        self.assertEqual([self.successResultOf(d) for d in leaves], [None] * 100)
+        self.assertEqual(len(self.players), 0)
+        self.assertEqual(sorted(self.parties.left), list(range(1, 101)))
+        self.assertEqual(len(self.failures()), 100)
+        self.assertIn("TypeError", self.failures()[0])
+        self.successResultOf(defer.maybeDeferred(self.players.stopService))
+
+    def test_a_failing_party_service_ends_the_grace_leave(self):
+        """
+        The grace ran out and the leave's party step raises (not a Redis
+        error): the leave still ends, the player is gone here, one line is
+        logged, and the server stops without hanging.
+        """
+        connection = self.entered(1)
+
+        async def failing(user_id):
+            raise ValueError("party bug")
+        self.parties.leave_if_any = failing
+        self.players.connection_lost(connection)
+        self.clock.advance(GRACE)
+        self.assertIsNone(self.players.player_of(1))
+        self.assertEqual(len(self.failures()), 1)
+        self.assertIn("ValueError", self.failures()[0])
+        self.successResultOf(defer.maybeDeferred(self.players.stopService))
+
+    def test_a_failure_after_a_racing_resume_leaves_the_resumed_player(self):
+        """
+        The grace's leave script fails unexpectedly after a resume took the
+        player back: the resumed player stays, playing, and nothing ends.
+        """
+        connection = self.entered(1)
+        self.players.connection_lost(connection)
+        answer = defer.Deferred()
+        self.presence.leave = lambda user_id, jti, holder, wait_for_handoff=False: answer
+        self.clock.advance(GRACE)
+        fresh = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(fresh, "1:jti1")))
+        answer.errback(KeyError("a bug"))
+        self.assertIs(self.players.connection_of(1), fresh)
+        self.assertEqual((self.parties.left, self.queue.jobs), ([], []))
+        self.assertEqual(len(self.failures()), 1)

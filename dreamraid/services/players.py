@@ -50,6 +50,11 @@ RENEWAL_SLICES = 100
 PLACE_AGAIN = "raid_place_again"
 
 
+def _described(error):
+    """An unexpected error as one log line's worth: its class and message."""
+    return f"{type(error).__name__}: {error}"
+
+
 class Players(Service):
     """The players of this process, by user: connected, and away."""
 
@@ -373,6 +378,11 @@ class Players(Service):
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
             left = None
+        except Exception as e:
+            # A bug, not Redis: taken as a script Redis did not answer, so the leave ends and nobody waits forever.
+            self._log.error("user {user_id}: the leave failed in its session script ({error}); taken as unanswered: "
+                            "the session expires by itself", user_id=user_id, error=_described(e))
+            left = None
         finally:
             self._leaving.discard(player)
         if player.holder != holder or player not in self._departures:
@@ -395,12 +405,17 @@ class Players(Service):
             return
         leave_game = self._leave_games.get(player)
         self._forget(player)
-        if left is Left.REPLACED:
-            self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host has "
-                           "the player); nothing ended, the party and any ticket stay", user_id=user_id)
-        else:
-            await self._rules.after_session(user_id, left, leave_game)
-        self._departed(player, left)
+        try:
+            if left is Left.REPLACED:
+                self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host "
+                               "has the player); nothing ended, the party and any ticket stay", user_id=user_id)
+            else:
+                await self._rules.after_session(user_id, left, leave_game)
+        except Exception as e:
+            self._log.error("user {user_id}: the leave failed after its session script ({error}); the player is let "
+                            "go here, and its party or ticket may stay", user_id=user_id, error=_described(e))
+        finally:
+            self._departed(player, left)
 
     # -- renewal ------------------------------------------------------------------------
 
