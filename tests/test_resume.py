@@ -40,10 +40,19 @@ class MemoryPresence:
     the test releases it (to race it with a resume).
     """
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.session, self.holder, self.away = {}, {}, {}
         self.leaves, self.renewed, self.held = [], [], None
         self._count = 0
+        self.clock = clock
+        self.away_until = {}  # user id -> when the away mark's TTL runs out (with a clock)
+        self.ticket_until = {}  # user id -> when a waiting handoff ticket expires (with a clock)
+
+    def _away(self, user_id):
+        """The away mark, unless its TTL ran out."""
+        if self.clock is not None and self.away_until.get(user_id, float("inf")) <= self.clock.seconds():
+            self.away.pop(user_id, None)
+        return self.away.get(user_id)
 
     def listen(self, on_kick, on_notice):
         return self
@@ -57,7 +66,8 @@ class MemoryPresence:
         self._count += 1
         holder = f"here {self._count}"
         self.holder[user_id] = holder
-        was_away = self.away.pop(user_id, None) is not None
+        was_away = self._away(user_id) is not None
+        self.away.pop(user_id, None)
         return Entered(user_id, "n", 1, 0, holder, was_away)
 
     def enter(self, user_id, jti):
@@ -78,13 +88,18 @@ class MemoryPresence:
     def mark_away(self, user_id, holder, seconds):
         if self.holder.get(user_id) == holder:
             self.away[user_id] = holder
+            if self.clock is not None:
+                self.away_until[user_id] = self.clock.seconds() + seconds
             return defer.succeed(True)
         return defer.succeed(False)
 
-    def _leave(self, user_id, jti, holder):
+    def _leave(self, user_id, jti, holder, wait_for_handoff=False):
         current = self.holder.get(user_id)
         if current and current != holder:
             return Left.REPLACED
+        ticket_left = self.ticket_until.get(user_id, 0) - (self.clock.seconds() if self.clock else 0)
+        if wait_for_handoff and self.session.get(user_id) == jti and ticket_left > 0:
+            return ticket_left
         self.holder.pop(user_id, None)
         self.away.pop(user_id, None)
         if self.session.get(user_id) != jti:
@@ -97,8 +112,8 @@ class MemoryPresence:
         if self.held is not None:
             # The script runs when the test says, as Redis would run it later.
             answer, self.held = self.held, None
-            return answer.addCallback(lambda _: self._leave(user_id, jti, holder))
-        return defer.succeed(self._leave(user_id, jti, holder))
+            return answer.addCallback(lambda _: self._leave(user_id, jti, holder, wait_for_handoff))
+        return defer.succeed(self._leave(user_id, jti, holder, wait_for_handoff))
 
 
 class RecordingParties:
@@ -320,6 +335,51 @@ class AwayTests(TestCase):
         self.assertEqual(self.left_game(), ([USER], [[USER]], [(USER, "logout")]))
         self.clock.advance(GRACE * 10)
         self.assertEqual(self.presence.leaves, [USER])
+
+
+class AwayMarkTests(TestCase):
+    """The away mark's TTL, on a task.Clock: it outlives the grace and any handoff wait after it."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence(self.clock)
+        self.presence.session[USER] = "jti1"
+        self.parties = RecordingParties()
+        # A presence TTL short beside the grace and the handoff wait: the mark cannot lean on it.
+        self.players = Players(FakeVerifier(), self.presence, RecordingQueue(), self.clock, 3.0, GRACE, self.parties,
+                               RecordingMatchmaker())
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.connection = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
+
+    def test_the_mark_outlives_a_handoff_wait_after_the_grace(self):
+        """
+        A raid handoff ticket, offered just before the grace ran out, keeps
+        the player away up to 30 s more: the away mark is still there at the
+        wait's last moment, so a resume then is "back" to the party, as
+        "away" was told; the leave after the wait takes it off.
+        """
+        self.players.connection_lost(self.connection)
+        self.presence.ticket_until[USER] = GRACE + 29.5
+        self.clock.advance(GRACE)
+        player = self.players.player_of(USER)
+        self.assertIs(player.stage, Stage.AWAY)
+        self.clock.advance(29.4)
+        self.assertIsNotNone(self.presence._away(USER))
+        entered = self.successResultOf(defer.ensureDeferred(self.players.resume(FakeConnection(), f"{USER}:jti1")))
+        self.assertTrue(entered.was_away)
+        self.assertEqual(self.parties.told, [(USER, "away"), (USER, "back")])
+
+    def test_the_mark_is_taken_off_by_the_leave_after_the_wait(self):
+        """No resume: the wait ends, the leave runs once and the mark goes with it."""
+        self.players.connection_lost(self.connection)
+        self.presence.ticket_until[USER] = GRACE + 10
+        self.clock.advance(GRACE)
+        self.clock.advance(10)
+        self.assertIsNone(self.players.player_of(USER))
+        self.assertEqual((self.presence.away, self.presence.leaves), ({}, [USER, USER]))
+        self.assertEqual(self.parties.told, [(USER, "away")])
 
 
 class PlayerTests(TestCase):

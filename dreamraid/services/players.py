@@ -301,13 +301,22 @@ class Players(Service):
         (a resume elsewhere won the race) is not marked, and nobody hears
         "away": the resume saw no mark and sends no "back".
         """
+        if await self._mark_away(player, self._grace):
+            await self._rules.tell_party(player.user_id, AWAY)
+
+    async def _mark_away(self, player, seconds):
+        """
+        Mark the player away for the C{seconds} it waits, plus the presence
+        TTL: the mark outlives the wait (the grace, or a handoff ticket's
+        time after it) and whatever runs at its end, and lapses with the
+        presence if this process dies; the leave takes it off.  Whether it
+        was marked (a failure is logged).
+        """
         try:
-            marked = await self._presence.mark_away(player.user_id, player.holder, self._grace)
+            return await self._presence.mark_away(player.user_id, player.holder, seconds + self._presence_ttl)
         except REDIS_ERRORS as e:
             self._log.warn("user {user_id} is away, but not marked so: {error}", user_id=player.user_id, error=e)
-            return
-        if marked:
-            await self._rules.tell_party(player.user_id, AWAY)
+            return False
 
     def _grace_over(self, player):
         self._log.info("user {user_id}: away past the resume grace; leaving the game", user_id=player.user_id)
@@ -402,6 +411,9 @@ class Players(Service):
                 player.wait_more(left)
             else:
                 player.went_away(left)
+            if self._grace > 0:
+                # Away longer than the grace: the mark is kept as long (with no grace nobody was told "away").
+                self._in_background(self._mark_away(player, left))
             return
         leave_game = self._leave_games.get(player)
         self._forget(player)

@@ -6,7 +6,8 @@ crosses processes when the same user logs in twice.
                         user (the server's n-th), with a TTL that server
                         renews while the user stays connected or away
     {u:<id>}:away       the holder, while its connection dropped and the
-                        player is away (for the resume grace)
+                        player is away (the resume grace, or a handoff
+                        ticket's time after it), with presence_ttl more
 
 A user enters a game server only with the token that is their live session
 (the "double check" after the signature).  Entering renews the session and
