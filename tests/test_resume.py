@@ -11,6 +11,8 @@ drops an old connection still half open.
 """
 
 import inspect
+import json
+import random
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -21,10 +23,13 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.services.avatar import Player, Stage
 from dreamraid.services.deferreds import gather
+from dreamraid.services.inventory import Rewarded
 from dreamraid.services.livestore import session_key
+from dreamraid.services.matchmaking import Formed
 from dreamraid.services.players import Players
 from dreamraid.services.presence import Entered, Left, Presence, away_key, presence_key
-from tests.support import eventually, log_lines, when_logged
+from dreamraid.services.raidhost import RaidHost, Standing
+from tests.support import eventually, log_lines, make_settings, when_logged
 from tests.test_game import GameServerCase
 from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
 
@@ -611,3 +616,149 @@ class LeaveFailureTests(TestCase):
         self.assertIs(self.players.connection_of(1), fresh)
         self.assertEqual((self.parties.left, self.queue.jobs), ([], []))
         self.assertEqual(len(self.failures()), 1)
+
+
+class PlacePresence:
+    """
+    The part of L{Presence} a raid's host gives places through, with its
+    scripts' rules in memory: who holds each user (C{holder}), the handoff
+    tickets waiting (C{tickets}), and every push: C{(user id, the holder it
+    went to, event, body)}.
+    """
+
+    server_id = "host"
+
+    def __init__(self):
+        self.holder, self.tickets, self.pushed, self.asked = {}, {}, [], []
+
+    def offer_handoff(self, user_id, ticket, ttl):
+        self.tickets[user_id] = ticket
+        return defer.succeed(None)
+
+    def tell(self, user_ids, event, body):
+        """A push to whoever holds each user when it is sent."""
+        for user_id in user_ids:
+            self.pushed.append((user_id, self.holder.get(user_id), event, body))
+        return defer.succeed(None)
+
+    def ask(self, server_id, event, body):
+        self.asked.append((server_id, event, body))
+        return defer.succeed(None)
+
+    def heard(self, user_id, event="raid_found"):
+        """The bodies of C{event} pushed to the authentication holding C{user_id} now."""
+        return [body for u, holder, e, body in self.pushed
+                if u == user_id and e == event and holder == self.holder.get(user_id)]
+
+
+class HostRouter:
+    """Redis as a raid's host sees it at forming (every player level 1, no weapon); every script succeeds."""
+
+    FIELDS = {"name": b"n", "level": b"1"}
+
+    def execute(self, *args, timeout=None, route=None, replicas=0):
+        if args[0] == "HMGET":
+            return defer.succeed([self.FIELDS.get(field, b"0") for field in args[2:]])
+        return defer.succeed(None if args[0] == "HGET" else 1)
+
+
+class HostMatchmaker:
+    """The host's lease and its players' release, recorded: the checkpoints renewed, the raids released."""
+
+    def __init__(self):
+        self.checkpoints, self.released = [], []
+
+    async def renew(self, server_id, address, checkpoints):
+        self.checkpoints.append(dict(checkpoints))
+        return []
+
+    async def reap(self):
+        return []
+
+    async def release(self, raid_id):
+        self.released.append(raid_id)
+
+    async def checkpoint(self, raid_id):
+        return None
+
+
+class HeldPay:
+    """Pays every player 1 exp once the test lets C{paying} fire."""
+
+    def __init__(self):
+        self.paying = defer.Deferred()
+
+    async def reward(self, user_id, raid_id, score, keep):
+        await self.paying
+        return Rewarded(score, 1, score, 0, score, [])
+
+
+class NoRanking:
+    async def record(self, scores):
+        pass
+
+
+class NobodyConnected:
+    def connection_of(self, user_id):
+        return None
+
+    def when_asked_to_place(self, place_again):
+        pass
+
+
+class RaidPlaceTests(TestCase):
+    """
+    A raid's host giving places, on a task.Clock with an in-memory
+    presence: a raid that is over gives no place, only its end.
+    """
+
+    RAID = "r1"
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = PlacePresence()
+        self.matchmaker = HostMatchmaker()
+        self.pay = HeldPay()
+        settings = make_settings(raids_hit_interval="0").raids
+        self.host = RaidHost(HostRouter(), self.presence, NobodyConnected(), self.pay, NoRanking(), self.matchmaker,
+                             self.clock, random.Random(5), settings, "127.0.0.1:9090")
+        self.host.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if not self.pay.paying.called:
+            self.pay.paying.callback(None)
+        return self.host.stopService()
+
+    def test_the_fake_matches_the_real_presence(self):
+        for name in ("offer_handoff", "tell", "ask"):
+            self.assertEqual(inspect.signature(getattr(PlacePresence, name)),
+                             inspect.signature(getattr(Presence, name)), name)
+
+    def hosted(self, members):
+        self.host.host(Formed(self.RAID, members))
+        return self.host._raids[self.RAID]
+
+    def test_a_resume_into_a_raid_that_is_over_gets_its_end_not_a_place(self):
+        """
+        The boss fell and the host is paying: its end is checkpointed at
+        once (a resume elsewhere reads it), a resume on the host is told the
+        raid with no time left and its final HP and score, gets no
+        raid_found and no ticket, and hears the result once the pay is done.
+        """
+        self.presence.holder.update({1: "there 1", 2: "there 2"})
+        hosted = self.hosted([1, 2])
+        self.host.ready(1, self.RAID)
+        self.host.ready(2, self.RAID)
+        while self.host.hit(1, self.RAID).hp:
+            pass
+        self.assertIn("cleared", [json.loads(c[self.RAID])["stage"] for c in self.matchmaker.checkpoints
+                                  if self.RAID in c])
+        self.presence.holder[1] = "host 7"
+        self.presence.tickets.clear()
+        standing = self.successResultOf(defer.ensureDeferred(self.host.rejoin(1, self.RAID, "host")))
+        self.assertEqual(standing, Standing(self.RAID, 0, 0, hosted.raid.scores[1]))
+        self.assertEqual((self.presence.heard(1), self.presence.tickets), ([], {}))
+        self.pay.paying.callback(None)
+        [result] = self.presence.heard(1, "raid_result")
+        self.assertEqual((result["cleared"], result["score"]), (True, hosted.raid.scores[1]))

@@ -634,7 +634,9 @@ RESUME = message(
     "ticket the live session, user_id and that ticket (token empty). The reply is resumed: what "
     "was kept, as it is now (not a replay of the pushes missed). A player in a raid is then sent "
     "a raid_found push again with a new handoff ticket and its UDP key: the client moves to the "
-    "raid's host if it is not there, and greets the UDP channel again. The party's other members "
+    "raid's host if it is not there, and greets the UDP channel again. A raid that is over (its "
+    "players being paid) gives no place: the reply names it with ms_left 0, no raid_found follows, "
+    "and its raid_result comes as to every player. The party's other members "
     "get party_changed with reason back. Errors: resume_expired (the grace ran out, or the session "
     "ended: log in and enter the world again; the connection is closed), the token_* codes, "
     "already_authenticated, unavailable, shutting_down (the server is stopping: resume on another).",

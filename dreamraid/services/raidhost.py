@@ -103,6 +103,17 @@ class _Hosted:
         self.sent = 0  # sequence of the datagrams the host sends
         self.hp_sent_at = 0.0  # when the boss's HP last went to every player
 
+    @property
+    def over(self):
+        """The fight ended (cleared, failed or abandoned): nobody is given a place in it any more."""
+        return self.raid.stage in (Stage.CLEARED, Stage.FAILED)
+
+    def checkpoint(self):
+        """The raid's state as its checkpoint stores it (JSON)."""
+        raid = self.raid
+        return json.dumps({"stage": raid.stage.value, "hp": raid.hp, "sequence": raid.sequence,
+                           "deadline": raid.deadline, "scores": {str(u): s for u, s in raid.scores.items()}})
+
 
 class Standing(NamedTuple):
     """A raid as a resumed player is told it: the boss's HP, the ms left of the fight (0: not fighting), their score."""
@@ -209,10 +220,7 @@ class RaidHost(Service):
         """
         self._keeps += 1
         bucket = self._keeps % BUCKETS
-        checkpoints = {raid_id: json.dumps({
-            "stage": h.raid.stage.value, "hp": h.raid.hp, "sequence": h.raid.sequence,
-            "deadline": h.raid.deadline, "scores": {str(u): s for u, s in h.raid.scores.items()}})
-            for raid_id, h in self._buckets[bucket].items()}
+        checkpoints = {raid_id: h.checkpoint() for raid_id, h in self._buckets[bucket].items()}
         try:
             for raid_id in await self._matchmaker.renew(self._presence.server_id, self.address, checkpoints):
                 self._ended_elsewhere(raid_id)
@@ -333,8 +341,14 @@ class RaidHost(Service):
                        raid_id=raid_id, user_ids=list(members), number=number)
 
     async def _give_place(self, hosted, member):
-        """Offer player C{member} a handoff ticket and tell them where the raid is; a Redis failure is logged."""
+        """
+        Offer player C{member} a handoff ticket and tell them where the raid
+        is, unless it is over (or was dropped) meanwhile: its result, not a
+        place, is what they hear then.  A Redis failure is logged.
+        """
         raid_id, user_id = hosted.raid.raid_id, hosted.members[member]
+        if self._raids.get(raid_id) is not hosted or hosted.over:
+            return
         ticket = f"{self._random.getrandbits(128):032x}"
         try:
             await self._presence.offer_handoff(user_id, ticket, HANDOFF_TTL)
@@ -362,7 +376,10 @@ class RaidHost(Service):
         C{host_server}): give them their place again (a new handoff ticket,
         a new UDP key, through a raid_found push), here or by asking the
         host; their L{Standing}, from the raid itself if hosted here, else
-        from its checkpoint (at most a second old).
+        from its checkpoint (at most a second old, and written at once when
+        the fight ends).  A raid over (its players being paid) gives no
+        place: the standing says its end (no time left), and its result
+        follows as to every player.
         """
         hosted = self._raids.get(raid_id)
         if hosted is not None and user_id in hosted.members:
@@ -384,10 +401,15 @@ class RaidHost(Service):
         new datagram key (datagrams under the old one, which a dead socket
         may still hold, are forged now), their old UDP address and sequence
         forgotten until they greet again, and a raid_found push with a new
-        handoff ticket.
+        handoff ticket.  Nothing if the raid is over: its result is on its
+        way to them.
         """
         hosted = self._raids.get(raid_id)
         if hosted is None or user_id not in hosted.members:
+            return
+        if hosted.over:
+            self._log.info("raid {raid_id}: user {user_id} resumed as it ended; no place, its result follows",
+                           raid_id=raid_id, user_id=user_id)
             return
         member = hosted.members.index(user_id)
         keys = list(hosted.keys)
@@ -444,6 +466,7 @@ class RaidHost(Service):
         """
         raid_id, members = hosted.raid.raid_id, hosted.members
         self._send_hp(hosted)
+        await self._checkpoint_ended(hosted)
         if result.cleared:
             paid = await self._pay(hosted, result)
             scores = [(u, hosted.names[u], result.scores[u]) for u, rewarded in paid.items()
@@ -468,6 +491,19 @@ class RaidHost(Service):
             "level": rewarded.level if rewarded else 0, "best": rewarded.best if rewarded else 0,
             "changed": [item._asdict() for item in rewarded.changed] if rewarded else []})
             for u, rewarded in paid.items()])
+
+    async def _checkpoint_ended(self, hosted):
+        """
+        Write the ended raid's checkpoint now, not at its next turn, so a
+        player resuming on another process is told it is over; a failure is
+        logged (that turn writes it).
+        """
+        try:
+            await self._matchmaker.renew(self._presence.server_id, self.address,
+                                         {hosted.raid.raid_id: hosted.checkpoint()})
+        except REDIS_ERRORS as e:
+            self._log.warn("raid {raid_id}: cannot checkpoint its end ({error})", raid_id=hosted.raid.raid_id,
+                           error=e)
 
     async def _pay(self, hosted, result):
         """
