@@ -360,7 +360,7 @@ class RaidEndTests(MatchmakerCase):
         """
         presence, told = await self.listening_presence()
         offers = []
-        presence.offer_handoff = lambda user_id, ticket, ttl: offers.append(defer.Deferred()) or offers[-1]
+        presence.offer_place = lambda user_id, ticket, ttl: offers.append(defer.Deferred()) or offers[-1]
         matchmaker = self.matchmaker()
         await self.queued_players(presence, matchmaker)
         [formed] = await matchmaker.run_pass()
@@ -376,7 +376,7 @@ class RaidEndTests(MatchmakerCase):
 
         await eventually(renewed)
         for offer in offers:
-            offer.callback(None)
+            offer.callback((presence.server_id, False))
         await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_found"]) == 2))
         self.clock.advance(SETTINGS.ready_grace)  # a started raid's fight would begin here, and fail
         self.assertEqual(len(host), 0)

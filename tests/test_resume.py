@@ -27,7 +27,7 @@ from dreamraid.services.inventory import Rewarded
 from dreamraid.services.livestore import session_key
 from dreamraid.services.matchmaking import Formed
 from dreamraid.services.players import Players
-from dreamraid.services.presence import Entered, Left, Presence, away_key, presence_key
+from dreamraid.services.presence import Entered, Left, Presence, away_key, holder_server, presence_key
 from dreamraid.services.raidhost import RaidHost, Standing
 from tests.support import eventually, log_lines, make_settings, when_logged
 from tests.test_game import GameServerCase
@@ -631,6 +631,19 @@ class PlacePresence:
     def __init__(self):
         self.holder, self.tickets, self.pushed, self.asked = {}, {}, [], []
 
+    def _offer(self, user_id, ticket):
+        holder = self.holder.get(user_id)
+        if holder is None:
+            return holder, False
+        if holder_server(holder) == self.server_id:
+            self.tickets.pop(user_id, None)
+            return holder, False
+        self.tickets[user_id] = ticket
+        return holder, True
+
+    def offer_place(self, user_id, ticket, ttl):
+        return defer.succeed(self._offer(user_id, ticket))
+
     def offer_handoff(self, user_id, ticket, ttl):
         self.tickets[user_id] = ticket
         return defer.succeed(None)
@@ -709,7 +722,9 @@ class NobodyConnected:
 class RaidPlaceTests(TestCase):
     """
     A raid's host giving places, on a task.Clock with an in-memory
-    presence: a raid that is over gives no place, only its end.
+    presence: a player on the host is offered no ticket and a resume there
+    takes a waiting one off; a raid that is over gives no place, only its
+    end.
     """
 
     RAID = "r1"
@@ -731,13 +746,31 @@ class RaidPlaceTests(TestCase):
         return self.host.stopService()
 
     def test_the_fake_matches_the_real_presence(self):
-        for name in ("offer_handoff", "tell", "ask"):
+        for name in ("offer_place", "offer_handoff", "tell", "ask"):
             self.assertEqual(inspect.signature(getattr(PlacePresence, name)),
                              inspect.signature(getattr(Presence, name)), name)
 
     def hosted(self, members):
         self.host.host(Formed(self.RAID, members))
         return self.host._raids[self.RAID]
+
+    def test_a_player_on_the_host_needs_no_ticket_and_a_resume_there_takes_one_off(self):
+        """
+        At forming, the player connected to the host is offered no ticket
+        (its raid_found carries none), the other one is.  The other resumes
+        on the host before using its ticket: it is told again, with no
+        ticket, and the unused one is taken off (a later leave would wait
+        for it).
+        """
+        self.presence.holder.update({1: "host 1", 2: "there 2"})
+        self.hosted([1, 2])
+        self.assertEqual([f["ticket"] for f in self.presence.heard(1)], [""])
+        [offered] = self.presence.heard(2)
+        self.assertEqual(list(self.presence.tickets), [2])
+        self.presence.holder[2] = "host 3"
+        self.host.place_again(2, self.RAID)
+        self.assertEqual([f["ticket"] for f in self.presence.heard(2)], [""])
+        self.assertEqual(self.presence.tickets, {})
 
     def test_a_resume_into_a_raid_that_is_over_gets_its_end_not_a_place(self):
         """

@@ -130,6 +130,24 @@ return {1, previous, profile[1], profile[2], profile[3], away}
 """
 
 
+# KEYS: presence, handoff.  ARGV: this server's id, ticket, ms.  Where a
+# raid's host gives the user their place: {'', 0} if nobody holds the user
+# (nothing offered).  A holder on this server (the host) needs no ticket,
+# and any ticket still waiting is taken off, as it would never be used and
+# a leave would wait for it: {holder, 0}.  Else the ticket waits ms:
+# {holder, 1}.
+_OFFER_PLACE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return {'', 0} end
+if string.match(holder, '^[^ ]*') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return {holder, 0}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {holder, 1}
+"""
+
+
 class Left(enum.Enum):
     """What a connection's leave found."""
 
@@ -182,6 +200,7 @@ class Presence:
         self._leave = Script(router, _LEAVE)
         self._handoff = Script(router, _HANDOFF)
         self._away = Script(router, _AWAY)
+        self._offer_place = Script(router, _OFFER_PLACE)
 
     async def enter(self, user_id, jti):
         """
@@ -204,6 +223,19 @@ class Presence:
     def offer_handoff(self, user_id, ticket, ttl):
         """Let the user move to this server with C{ticket}, once, within C{ttl} seconds."""
         return self._router.execute("SET", handoff_key(user_id), ticket, "PX", int(ttl * 1000))
+
+    async def offer_place(self, user_id, ticket, ttl):
+        """
+        A raid hosted here gives the user their place: C{(holder, offered)},
+        the authentication holding the user now (None: nobody, and nothing
+        is offered) and whether C{ticket} was offered (as L{offer_handoff}).
+        A holder on this server needs no ticket: none is offered, and any
+        ticket still waiting is taken off (unused, it would hold up the
+        user's leave for its time).
+        """
+        holder, offered = await self._offer_place([presence_key(user_id), handoff_key(user_id)],
+                                                  [self.server_id, ticket, int(ttl * 1000)])
+        return (holder.decode() if holder else None), offered == 1
 
     async def enter_handoff(self, user_id, ticket):
         """

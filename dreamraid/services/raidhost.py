@@ -342,20 +342,27 @@ class RaidHost(Service):
 
     async def _give_place(self, hosted, member):
         """
-        Offer player C{member} a handoff ticket and tell them where the raid
-        is, unless it is over (or was dropped) meanwhile: its result, not a
-        place, is what they hear then.  A Redis failure is logged.
+        Tell player C{member} where the raid is, with a handoff ticket if
+        they are on another process; one on this host needs none, and any
+        unused ticket of theirs is taken off (their leave would wait for
+        it).  Nothing if the raid is over (or was dropped) meanwhile: its
+        result, not a place, is what they hear then.  A Redis failure is
+        logged.
         """
         raid_id, user_id = hosted.raid.raid_id, hosted.members[member]
         if self._raids.get(raid_id) is not hosted or hosted.over:
             return
         ticket = f"{self._random.getrandbits(128):032x}"
         try:
-            await self._presence.offer_handoff(user_id, ticket, HANDOFF_TTL)
+            holder, offered = await self._presence.offer_place(user_id, ticket, HANDOFF_TTL)
+            if holder is None:
+                self._log.info("raid {raid_id}: user {user_id} is not online; not told where it is",
+                               raid_id=raid_id, user_id=user_id)
+                return
             await self._presence.tell([user_id], RAID_FOUND, {
-                "raid_id": raid_id, "host": self.address, "ticket": ticket, "udp": self.udp_address,
-                "raid_number": hosted.number, "member": member, "key": hosted.keys[member].hex(),
-                "members": hosted.members})
+                "raid_id": raid_id, "host": self.address, "ticket": ticket if offered else "",
+                "udp": self.udp_address, "raid_number": hosted.number, "member": member,
+                "key": hosted.keys[member].hex(), "members": hosted.members})
         except REDIS_ERRORS as e:
             self._log.warn("raid {raid_id}: cannot tell user {user_id} where it is ({error}); it goes on without "
                            "them", raid_id=raid_id, user_id=user_id, error=e)
