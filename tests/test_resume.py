@@ -26,10 +26,12 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.inventory import Rewarded
 from dreamraid.services.livestore import session_key
 from dreamraid.services.matchmaking import Formed
-from dreamraid.services.players import Players
-from dreamraid.services.presence import Entered, Left, Presence, away_key, holder_server, presence_key
+from dreamraid.services.players import EARLY_FOR, PLACE_AGAIN, Players
+from dreamraid.services.presence import Entered, Left, Presence, away_key, handoff_key, holder_server, presence_key
 from dreamraid.services.raidhost import RaidHost, Standing
-from tests.support import eventually, log_lines, make_settings, when_logged
+from dreamraid.services.raids import Stage as Stage_
+from tests import cluster
+from tests.support import eventually, log_lines, make_settings, require_stack, when_logged
 from tests.test_game import GameServerCase
 from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
 
@@ -44,6 +46,8 @@ class MemoryPresence:
     the holder, the away mark.  C{held} holds a leave's answer back until
     the test releases it (to race it with a resume).
     """
+
+    server_id = "here"
 
     def __init__(self, clock=None):
         self.session, self.holder, self.away = {}, {}, {}
@@ -342,6 +346,73 @@ class AwayTests(TestCase):
         self.assertEqual(self.presence.leaves, [USER])
 
 
+class PushRecorder(FakeConnection):
+    """A connection that keeps what was pushed to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pushed = []
+
+    def push(self, event, body):
+        self.pushed.append((event, body))
+
+
+class AddressedNoticeTests(TestCase):
+    """
+    Notices for one authentication (a raid's raid_found): only it hears
+    them, also when they come before its enter script's reply.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence()
+        self.presence.session[USER] = "jti1"
+        self.players = Players(FakeVerifier(), self.presence, RecordingQueue(), self.clock, TTL, GRACE,
+                               RecordingParties(), RecordingMatchmaker())
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.connection = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
+
+    def test_a_notice_for_the_away_authentication_does_not_reach_the_resumed_one(self):
+        """Told to the authentication that went away, raid_found is dropped; told to the resumed one, it is pushed."""
+        away = self.players.player_of(USER).holder
+        self.players.connection_lost(self.connection)
+        fresh = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1")))
+        self.players.notified([USER], "raid_found", {"n": 1}, away)
+        self.players.notified([USER], "raid_found", {"n": 2}, self.players.player_of(USER).holder)
+        self.assertEqual((self.connection.pushed, fresh.pushed), ([], [("raid_found", {"n": 2})]))
+
+    def test_a_notice_that_comes_before_the_enter_reply_waits_for_it(self):
+        """
+        The resume's enter script ran (the host read its holder and told it)
+        but its reply is still on the way: the notice is pushed to the new
+        connection once it is attached, and never to the old one.
+        """
+        answer = defer.Deferred()
+        self.presence.enter = lambda user_id, jti: answer
+        fresh = PushRecorder()
+        resumed = defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1"))
+        self.players.notified([USER], "raid_found", {"n": 1}, "here 99")
+        self.players.notified([USER], "raid_found", {"n": 0}, "here 98")  # an authentication that never attaches
+        answer.callback(Entered(USER, "n", 1, 0, "here 99", True))
+        self.successResultOf(resumed)
+        self.assertEqual((self.connection.pushed, fresh.pushed), ([], [("raid_found", {"n": 1})]))
+
+    def test_a_kept_notice_goes_after_a_while(self):
+        """A notice kept for an authentication is dropped if it attaches only after EARLY_FOR."""
+        answer = defer.Deferred()
+        self.presence.enter = lambda user_id, jti: answer
+        fresh = PushRecorder()
+        resumed = defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1"))
+        self.players.notified([USER], "raid_found", {"n": 0}, "here 99")
+        self.clock.advance(EARLY_FOR + 1)
+        answer.callback(Entered(USER, "n", 1, 0, "here 99", True))
+        self.successResultOf(resumed)
+        self.assertEqual(fresh.pushed, [])
+
+
 class AwayMarkTests(TestCase):
     """The away mark's TTL, on a task.Clock: it outlives the grace and any handoff wait after it."""
 
@@ -623,17 +694,20 @@ class PlacePresence:
     The part of L{Presence} a raid's host gives places through, with its
     scripts' rules in memory: who holds each user (C{holder}), the handoff
     tickets waiting (C{tickets}), and every push: C{(user id, the holder it
-    went to, event, body)}.
+    went to, event, body)}.  A user's first offer, for a user in
+    C{hold_first}, waits in C{waiting} until the test runs its script
+    (C{run()}) and answers (the script may run before the answer comes).
     """
 
     server_id = "host"
 
     def __init__(self):
         self.holder, self.tickets, self.pushed, self.asked = {}, {}, [], []
+        self.hold_first, self.waiting = set(), {}
 
-    def _offer(self, user_id, ticket):
+    def _offer(self, user_id, ticket, expected=None):
         holder = self.holder.get(user_id)
-        if holder is None:
+        if holder is None or (expected is not None and holder != expected):
             return holder, False
         if holder_server(holder) == self.server_id:
             self.tickets.pop(user_id, None)
@@ -641,11 +715,20 @@ class PlacePresence:
         self.tickets[user_id] = ticket
         return holder, True
 
-    def offer_place(self, user_id, ticket, ttl):
-        return defer.succeed(self._offer(user_id, ticket))
+    def offer_place(self, user_id, ticket, ttl, expected=None):
+        if user_id in self.hold_first:
+            self.hold_first.discard(user_id)
+            answer = defer.Deferred()
+            self.waiting[user_id] = (answer, lambda: self._offer(user_id, ticket, expected))
+            return answer
+        return defer.succeed(self._offer(user_id, ticket, expected))
 
     def offer_handoff(self, user_id, ticket, ttl):
         self.tickets[user_id] = ticket
+        return defer.succeed(None)
+
+    def tell_holder(self, user_id, holder, event, body):
+        self.pushed.append((user_id, holder, event, body))
         return defer.succeed(None)
 
     def tell(self, user_ids, event, body):
@@ -722,9 +805,9 @@ class NobodyConnected:
 class RaidPlaceTests(TestCase):
     """
     A raid's host giving places, on a task.Clock with an in-memory
-    presence: a player on the host is offered no ticket and a resume there
-    takes a waiting one off; a raid that is over gives no place, only its
-    end.
+    presence: a resume racing the raid's forming hears raid_found once; a
+    player on the host is offered no ticket and a resume there takes a
+    waiting one off; a raid that is over gives no place, only its end.
     """
 
     RAID = "r1"
@@ -746,13 +829,57 @@ class RaidPlaceTests(TestCase):
         return self.host.stopService()
 
     def test_the_fake_matches_the_real_presence(self):
-        for name in ("offer_place", "offer_handoff", "tell", "ask"):
+        for name in ("offer_place", "offer_handoff", "tell_holder", "tell", "ask"):
             self.assertEqual(inspect.signature(getattr(PlacePresence, name)),
                              inspect.signature(getattr(Presence, name)), name)
 
     def hosted(self, members):
         self.host.host(Formed(self.RAID, members))
         return self.host._raids[self.RAID]
+
+    def test_a_hundred_resumes_racing_the_forming_each_hear_raid_found_once(self):
+        """
+        100 players resume on another process while the host is still
+        telling them where the raid is: for half, the forming's script read
+        the old (away) authentication, for the other half the resumed one.
+        Each resumed authentication hears raid_found exactly once, with the
+        ticket that waits for it and the datagram key the host checks.
+        """
+        members = list(range(1, 101))
+        for user_id in members:
+            self.presence.holder[user_id] = f"there {user_id}"
+        self.presence.hold_first = set(members)
+        hosted = self.hosted(members)
+        self.assertEqual(len(self.presence.waiting), 100)
+        early = {}
+        for user_id in members:
+            if user_id % 2:
+                early[user_id] = self.presence.waiting[user_id][1]()  # the forming's script ran before the resume
+            self.presence.holder[user_id] = f"elsewhere {user_id}"
+        for user_id in members:  # the resumes' notices, all at once
+            self.host.place_again(user_id, self.RAID, f"elsewhere {user_id}")
+        for user_id in members:
+            answer, run = self.presence.waiting[user_id]
+            answer.callback(early[user_id] if user_id in early else run())
+        for member, user_id in enumerate(members):
+            [found] = self.presence.heard(user_id)
+            self.assertEqual((found["member"], found["ticket"]), (member, self.presence.tickets[user_id]))
+            self.assertEqual(found["key"], hosted.keys[member].hex())
+        self.assertIs(hosted.raid.stage, Stage_.WAITING)
+
+    def test_a_hundred_resumes_of_one_player_at_once_place_the_last_once(self):
+        """
+        100 resumes of one player, each replacing the one before, ask the
+        host at once: only the authentication holding the player is told,
+        once, and its ticket is the one waiting.
+        """
+        self.presence.holder.update({1: "there 1", 2: "there 2"})
+        hosted = self.hosted([1, 2])
+        self.presence.holder[1] = "elsewhere 100"
+        for n in range(1, 101):
+            self.host.place_again(1, self.RAID, f"elsewhere {n}")
+        [found] = self.presence.heard(1)
+        self.assertEqual((found["ticket"], found["key"]), (self.presence.tickets[1], hosted.keys[0].hex()))
 
     def test_a_player_on_the_host_needs_no_ticket_and_a_resume_there_takes_one_off(self):
         """
@@ -768,7 +895,7 @@ class RaidPlaceTests(TestCase):
         [offered] = self.presence.heard(2)
         self.assertEqual(list(self.presence.tickets), [2])
         self.presence.holder[2] = "host 3"
-        self.host.place_again(2, self.RAID)
+        self.host.place_again(2, self.RAID, "host 3")
         self.assertEqual([f["ticket"] for f in self.presence.heard(2)], [""])
         self.assertEqual(self.presence.tickets, {})
 
@@ -789,9 +916,61 @@ class RaidPlaceTests(TestCase):
                                   if self.RAID in c])
         self.presence.holder[1] = "host 7"
         self.presence.tickets.clear()
-        standing = self.successResultOf(defer.ensureDeferred(self.host.rejoin(1, self.RAID, "host")))
+        standing = self.successResultOf(defer.ensureDeferred(self.host.rejoin(1, self.RAID, "host", "host 7")))
         self.assertEqual(standing, Standing(self.RAID, 0, 0, hosted.raid.scores[1]))
         self.assertEqual((self.presence.heard(1), self.presence.tickets), ([], {}))
         self.pay.paying.callback(None)
         [result] = self.presence.heard(1, "raid_result")
         self.assertEqual((result["cleared"], result["score"]), (True, hosted.raid.scores[1]))
+
+    def test_a_resume_elsewhere_asks_the_host_for_its_own_authentication(self):
+        """A resume on a process that does not host the raid asks the host, naming the resumed authentication."""
+        standing = self.successResultOf(defer.ensureDeferred(self.host.rejoin(1, "r9", "other", "host 4")))
+        self.assertEqual(self.presence.asked, [("other", PLACE_AGAIN, {"user_id": 1, "raid_id": "r9",
+                                                                       "holder": "host 4"})])
+        self.assertEqual(standing.ms_left, 0)
+
+
+class PlaceScriptTests(TestCase):
+    """The host's place script and addressed notices against the real Redis Cluster."""
+
+    timeout = 60
+
+    async def setUp(self):
+        require_stack()
+        self.router = await cluster.router_for(self)
+        self.presence = Presence(self.router, f"test-place-{random.getrandbits(40):x}", 30, 900)
+        self.user = random.randrange(10**13, 10**14)
+        self.addCleanup(lambda: self.router.execute("DEL", presence_key(self.user), handoff_key(self.user)))
+
+    async def test_a_ticket_only_for_a_holder_elsewhere_and_only_the_one_expected(self):
+        """
+        Nobody holds the user: nothing offered.  A holder elsewhere: the
+        ticket waits.  Another holder than the one expected: nothing changes.
+        A holder on this server: no ticket, and the waiting one is taken off.
+        """
+        self.assertEqual(await self.presence.offer_place(self.user, "t1", 30), (None, False))
+        self.assertIsNone(await self.router.execute("GET", handoff_key(self.user)))
+        await self.router.execute("SET", presence_key(self.user), "elsewhere 4")
+        self.assertEqual(await self.presence.offer_place(self.user, "t2", 30), ("elsewhere 4", True))
+        self.assertEqual(await self.router.execute("GET", handoff_key(self.user)), b"t2")
+        here = f"{self.presence.server_id} 9"
+        await self.router.execute("SET", presence_key(self.user), here)
+        self.assertEqual(await self.presence.offer_place(self.user, "t3", 30, "elsewhere 4"), (here, False))
+        self.assertEqual(await self.router.execute("GET", handoff_key(self.user)), b"t2")
+        self.assertEqual(await self.presence.offer_place(self.user, "t4", 30, here), (here, False))
+        self.assertIsNone(await self.router.execute("GET", handoff_key(self.user)))
+
+    async def test_an_addressed_notice_names_its_holder(self):
+        """tell_holder reaches the holder's process with the holder named; tell names none."""
+        heard = []
+        subscription = self.presence.listen(lambda user_id, holder: None,
+                                             lambda users, event, body, holder: heard.append((users, event, holder)))
+        self.addCleanup(subscription.stop)
+        await subscription.when_subscribed()
+        here = f"{self.presence.server_id} 3"
+        await self.router.execute("SET", presence_key(self.user), here)
+        await self.presence.tell_holder(self.user, here, "raid_found", {})
+        await self.presence.tell([self.user], "party_changed", {})
+        await eventually(lambda: defer.succeed(len(heard) == 2))
+        self.assertEqual(heard, [([self.user], "raid_found", here), ([self.user], "party_changed", None)])

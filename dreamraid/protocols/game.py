@@ -125,7 +125,7 @@ class GameProtocol(ServerProtocol):
                                                                         body["ticket"]))
         if authenticated is None:
             return None
-        user_id = self.user_id
+        user_id, holder = self.user_id, self.player.holder  # this resume's authentication, before any await
         reply = {**authenticated[1], "party_code": "", "queued_group": 0, "raid_id": "", "boss_hp": 0, "ms_left": 0,
                  "score": 0}
         party = await self.factory.parties.party_of(user_id)
@@ -135,7 +135,7 @@ class GameProtocol(ServerProtocol):
         if place is not None and place[0] == "queued":
             reply["queued_group"] = place[1]
         elif place is not None:
-            standing = await self.factory.raids.rejoin(user_id, place[1], place[2])
+            standing = await self.factory.raids.rejoin(user_id, place[1], place[2], holder)
             reply.update(raid_id=standing.raid_id, boss_hp=standing.hp, ms_left=standing.ms_left,
                          score=standing.score)
         return packets.RESUMED, reply

@@ -14,6 +14,8 @@ the player resumes (here or on any process) or the grace runs out and the
 leave runs, once.
 """
 
+import collections
+
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -25,7 +27,7 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.health import Unhealthy
 from dreamraid.services.parties import AWAY, BACK
-from dreamraid.services.presence import Left, holder_number
+from dreamraid.services.presence import Left, holder_number, holder_server
 from dreamraid.services.rediscluster import RedisClusterError
 
 
@@ -48,6 +50,10 @@ RENEWAL_SLICES = 100
 
 # The notice (L{Presence.ask}) asking a raid's host to give a resumed player their place again.
 PLACE_AGAIN = "raid_place_again"
+
+# Seconds a notice for an authentication of this process that is not
+# attached yet is kept for it: its enter script's reply is on its way.
+EARLY_FOR = 10.0
 
 
 def _described(error):
@@ -87,6 +93,8 @@ class Players(Service):
         self._leaving = set()  # Players whose session script is under way
         self._background = set()  # Deferreds of leaves and party notices under way
         self._place_again = None  # the raid host's, once it asked (when_asked_to_place)
+        self._entering = collections.Counter()  # user id -> authentications of theirs under way here
+        self._early = {}  # holder -> (when, [(event, body)]): notices for it that came before it was attached
 
     def __len__(self):
         return len(self._players)
@@ -157,12 +165,22 @@ class Players(Service):
         if not self.running:
             # Stopping: a player taken over now would be left with nobody to run its leave.
             raise RequestRefused(ErrorCode.SHUTTING_DOWN)
+        self._entering[user_id] += 1
         try:
             entered = await enter(user_id, jti)
         except RedisClusterError as e:
             self._log.warn("authenticate user {user_id}: {error}", user_id=user_id, error=e)
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
+        finally:
+            self._entering[user_id] -= 1
+            if not self._entering[user_id]:
+                del self._entering[user_id]
+        at, early = self._early.pop(entered.holder, (None, []))
+        if at is not None and self._clock.seconds() - at > EARLY_FOR:
+            early = []
         self._attach(connection, user_id, jti, entered)
+        for event, body in early:
+            connection.push(event, body)
         return entered
 
     async def resume(self, connection, token, user_id=0, ticket=""):
@@ -245,16 +263,33 @@ class Players(Service):
         """
         self._place_again = place_again
 
-    def notified(self, user_ids, event, body):
-        """Another process (or this one) told users of this one C{event}: push it to those still here."""
+    def notified(self, user_ids, event, body, holder=None):
+        """
+        Another process (or this one) told users of this one C{event}: push
+        it to those still here.  A notice for one authentication (C{holder})
+        goes to it only: not to a player resumed since, nor away.  One for
+        an authentication of this process not attached yet (its enter script
+        ran, its reply is on its way) waits for it (L{_take_over}), a while.
+        """
         if event == PLACE_AGAIN:
             if self._place_again is not None:
-                self._place_again(body["user_id"], body["raid_id"])
+                self._place_again(body["user_id"], body["raid_id"], body.get("holder"))
             return
         for user_id in user_ids:
             player = self._players.get(user_id)
+            if holder is not None and (player is None or player.holder != holder):
+                if holder_server(holder) == self._presence.server_id and user_id in self._entering:
+                    self._early_notice(holder, event, body)
+                continue
             if player is not None and player.connection is not None:
                 player.connection.push(event, body)
+
+    def _early_notice(self, holder, event, body):
+        """Keep a notice for the authentication C{holder}, not attached yet; those kept over EARLY_FOR go."""
+        now = self._clock.seconds()
+        for stale in [h for h, (at, _) in self._early.items() if now - at > EARLY_FOR]:
+            del self._early[stale]
+        self._early.setdefault(holder, (now, []))[1].append((event, body))
 
     def _forget(self, player):
         """The player is no longer this process's: no renewal, no timer."""
