@@ -227,6 +227,29 @@ class RaidPlayTests(GameServerCase):
                          timeout=20)
         self.assertLess(reactor.seconds() - cut, 3 + 10)
 
+    async def test_a_player_away_when_the_raid_ends_hears_its_result_on_resume(self):
+        """
+        B hits and is cut; A clears the raid while B is away (B's result
+        is told to nobody connected).  B resumes after the end: the reply
+        names no raid (it is over and its players free), and B hears the
+        raid's result, with its own score, once.
+        """
+        server = await self.game_server(*self.raid_options("--game-resume-grace", "30"))
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        raid_id = found[0]["raid_id"]
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        _, b_hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
+        b.connection.transport.abortConnection()
+        await b.connection.closed
+        await self.hit_until_down([a], raid_id)
+        await a.next_push("raid_result")
+        resumed = await b.resume()
+        self.assertEqual(resumed["raid_id"], "")
+        result = await b.next_push("raid_result").addTimeout(10, reactor)
+        self.assertEqual((result["raid_id"], result["cleared"], result["score"]), (raid_id, True, b_hit["damage"]))
+
     async def test_a_resume_after_the_grace_is_refused(self):
         """Away past the grace: the leave ran once, and a resume gets RESUME_EXPIRED (enter the world again)."""
         server = await self.game_server("--game-resume-grace", "0.5")

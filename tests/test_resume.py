@@ -51,7 +51,7 @@ class MemoryPresence:
 
     def __init__(self, clock=None):
         self.session, self.holder, self.away = {}, {}, {}
-        self.leaves, self.renewed, self.held = [], [], None
+        self.leaves, self.renewed, self.held, self.told = [], [], None, []
         self._count = 0
         self.clock = clock
         self.away_until = {}  # user id -> when the away mark's TTL runs out (with a clock)
@@ -93,6 +93,10 @@ class MemoryPresence:
         if self.holder.get(user_id, holder) != holder:
             return defer.succeed(ErrorCode.LOGGED_IN_ELSEWHERE)
         return defer.succeed(None if self.session.get(user_id) == jti else ErrorCode.SESSION_NOT_LIVE)
+
+    def tell(self, user_ids, event, body):
+        self.told.append((list(user_ids), event, body))
+        return defer.succeed(None)
 
     def mark_away(self, user_id, holder, seconds):
         if self.holder.get(user_id) == holder:
@@ -167,7 +171,7 @@ class AwayTests(TestCase):
         self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
 
     def test_the_fakes_match_the_real_presence(self):
-        for name in ("enter", "enter_handoff", "renew", "leave", "mark_away", "listen"):
+        for name in ("enter", "enter_handoff", "renew", "leave", "mark_away", "listen", "tell"):
             self.assertEqual(inspect.signature(getattr(MemoryPresence, name)),
                              inspect.signature(getattr(Presence, name)), name)
 
@@ -399,6 +403,32 @@ class AddressedNoticeTests(TestCase):
         answer.callback(Entered(USER, "n", 1, 0, "here 99", True))
         self.successResultOf(resumed)
         self.assertEqual((self.connection.pushed, fresh.pushed), ([], [("raid_found", {"n": 1})]))
+
+    def test_a_result_told_while_away_is_pushed_on_resume_here(self):
+        """
+        The raid ended while the player was away: its raid_result is kept
+        (a party change is not: the resume reply has the party) and pushed
+        to the resumed connection, once.
+        """
+        self.players.connection_lost(self.connection)
+        self.players.notified([USER], "raid_result", {"raid_id": "r1"})
+        self.players.notified([USER], "party_changed", {"reason": "left"})
+        fresh = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1")))
+        self.assertEqual(fresh.pushed, [("raid_result", {"raid_id": "r1"})])
+        self.players.connection_lost(fresh)
+        again = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(again, f"{USER}:jti1")))
+        self.assertEqual(again.pushed, [])
+
+    def test_a_result_told_while_away_follows_a_resume_elsewhere(self):
+        """The away player resumed on another process: the kept raid_result is sent there, and nothing stays here."""
+        holder = self.players.player_of(USER).holder
+        self.players.connection_lost(self.connection)
+        self.players.notified([USER], "raid_result", {"raid_id": "r1"}, holder)
+        self.players.taken_over(USER, holder)
+        self.assertEqual(self.presence.told, [([USER], "raid_result", {"raid_id": "r1"})])
+        self.assertIsNone(self.players.player_of(USER))
 
     def test_a_kept_notice_goes_after_a_while(self):
         """A notice kept for an authentication is dropped if it attaches only after EARLY_FOR."""

@@ -638,7 +638,9 @@ RESUME = message(
     "the raid's raid_found already (a resume racing the raid's forming) is not sent it twice. A "
     "raid that is over (its "
     "players being paid) gives no place: the reply names it with ms_left 0, no raid_found follows, "
-    "and its raid_result comes as to every player. The party's other members "
+    "and its raid_result comes as to every player. A raid_result told while the player was away "
+    "(the raid ended meanwhile) is pushed once the player resumes, here or on another game server. "
+    "Pushes never come before the resumed reply (nor before authenticated). The party's other members "
     "get party_changed with reason back. Errors: resume_expired (the grace ran out, or the session "
     "ended: log in and enter the world again; the connection is closed), the token_* codes, "
     "already_authenticated, unavailable, shutting_down (the server is stopping: resume on another).",

@@ -51,6 +51,11 @@ RENEWAL_SLICES = 100
 # The notice (L{Presence.ask}) asking a raid's host to give a resumed player their place again.
 PLACE_AGAIN = "raid_place_again"
 
+# Pushes an away player is given when it resumes (here, or forwarded to
+# the process it resumed on): a raid's result, which nothing else tells it
+# (the resume reply says where it is now, and the raid is over by then).
+KEPT_WHILE_AWAY = frozenset({"raid_result"})
+
 # Seconds a notice for an authentication of this process that is not
 # attached yet is kept for it: its enter script's reply is on its way.
 EARLY_FOR = 10.0
@@ -178,8 +183,9 @@ class Players(Service):
         at, early = self._early.pop(entered.holder, (None, []))
         if at is not None and self._clock.seconds() - at > EARLY_FOR:
             early = []
-        self._attach(connection, user_id, jti, entered)
-        for event, body in early:
+        player = self._attach(connection, user_id, jti, entered)
+        missed, player.missed = player.missed, []
+        for event, body in missed + early:
             connection.push(event, body)
         return entered
 
@@ -255,6 +261,17 @@ class Players(Service):
             else:
                 self._log.info("user {user_id}: away here, taken over elsewhere (resumed); nothing ends here",
                                user_id=user_id)
+            for event, body in player.missed:
+                self._in_background(self._forward(user_id, event, body))
+            player.missed = []
+
+    async def _forward(self, user_id, event, body):
+        """Push C{event}, kept while the player was away here, to wherever it resumed; a failure is logged."""
+        try:
+            await self._presence.tell([user_id], event, body)
+        except REDIS_ERRORS as e:
+            self._log.warn("user {user_id} resumed elsewhere, but its {event} kept here was lost: {error}",
+                           user_id=user_id, event=event, error=e)
 
     def when_asked_to_place(self, place_again):
         """
@@ -270,6 +287,8 @@ class Players(Service):
         goes to it only: not to a player resumed since, nor away.  One for
         an authentication of this process not attached yet (its enter script
         ran, its reply is on its way) waits for it (L{_take_over}), a while.
+        An away player's raid result (L{KEPT_WHILE_AWAY}) is kept for its
+        resume: pushed once it resumes here, forwarded if elsewhere.
         """
         if event == PLACE_AGAIN:
             if self._place_again is not None:
@@ -283,6 +302,8 @@ class Players(Service):
                 continue
             if player is not None and player.connection is not None:
                 player.connection.push(event, body)
+            elif player is not None and player.away and event in KEPT_WHILE_AWAY:
+                player.missed.append((event, body))
 
     def _early_notice(self, holder, event, body):
         """Keep a notice for the authentication C{holder}, not attached yet; those kept over EARLY_FOR go."""
