@@ -96,7 +96,7 @@ class MatchmakerTests(MatchmakerCase):
         listening = Presence(self.router, f"test-listening-{random.getrandbits(40):x}", 30, 900)
         told = []
         subscription = listening.listen(lambda user_id, jti: None,
-                                        lambda users, event, body: told.append((users, event, body)))
+                                        lambda users, event, body, holder=None: told.append((users, event, body)))
         self.addCleanup(subscription.stop)
         await subscription.when_subscribed()
         dead_server = Presence(self.router, f"test-dead-{random.getrandbits(40):x}", 30, 900)

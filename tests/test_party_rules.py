@@ -197,7 +197,7 @@ class QueueRacedByAJoinTests(MatchmakerCase):
         self.told = []
         listening = Presence(self.router, f"test-listening-{random.getrandbits(40):x}", 30, 900)
         subscription = listening.listen(lambda user_id, jti: None,
-                                        lambda users, event, body: self.told.append((users, event, body)))
+                                        lambda users, event, body, holder=None: self.told.append((users, event, body)))
         self.addCleanup(subscription.stop)
         await subscription.when_subscribed()
         self.listening = listening.server_id

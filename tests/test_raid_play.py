@@ -25,6 +25,7 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import STILL_ONLINE, profile_key, session_key
 from dreamraid.services.loading import thd_load_profile
 from dreamraid.services.matchmaking import GROUPS, matchmaking_keys
+from dreamraid.services.presence import handoff_key
 from dreamraid.services.sync import MysqlSnapshotStore, SyncWorker
 from tests.support import eventually, greeted_channels
 from tests.test_game import GameServerCase
@@ -200,6 +201,54 @@ class RaidPlayTests(GameServerCase):
         await eventually(lambda: _true(worker.counters["evicted"] >= 1))
         stored = await self.database.pool.runWithConnection(thd_load_profile, b_id)
         self.assertEqual((stored.level, stored.exp, stored.best), (result["level"], b_score, b_score))
+
+    async def test_players_on_the_host_get_no_ticket_and_their_leave_does_not_wait_for_one(self):
+        """
+        Both players are on the raid's host: their raid_found carries no
+        handoff ticket and none waits in Redis.  B is cut, resumes there
+        (told again, still no ticket), and is cut again: B's leave runs when
+        the grace ends, not a ticket's 30 s later.
+        """
+        server = await self.game_server(*self.raid_options("--game-resume-grace", "3"))
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        self.assertEqual([f["ticket"] for f in found], ["", ""])
+        self.assertEqual([await self.router.execute("EXISTS", handoff_key(u)) for u in (a_id, b_id)], [0, 0])
+        b.connection.transport.abortConnection()
+        await b.connection.closed
+        await b.resume()
+        again = await b.next_push("raid_found")
+        self.assertEqual((again["raid_id"], again["ticket"]), (found[1]["raid_id"], ""))
+        self.assertEqual(await self.router.execute("EXISTS", handoff_key(b_id)), 0)
+        b.connection.transport.abortConnection()
+        await b.connection.closed
+        cut = reactor.seconds()
+        await eventually(lambda: self.router.execute("EXISTS", session_key(b_id)).addCallback(lambda n: n == 0),
+                         timeout=20)
+        self.assertLess(reactor.seconds() - cut, 3 + 10)
+
+    async def test_a_player_away_when_the_raid_ends_hears_its_result_on_resume(self):
+        """
+        B hits and is cut; A clears the raid while B is away (B's result
+        is told to nobody connected).  B resumes after the end: the reply
+        names no raid (it is over and its players free), and B hears the
+        raid's result, with its own score, once.
+        """
+        server = await self.game_server(*self.raid_options("--game-resume-grace", "30"))
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        raid_id = found[0]["raid_id"]
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        _, b_hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
+        b.connection.transport.abortConnection()
+        await b.connection.closed
+        await self.hit_until_down([a], raid_id)
+        await a.next_push("raid_result")
+        resumed = await b.resume()
+        self.assertEqual(resumed["raid_id"], "")
+        result = await b.next_push("raid_result").addTimeout(10, reactor)
+        self.assertEqual((result["raid_id"], result["cleared"], result["score"]), (raid_id, True, b_hit["damage"]))
 
     async def test_a_resume_after_the_grace_is_refused(self):
         """Away past the grace: the leave ran once, and a resume gets RESUME_EXPIRED (enter the world again)."""

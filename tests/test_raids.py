@@ -158,7 +158,8 @@ class RaidEndTests(MatchmakerCase):
         """
         presence = self.presence = Presence(self.router, f"test-raid-end-{random.getrandbits(40):x}", 30, 900)
         told = []
-        subscription = presence.listen(lambda user_id, jti: None, lambda users, event, body: told.append((event, body)))
+        subscription = presence.listen(lambda user_id, jti: None,
+                                       lambda users, event, body, holder=None: told.append((event, body)))
         self.addCleanup(subscription.stop)
         await subscription.when_subscribed()
         return presence, told
@@ -360,7 +361,7 @@ class RaidEndTests(MatchmakerCase):
         """
         presence, told = await self.listening_presence()
         offers = []
-        presence.offer_handoff = lambda user_id, ticket, ttl: offers.append(defer.Deferred()) or offers[-1]
+        presence.offer_place = lambda user_id, ticket, ttl, expected=None: offers.append(defer.Deferred()) or offers[-1]
         matchmaker = self.matchmaker()
         await self.queued_players(presence, matchmaker)
         [formed] = await matchmaker.run_pass()
@@ -376,7 +377,7 @@ class RaidEndTests(MatchmakerCase):
 
         await eventually(renewed)
         for offer in offers:
-            offer.callback(None)
+            offer.callback((presence.server_id, False))
         await eventually(lambda: defer.succeed(len([e for e, _ in told if e == "raid_found"]) == 2))
         self.clock.advance(SETTINGS.ready_grace)  # a started raid's fight would begin here, and fail
         self.assertEqual(len(host), 0)

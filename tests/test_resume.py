@@ -11,6 +11,8 @@ drops an old connection still half open.
 """
 
 import inspect
+import json
+import random
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -21,10 +23,15 @@ from dreamraid.errors import ErrorCode, RequestRefused
 from dreamraid.protocols import packets
 from dreamraid.services.avatar import Player, Stage
 from dreamraid.services.deferreds import gather
+from dreamraid.services.inventory import Rewarded
 from dreamraid.services.livestore import session_key
-from dreamraid.services.players import Players
-from dreamraid.services.presence import Entered, Left, Presence, away_key, presence_key
-from tests.support import eventually, when_logged
+from dreamraid.services.matchmaking import Formed
+from dreamraid.services.players import EARLY_FOR, PLACE_AGAIN, Players
+from dreamraid.services.presence import Entered, Left, Presence, away_key, handoff_key, holder_server, presence_key
+from dreamraid.services.raidhost import RaidHost, Standing
+from dreamraid.services.raids import Stage as Stage_
+from tests import cluster
+from tests.support import eventually, log_lines, make_settings, require_stack, when_logged
 from tests.test_game import GameServerCase
 from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
 
@@ -40,10 +47,21 @@ class MemoryPresence:
     the test releases it (to race it with a resume).
     """
 
-    def __init__(self):
+    server_id = "here"
+
+    def __init__(self, clock=None):
         self.session, self.holder, self.away = {}, {}, {}
-        self.leaves, self.renewed, self.held = [], [], None
+        self.leaves, self.renewed, self.held, self.told = [], [], None, []
         self._count = 0
+        self.clock = clock
+        self.away_until = {}  # user id -> when the away mark's TTL runs out (with a clock)
+        self.ticket_until = {}  # user id -> when a waiting handoff ticket expires (with a clock)
+
+    def _away(self, user_id):
+        """The away mark, unless its TTL ran out."""
+        if self.clock is not None and self.away_until.get(user_id, float("inf")) <= self.clock.seconds():
+            self.away.pop(user_id, None)
+        return self.away.get(user_id)
 
     def listen(self, on_kick, on_notice):
         return self
@@ -57,7 +75,8 @@ class MemoryPresence:
         self._count += 1
         holder = f"here {self._count}"
         self.holder[user_id] = holder
-        was_away = self.away.pop(user_id, None) is not None
+        was_away = self._away(user_id) is not None
+        self.away.pop(user_id, None)
         return Entered(user_id, "n", 1, 0, holder, was_away)
 
     def enter(self, user_id, jti):
@@ -75,16 +94,25 @@ class MemoryPresence:
             return defer.succeed(ErrorCode.LOGGED_IN_ELSEWHERE)
         return defer.succeed(None if self.session.get(user_id) == jti else ErrorCode.SESSION_NOT_LIVE)
 
+    def tell(self, user_ids, event, body):
+        self.told.append((list(user_ids), event, body))
+        return defer.succeed(None)
+
     def mark_away(self, user_id, holder, seconds):
         if self.holder.get(user_id) == holder:
             self.away[user_id] = holder
+            if self.clock is not None:
+                self.away_until[user_id] = self.clock.seconds() + seconds
             return defer.succeed(True)
         return defer.succeed(False)
 
-    def _leave(self, user_id, jti, holder):
+    def _leave(self, user_id, jti, holder, wait_for_handoff=False):
         current = self.holder.get(user_id)
         if current and current != holder:
             return Left.REPLACED
+        ticket_left = self.ticket_until.get(user_id, 0) - (self.clock.seconds() if self.clock else 0)
+        if wait_for_handoff and self.session.get(user_id) == jti and ticket_left > 0:
+            return ticket_left
         self.holder.pop(user_id, None)
         self.away.pop(user_id, None)
         if self.session.get(user_id) != jti:
@@ -97,8 +125,8 @@ class MemoryPresence:
         if self.held is not None:
             # The script runs when the test says, as Redis would run it later.
             answer, self.held = self.held, None
-            return answer.addCallback(lambda _: self._leave(user_id, jti, holder))
-        return defer.succeed(self._leave(user_id, jti, holder))
+            return answer.addCallback(lambda _: self._leave(user_id, jti, holder, wait_for_handoff))
+        return defer.succeed(self._leave(user_id, jti, holder, wait_for_handoff))
 
 
 class RecordingParties:
@@ -143,7 +171,7 @@ class AwayTests(TestCase):
         self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
 
     def test_the_fakes_match_the_real_presence(self):
-        for name in ("enter", "enter_handoff", "renew", "leave", "mark_away", "listen"):
+        for name in ("enter", "enter_handoff", "renew", "leave", "mark_away", "listen", "tell"):
             self.assertEqual(inspect.signature(getattr(MemoryPresence, name)),
                              inspect.signature(getattr(Presence, name)), name)
 
@@ -322,6 +350,144 @@ class AwayTests(TestCase):
         self.assertEqual(self.presence.leaves, [USER])
 
 
+class PushRecorder(FakeConnection):
+    """A connection that keeps what was pushed to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pushed = []
+
+    def push(self, event, body):
+        self.pushed.append((event, body))
+
+
+class AddressedNoticeTests(TestCase):
+    """
+    Notices for one authentication (a raid's raid_found): only it hears
+    them, also when they come before its enter script's reply.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence()
+        self.presence.session[USER] = "jti1"
+        self.players = Players(FakeVerifier(), self.presence, RecordingQueue(), self.clock, TTL, GRACE,
+                               RecordingParties(), RecordingMatchmaker())
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.connection = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
+
+    def test_a_notice_for_the_away_authentication_does_not_reach_the_resumed_one(self):
+        """Told to the authentication that went away, raid_found is dropped; told to the resumed one, it is pushed."""
+        away = self.players.player_of(USER).holder
+        self.players.connection_lost(self.connection)
+        fresh = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1")))
+        self.players.notified([USER], "raid_found", {"n": 1}, away)
+        self.players.notified([USER], "raid_found", {"n": 2}, self.players.player_of(USER).holder)
+        self.assertEqual((self.connection.pushed, fresh.pushed), ([], [("raid_found", {"n": 2})]))
+
+    def test_a_notice_that_comes_before_the_enter_reply_waits_for_it(self):
+        """
+        The resume's enter script ran (the host read its holder and told it)
+        but its reply is still on the way: the notice is pushed to the new
+        connection once it is attached, and never to the old one.
+        """
+        answer = defer.Deferred()
+        self.presence.enter = lambda user_id, jti: answer
+        fresh = PushRecorder()
+        resumed = defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1"))
+        self.players.notified([USER], "raid_found", {"n": 1}, "here 99")
+        self.players.notified([USER], "raid_found", {"n": 0}, "here 98")  # an authentication that never attaches
+        answer.callback(Entered(USER, "n", 1, 0, "here 99", True))
+        self.successResultOf(resumed)
+        self.assertEqual((self.connection.pushed, fresh.pushed), ([], [("raid_found", {"n": 1})]))
+
+    def test_a_result_told_while_away_is_pushed_on_resume_here(self):
+        """
+        The raid ended while the player was away: its raid_result is kept
+        (a party change is not: the resume reply has the party) and pushed
+        to the resumed connection, once.
+        """
+        self.players.connection_lost(self.connection)
+        self.players.notified([USER], "raid_result", {"raid_id": "r1"})
+        self.players.notified([USER], "party_changed", {"reason": "left"})
+        fresh = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1")))
+        self.assertEqual(fresh.pushed, [("raid_result", {"raid_id": "r1"})])
+        self.players.connection_lost(fresh)
+        again = PushRecorder()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(again, f"{USER}:jti1")))
+        self.assertEqual(again.pushed, [])
+
+    def test_a_result_told_while_away_follows_a_resume_elsewhere(self):
+        """The away player resumed on another process: the kept raid_result is sent there, and nothing stays here."""
+        holder = self.players.player_of(USER).holder
+        self.players.connection_lost(self.connection)
+        self.players.notified([USER], "raid_result", {"raid_id": "r1"}, holder)
+        self.players.taken_over(USER, holder)
+        self.assertEqual(self.presence.told, [([USER], "raid_result", {"raid_id": "r1"})])
+        self.assertIsNone(self.players.player_of(USER))
+
+    def test_a_kept_notice_goes_after_a_while(self):
+        """A notice kept for an authentication is dropped if it attaches only after EARLY_FOR."""
+        answer = defer.Deferred()
+        self.presence.enter = lambda user_id, jti: answer
+        fresh = PushRecorder()
+        resumed = defer.ensureDeferred(self.players.resume(fresh, f"{USER}:jti1"))
+        self.players.notified([USER], "raid_found", {"n": 0}, "here 99")
+        self.clock.advance(EARLY_FOR + 1)
+        answer.callback(Entered(USER, "n", 1, 0, "here 99", True))
+        self.successResultOf(resumed)
+        self.assertEqual(fresh.pushed, [])
+
+
+class AwayMarkTests(TestCase):
+    """The away mark's TTL, on a task.Clock: it outlives the grace and any handoff wait after it."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence(self.clock)
+        self.presence.session[USER] = "jti1"
+        self.parties = RecordingParties()
+        # A presence TTL short beside the grace and the handoff wait: the mark cannot lean on it.
+        self.players = Players(FakeVerifier(), self.presence, RecordingQueue(), self.clock, 3.0, GRACE, self.parties,
+                               RecordingMatchmaker())
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.connection = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(self.connection, f"{USER}:jti1")))
+
+    def test_the_mark_outlives_a_handoff_wait_after_the_grace(self):
+        """
+        A raid handoff ticket, offered just before the grace ran out, keeps
+        the player away up to 30 s more: the away mark is still there at the
+        wait's last moment, so a resume then is "back" to the party, as
+        "away" was told; the leave after the wait takes it off.
+        """
+        self.players.connection_lost(self.connection)
+        self.presence.ticket_until[USER] = GRACE + 29.5
+        self.clock.advance(GRACE)
+        player = self.players.player_of(USER)
+        self.assertIs(player.stage, Stage.AWAY)
+        self.clock.advance(29.4)
+        self.assertIsNotNone(self.presence._away(USER))
+        entered = self.successResultOf(defer.ensureDeferred(self.players.resume(FakeConnection(), f"{USER}:jti1")))
+        self.assertTrue(entered.was_away)
+        self.assertEqual(self.parties.told, [(USER, "away"), (USER, "back")])
+
+    def test_the_mark_is_taken_off_by_the_leave_after_the_wait(self):
+        """No resume: the wait ends, the leave runs once and the mark goes with it."""
+        self.players.connection_lost(self.connection)
+        self.presence.ticket_until[USER] = GRACE + 10
+        self.clock.advance(GRACE)
+        self.clock.advance(10)
+        self.assertIsNone(self.players.player_of(USER))
+        self.assertEqual((self.presence.away, self.presence.leaves), ({}, [USER, USER]))
+        self.assertEqual(self.parties.told, [(USER, "away")])
+
+
 class PlayerTests(TestCase):
     """The Player state machine alone."""
 
@@ -466,3 +632,375 @@ class ResumeOnTheStackTests(GameServerCase):
         self.assertEqual(hunted["exp"], 1)
         self.assertIsNotNone(await self.router.execute("GET", session_key(mover_id)))
         self.assertEqual([name for name, _ in stayer.pushes if name == "party_changed"], [])  # no away, no back
+
+
+class LeaveFailureTests(TestCase):
+    """
+    A leave that fails with something other than a Redis error (a bug in
+    the script's reply, a party service that raises) still ends: whoever
+    waits for it hears, the player is let go here, one line is logged, and
+    the server can stop.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = MemoryPresence()
+        self.parties = RecordingParties()
+        self.matchmaker = RecordingMatchmaker()
+        self.queue = RecordingQueue()
+        self.players = Players(FakeVerifier(), self.presence, self.queue, self.clock, TTL, GRACE, self.parties,
+                               self.matchmaker)
+        self.players.startService()
+        self.addCleanup(lambda: self.players.running and self.players.stopService())
+        self.lines = log_lines(self)
+
+    def entered(self, user_id):
+        self.presence.session[user_id] = f"jti{user_id}"
+        connection = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.authenticate(connection, f"{user_id}:jti{user_id}")))
+        return connection
+
+    def failures(self):
+        return [line for line in self.lines if "the leave failed" in line]
+
+    def test_a_bug_in_the_session_script_ends_a_hundred_leaves_at_once(self):
+        """
+        The presence's leave raises a TypeError (not a Redis error) for 100
+        players logging out at once: every logout's Deferred fires, each
+        player is let go here, the rest of the leave (party, ticket) runs,
+        one line each is logged, and the server stops without hanging.
+        """
+        connections = {user_id: self.entered(user_id) for user_id in range(1, 101)}
+
+        def broken(user_id, jti, holder, wait_for_handoff=False):
+            raise TypeError("a bug")
+        self.presence.leave = broken
+        leaves = [defer.ensureDeferred(self.players.leave(c, wait_for_handoff=False)) for c in connections.values()]
+        self.assertEqual([self.successResultOf(d) for d in leaves], [None] * 100)
+        self.assertEqual(len(self.players), 0)
+        self.assertEqual(sorted(self.parties.left), list(range(1, 101)))
+        self.assertEqual(len(self.failures()), 100)
+        self.assertIn("TypeError", self.failures()[0])
+        self.successResultOf(defer.maybeDeferred(self.players.stopService))
+
+    def test_a_failing_party_service_ends_the_grace_leave(self):
+        """
+        The grace ran out and the leave's party step raises (not a Redis
+        error): the leave still ends, the player is gone here, one line is
+        logged, and the server stops without hanging.
+        """
+        connection = self.entered(1)
+
+        async def failing(user_id):
+            raise ValueError("party bug")
+        self.parties.leave_if_any = failing
+        self.players.connection_lost(connection)
+        self.clock.advance(GRACE)
+        self.assertIsNone(self.players.player_of(1))
+        self.assertEqual(len(self.failures()), 1)
+        self.assertIn("ValueError", self.failures()[0])
+        self.successResultOf(defer.maybeDeferred(self.players.stopService))
+
+    def test_a_failure_after_a_racing_resume_leaves_the_resumed_player(self):
+        """
+        The grace's leave script fails unexpectedly after a resume took the
+        player back: the resumed player stays, playing, and nothing ends.
+        """
+        connection = self.entered(1)
+        self.players.connection_lost(connection)
+        answer = defer.Deferred()
+        self.presence.leave = lambda user_id, jti, holder, wait_for_handoff=False: answer
+        self.clock.advance(GRACE)
+        fresh = FakeConnection()
+        self.successResultOf(defer.ensureDeferred(self.players.resume(fresh, "1:jti1")))
+        answer.errback(KeyError("a bug"))
+        self.assertIs(self.players.connection_of(1), fresh)
+        self.assertEqual((self.parties.left, self.queue.jobs), ([], []))
+        self.assertEqual(len(self.failures()), 1)
+
+
+class PlacePresence:
+    """
+    The part of L{Presence} a raid's host gives places through, with its
+    scripts' rules in memory: who holds each user (C{holder}), the handoff
+    tickets waiting (C{tickets}), and every push: C{(user id, the holder it
+    went to, event, body)}.  A user's first offer, for a user in
+    C{hold_first}, waits in C{waiting} until the test runs its script
+    (C{run()}) and answers (the script may run before the answer comes).
+    """
+
+    server_id = "host"
+
+    def __init__(self):
+        self.holder, self.tickets, self.pushed, self.asked = {}, {}, [], []
+        self.hold_first, self.waiting = set(), {}
+
+    def _offer(self, user_id, ticket, expected=None):
+        holder = self.holder.get(user_id)
+        if holder is None or (expected is not None and holder != expected):
+            return holder, False
+        if holder_server(holder) == self.server_id:
+            self.tickets.pop(user_id, None)
+            return holder, False
+        self.tickets[user_id] = ticket
+        return holder, True
+
+    def offer_place(self, user_id, ticket, ttl, expected=None):
+        if user_id in self.hold_first:
+            self.hold_first.discard(user_id)
+            answer = defer.Deferred()
+            self.waiting[user_id] = (answer, lambda: self._offer(user_id, ticket, expected))
+            return answer
+        return defer.succeed(self._offer(user_id, ticket, expected))
+
+    def offer_handoff(self, user_id, ticket, ttl):
+        self.tickets[user_id] = ticket
+        return defer.succeed(None)
+
+    def tell_holder(self, user_id, holder, event, body):
+        self.pushed.append((user_id, holder, event, body))
+        return defer.succeed(None)
+
+    def tell(self, user_ids, event, body):
+        """A push to whoever holds each user when it is sent."""
+        for user_id in user_ids:
+            self.pushed.append((user_id, self.holder.get(user_id), event, body))
+        return defer.succeed(None)
+
+    def ask(self, server_id, event, body):
+        self.asked.append((server_id, event, body))
+        return defer.succeed(None)
+
+    def heard(self, user_id, event="raid_found"):
+        """The bodies of C{event} pushed to the authentication holding C{user_id} now."""
+        return [body for u, holder, e, body in self.pushed
+                if u == user_id and e == event and holder == self.holder.get(user_id)]
+
+
+class HostRouter:
+    """Redis as a raid's host sees it at forming (every player level 1, no weapon); every script succeeds."""
+
+    FIELDS = {"name": b"n", "level": b"1"}
+
+    def execute(self, *args, timeout=None, route=None, replicas=0):
+        if args[0] == "HMGET":
+            return defer.succeed([self.FIELDS.get(field, b"0") for field in args[2:]])
+        return defer.succeed(None if args[0] == "HGET" else 1)
+
+
+class HostMatchmaker:
+    """The host's lease and its players' release, recorded: the checkpoints renewed, the raids released."""
+
+    def __init__(self):
+        self.checkpoints, self.released = [], []
+
+    async def renew(self, server_id, address, checkpoints):
+        self.checkpoints.append(dict(checkpoints))
+        return []
+
+    async def reap(self):
+        return []
+
+    async def release(self, raid_id):
+        self.released.append(raid_id)
+
+    async def checkpoint(self, raid_id):
+        return None
+
+
+class HeldPay:
+    """Pays every player 1 exp once the test lets C{paying} fire."""
+
+    def __init__(self):
+        self.paying = defer.Deferred()
+
+    async def reward(self, user_id, raid_id, score, keep):
+        await self.paying
+        return Rewarded(score, 1, score, 0, score, [])
+
+
+class NoRanking:
+    async def record(self, scores):
+        pass
+
+
+class NobodyConnected:
+    def connection_of(self, user_id):
+        return None
+
+    def when_asked_to_place(self, place_again):
+        pass
+
+
+class RaidPlaceTests(TestCase):
+    """
+    A raid's host giving places, on a task.Clock with an in-memory
+    presence: a resume racing the raid's forming hears raid_found once; a
+    player on the host is offered no ticket and a resume there takes a
+    waiting one off; a raid that is over gives no place, only its end.
+    """
+
+    RAID = "r1"
+
+    def setUp(self):
+        self.clock = Clock()
+        self.presence = PlacePresence()
+        self.matchmaker = HostMatchmaker()
+        self.pay = HeldPay()
+        settings = make_settings(raids_hit_interval="0").raids
+        self.host = RaidHost(HostRouter(), self.presence, NobodyConnected(), self.pay, NoRanking(), self.matchmaker,
+                             self.clock, random.Random(5), settings, "127.0.0.1:9090")
+        self.host.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if not self.pay.paying.called:
+            self.pay.paying.callback(None)
+        return self.host.stopService()
+
+    def test_the_fake_matches_the_real_presence(self):
+        for name in ("offer_place", "offer_handoff", "tell_holder", "tell", "ask"):
+            self.assertEqual(inspect.signature(getattr(PlacePresence, name)),
+                             inspect.signature(getattr(Presence, name)), name)
+
+    def hosted(self, members):
+        self.host.host(Formed(self.RAID, members))
+        return self.host._raids[self.RAID]
+
+    def test_a_hundred_resumes_racing_the_forming_each_hear_raid_found_once(self):
+        """
+        100 players resume on another process while the host is still
+        telling them where the raid is: for half, the forming's script read
+        the old (away) authentication, for the other half the resumed one.
+        Each resumed authentication hears raid_found exactly once, with the
+        ticket that waits for it and the datagram key the host checks.
+        """
+        members = list(range(1, 101))
+        for user_id in members:
+            self.presence.holder[user_id] = f"there {user_id}"
+        self.presence.hold_first = set(members)
+        hosted = self.hosted(members)
+        self.assertEqual(len(self.presence.waiting), 100)
+        early = {}
+        for user_id in members:
+            if user_id % 2:
+                early[user_id] = self.presence.waiting[user_id][1]()  # the forming's script ran before the resume
+            self.presence.holder[user_id] = f"elsewhere {user_id}"
+        for user_id in members:  # the resumes' notices, all at once
+            self.host.place_again(user_id, self.RAID, f"elsewhere {user_id}")
+        for user_id in members:
+            answer, run = self.presence.waiting[user_id]
+            answer.callback(early[user_id] if user_id in early else run())
+        for member, user_id in enumerate(members):
+            [found] = self.presence.heard(user_id)
+            self.assertEqual((found["member"], found["ticket"]), (member, self.presence.tickets[user_id]))
+            self.assertEqual(found["key"], hosted.keys[member].hex())
+        self.assertIs(hosted.raid.stage, Stage_.WAITING)
+
+    def test_a_hundred_resumes_of_one_player_at_once_place_the_last_once(self):
+        """
+        100 resumes of one player, each replacing the one before, ask the
+        host at once: only the authentication holding the player is told,
+        once, and its ticket is the one waiting.
+        """
+        self.presence.holder.update({1: "there 1", 2: "there 2"})
+        hosted = self.hosted([1, 2])
+        self.presence.holder[1] = "elsewhere 100"
+        for n in range(1, 101):
+            self.host.place_again(1, self.RAID, f"elsewhere {n}")
+        [found] = self.presence.heard(1)
+        self.assertEqual((found["ticket"], found["key"]), (self.presence.tickets[1], hosted.keys[0].hex()))
+
+    def test_a_player_on_the_host_needs_no_ticket_and_a_resume_there_takes_one_off(self):
+        """
+        At forming, the player connected to the host is offered no ticket
+        (its raid_found carries none), the other one is.  The other resumes
+        on the host before using its ticket: it is told again, with no
+        ticket, and the unused one is taken off (a later leave would wait
+        for it).
+        """
+        self.presence.holder.update({1: "host 1", 2: "there 2"})
+        self.hosted([1, 2])
+        self.assertEqual([f["ticket"] for f in self.presence.heard(1)], [""])
+        [offered] = self.presence.heard(2)
+        self.assertEqual(list(self.presence.tickets), [2])
+        self.presence.holder[2] = "host 3"
+        self.host.place_again(2, self.RAID, "host 3")
+        self.assertEqual([f["ticket"] for f in self.presence.heard(2)], [""])
+        self.assertEqual(self.presence.tickets, {})
+
+    def test_a_resume_into_a_raid_that_is_over_gets_its_end_not_a_place(self):
+        """
+        The boss fell and the host is paying: its end is checkpointed at
+        once (a resume elsewhere reads it), a resume on the host is told the
+        raid with no time left and its final HP and score, gets no
+        raid_found and no ticket, and hears the result once the pay is done.
+        """
+        self.presence.holder.update({1: "there 1", 2: "there 2"})
+        hosted = self.hosted([1, 2])
+        self.host.ready(1, self.RAID)
+        self.host.ready(2, self.RAID)
+        while self.host.hit(1, self.RAID).hp:
+            pass
+        self.assertIn("cleared", [json.loads(c[self.RAID])["stage"] for c in self.matchmaker.checkpoints
+                                  if self.RAID in c])
+        self.presence.holder[1] = "host 7"
+        self.presence.tickets.clear()
+        standing = self.successResultOf(defer.ensureDeferred(self.host.rejoin(1, self.RAID, "host", "host 7")))
+        self.assertEqual(standing, Standing(self.RAID, 0, 0, hosted.raid.scores[1]))
+        self.assertEqual((self.presence.heard(1), self.presence.tickets), ([], {}))
+        self.pay.paying.callback(None)
+        [result] = self.presence.heard(1, "raid_result")
+        self.assertEqual((result["cleared"], result["score"]), (True, hosted.raid.scores[1]))
+
+    def test_a_resume_elsewhere_asks_the_host_for_its_own_authentication(self):
+        """A resume on a process that does not host the raid asks the host, naming the resumed authentication."""
+        standing = self.successResultOf(defer.ensureDeferred(self.host.rejoin(1, "r9", "other", "host 4")))
+        self.assertEqual(self.presence.asked, [("other", PLACE_AGAIN, {"user_id": 1, "raid_id": "r9",
+                                                                       "holder": "host 4"})])
+        self.assertEqual(standing.ms_left, 0)
+
+
+class PlaceScriptTests(TestCase):
+    """The host's place script and addressed notices against the real Redis Cluster."""
+
+    timeout = 60
+
+    async def setUp(self):
+        require_stack()
+        self.router = await cluster.router_for(self)
+        self.presence = Presence(self.router, f"test-place-{random.getrandbits(40):x}", 30, 900)
+        self.user = random.randrange(10**13, 10**14)
+        self.addCleanup(lambda: self.router.execute("DEL", presence_key(self.user), handoff_key(self.user)))
+
+    async def test_a_ticket_only_for_a_holder_elsewhere_and_only_the_one_expected(self):
+        """
+        Nobody holds the user: nothing offered.  A holder elsewhere: the
+        ticket waits.  Another holder than the one expected: nothing changes.
+        A holder on this server: no ticket, and the waiting one is taken off.
+        """
+        self.assertEqual(await self.presence.offer_place(self.user, "t1", 30), (None, False))
+        self.assertIsNone(await self.router.execute("GET", handoff_key(self.user)))
+        await self.router.execute("SET", presence_key(self.user), "elsewhere 4")
+        self.assertEqual(await self.presence.offer_place(self.user, "t2", 30), ("elsewhere 4", True))
+        self.assertEqual(await self.router.execute("GET", handoff_key(self.user)), b"t2")
+        here = f"{self.presence.server_id} 9"
+        await self.router.execute("SET", presence_key(self.user), here)
+        self.assertEqual(await self.presence.offer_place(self.user, "t3", 30, "elsewhere 4"), (here, False))
+        self.assertEqual(await self.router.execute("GET", handoff_key(self.user)), b"t2")
+        self.assertEqual(await self.presence.offer_place(self.user, "t4", 30, here), (here, False))
+        self.assertIsNone(await self.router.execute("GET", handoff_key(self.user)))
+
+    async def test_an_addressed_notice_names_its_holder(self):
+        """tell_holder reaches the holder's process with the holder named; tell names none."""
+        heard = []
+        subscription = self.presence.listen(lambda user_id, holder: None,
+                                             lambda users, event, body, holder: heard.append((users, event, holder)))
+        self.addCleanup(subscription.stop)
+        await subscription.when_subscribed()
+        here = f"{self.presence.server_id} 3"
+        await self.router.execute("SET", presence_key(self.user), here)
+        await self.presence.tell_holder(self.user, here, "raid_found", {})
+        await self.presence.tell([self.user], "party_changed", {})
+        await eventually(lambda: defer.succeed(len(heard) == 2))
+        self.assertEqual(heard, [([self.user], "raid_found", here), ([self.user], "party_changed", None)])

@@ -73,6 +73,12 @@ class GameProtocol(ServerProtocol):
     """One player's connection to a game server."""
 
     player = None  # the services' Player this connection plays as, once authenticated
+    _held = None  # pushes held while an authentication is answered: they follow its reply
+
+    # The requests that make the connection a player: pushes that come while one is served (what the player
+    # missed while away, a raid_found for the authentication) are written after its reply, which a client
+    # waits for before it listens to pushes on a new connection.
+    _ENTERING = (packets.AUTHENTICATE, packets.AUTHENTICATE_HANDOFF, packets.RESUME)
 
     @property
     def user_id(self):
@@ -96,6 +102,9 @@ class GameProtocol(ServerProtocol):
         self.drop(code)
 
     def push(self, event, body):
+        if self._held is not None:
+            self._held.append((event, body))
+            return
         message, encode = _PUSHES[event]
         if self.connected:
             self.write_frame(message.encode(0, encode(body)))
@@ -105,27 +114,46 @@ class GameProtocol(ServerProtocol):
     # Requests that change who the connection is or where its player belongs
     # are ordered: one at a time per connection, in arrival order.
 
+    def _reply(self, result, request_id, request, started):
+        super()._reply(result, request_id, request, started)
+        if request in self._ENTERING:
+            self._release_pushes()
+
+    def _request_failed(self, failure, request_id, message, started):
+        super()._request_failed(failure, request_id, message, started)
+        if message in self._ENTERING:
+            self._release_pushes()
+
+    def _release_pushes(self):
+        """The authentication was answered: the pushes held meanwhile follow, in order."""
+        held, self._held = self._held or [], None
+        for event, body in held:
+            self.push(event, body)
+
     @handles(packets.AUTHENTICATE, needs_auth=False, ordered=True)
     async def authenticate(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
+        self._held = []
         return await self._entered(self.factory.players.authenticate(self, body["token"]))
 
     @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False, ordered=True)
     async def authenticate_handoff(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
+        self._held = []
         return await self._entered(self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"]))
 
     @handles(packets.RESUME, needs_auth=False, ordered=True)
     async def resume(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
+        self._held = []
         authenticated = await self._entered(self.factory.players.resume(self, body["token"], body["user_id"],
                                                                         body["ticket"]))
         if authenticated is None:
             return None
-        user_id = self.user_id
+        user_id, holder = self.user_id, self.player.holder  # this resume's authentication, before any await
         reply = {**authenticated[1], "party_code": "", "queued_group": 0, "raid_id": "", "boss_hp": 0, "ms_left": 0,
                  "score": 0}
         party = await self.factory.parties.party_of(user_id)
@@ -135,7 +163,7 @@ class GameProtocol(ServerProtocol):
         if place is not None and place[0] == "queued":
             reply["queued_group"] = place[1]
         elif place is not None:
-            standing = await self.factory.raids.rejoin(user_id, place[1], place[2])
+            standing = await self.factory.raids.rejoin(user_id, place[1], place[2], holder)
             reply.update(raid_id=standing.raid_id, boss_hp=standing.hp, ms_left=standing.ms_left,
                          score=standing.score)
         return packets.RESUMED, reply

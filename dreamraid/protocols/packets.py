@@ -634,7 +634,13 @@ RESUME = message(
     "ticket the live session, user_id and that ticket (token empty). The reply is resumed: what "
     "was kept, as it is now (not a replay of the pushes missed). A player in a raid is then sent "
     "a raid_found push again with a new handoff ticket and its UDP key: the client moves to the "
-    "raid's host if it is not there, and greets the UDP channel again. The party's other members "
+    "raid's host if it is not there, and greets the UDP channel again; a connection that heard "
+    "the raid's raid_found already (a resume racing the raid's forming) is not sent it twice. A "
+    "raid that is over (its "
+    "players being paid) gives no place: the reply names it with ms_left 0, no raid_found follows, "
+    "and its raid_result comes as to every player. A raid_result told while the player was away "
+    "(the raid ended meanwhile) is pushed once the player resumes, here or on another game server. "
+    "Pushes never come before the resumed reply (nor before authenticated). The party's other members "
     "get party_changed with reason back. Errors: resume_expired (the grace ran out, or the session "
     "ended: log in and enter the world again; the connection is closed), the token_* codes, "
     "already_authenticated, unavailable, shutting_down (the server is stopping: resume on another).",
@@ -843,12 +849,14 @@ RAID_FOUND = message(
     "Push to every player of a raid just formed, from its host: the raid's id (the raid_id of "
     "raid_ready, raid_hit and the raid pushes); the host's client address (host:port) and a handoff "
     "ticket, single use and short-lived, for a player connected to another game server to "
-    "authenticate_handoff there (the client library moves by itself); the UDP channel: its address "
+    "authenticate_handoff there (the client library moves by itself; '' for a player connected "
+    "to the host already, who needs none); the UDP channel: its address "
     "(host:port), the raid number (the raid field of every datagram of the raid), this player's "
     "member number (from 0: the member field of every datagram to and from this player) and this "
     "player's own 16-byte key (32 hex digits) for the MAC of the datagrams it sends and is sent "
     "(each member has a different key, so none can sign datagrams as another); and the players' "
-    "user ids in member-number order.",
+    "user ids in member-number order. Each connection (authentication) of a player hears it at "
+    "most once a raid: at forming, or again after a resume.",
     "raid_id" / String, "host" / String, "ticket" / String,
     "udp" / String, "raid_number" / Int32ul, "member" / Int8ul, "key" / String,
     "members" / records(Int8ul, PARTY_MEMBER),

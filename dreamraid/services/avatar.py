@@ -51,6 +51,7 @@ class Player:
         self._on_grace_over = on_grace_over
         self._timer = None
         self.away_since = None
+        self.missed = []  # (event, body) of pushes kept while away, for its resume (Players.KEPT_WHILE_AWAY)
 
     def __repr__(self):
         return f"<Player {self.user_id} {self.stage.value}>"

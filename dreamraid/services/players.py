@@ -14,6 +14,8 @@ the player resumes (here or on any process) or the grace runs out and the
 leave runs, once.
 """
 
+import collections
+
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -25,7 +27,7 @@ from dreamraid.services.deferreds import gather
 from dreamraid.services.failurelog import REDIS_ERRORS, FailureLog
 from dreamraid.services.health import Unhealthy
 from dreamraid.services.parties import AWAY, BACK
-from dreamraid.services.presence import Left, holder_number
+from dreamraid.services.presence import Left, holder_number, holder_server
 from dreamraid.services.rediscluster import RedisClusterError
 
 
@@ -48,6 +50,20 @@ RENEWAL_SLICES = 100
 
 # The notice (L{Presence.ask}) asking a raid's host to give a resumed player their place again.
 PLACE_AGAIN = "raid_place_again"
+
+# Pushes an away player is given when it resumes (here, or forwarded to
+# the process it resumed on): a raid's result, which nothing else tells it
+# (the resume reply says where it is now, and the raid is over by then).
+KEPT_WHILE_AWAY = frozenset({"raid_result"})
+
+# Seconds a notice for an authentication of this process that is not
+# attached yet is kept for it: its enter script's reply is on its way.
+EARLY_FOR = 10.0
+
+
+def _described(error):
+    """An unexpected error as one log line's worth: its class and message."""
+    return f"{type(error).__name__}: {error}"
 
 
 class Players(Service):
@@ -82,6 +98,8 @@ class Players(Service):
         self._leaving = set()  # Players whose session script is under way
         self._background = set()  # Deferreds of leaves and party notices under way
         self._place_again = None  # the raid host's, once it asked (when_asked_to_place)
+        self._entering = collections.Counter()  # user id -> authentications of theirs under way here
+        self._early = {}  # holder -> (when, [(event, body)]): notices for it that came before it was attached
 
     def __len__(self):
         return len(self._players)
@@ -152,12 +170,23 @@ class Players(Service):
         if not self.running:
             # Stopping: a player taken over now would be left with nobody to run its leave.
             raise RequestRefused(ErrorCode.SHUTTING_DOWN)
+        self._entering[user_id] += 1
         try:
             entered = await enter(user_id, jti)
         except RedisClusterError as e:
             self._log.warn("authenticate user {user_id}: {error}", user_id=user_id, error=e)
             raise RequestRefused(ErrorCode.UNAVAILABLE) from None
-        self._attach(connection, user_id, jti, entered)
+        finally:
+            self._entering[user_id] -= 1
+            if not self._entering[user_id]:
+                del self._entering[user_id]
+        at, early = self._early.pop(entered.holder, (None, []))
+        if at is not None and self._clock.seconds() - at > EARLY_FOR:
+            early = []
+        player = self._attach(connection, user_id, jti, entered)
+        missed, player.missed = player.missed, []
+        for event, body in missed + early:
+            connection.push(event, body)
         return entered
 
     async def resume(self, connection, token, user_id=0, ticket=""):
@@ -232,6 +261,17 @@ class Players(Service):
             else:
                 self._log.info("user {user_id}: away here, taken over elsewhere (resumed); nothing ends here",
                                user_id=user_id)
+            for event, body in player.missed:
+                self._in_background(self._forward(user_id, event, body))
+            player.missed = []
+
+    async def _forward(self, user_id, event, body):
+        """Push C{event}, kept while the player was away here, to wherever it resumed; a failure is logged."""
+        try:
+            await self._presence.tell([user_id], event, body)
+        except REDIS_ERRORS as e:
+            self._log.warn("user {user_id} resumed elsewhere, but its {event} kept here was lost: {error}",
+                           user_id=user_id, event=event, error=e)
 
     def when_asked_to_place(self, place_again):
         """
@@ -240,16 +280,37 @@ class Players(Service):
         """
         self._place_again = place_again
 
-    def notified(self, user_ids, event, body):
-        """Another process (or this one) told users of this one C{event}: push it to those still here."""
+    def notified(self, user_ids, event, body, holder=None):
+        """
+        Another process (or this one) told users of this one C{event}: push
+        it to those still here.  A notice for one authentication (C{holder})
+        goes to it only: not to a player resumed since, nor away.  One for
+        an authentication of this process not attached yet (its enter script
+        ran, its reply is on its way) waits for it (L{_take_over}), a while.
+        An away player's raid result (L{KEPT_WHILE_AWAY}) is kept for its
+        resume: pushed once it resumes here, forwarded if elsewhere.
+        """
         if event == PLACE_AGAIN:
             if self._place_again is not None:
-                self._place_again(body["user_id"], body["raid_id"])
+                self._place_again(body["user_id"], body["raid_id"], body.get("holder"))
             return
         for user_id in user_ids:
             player = self._players.get(user_id)
+            if holder is not None and (player is None or player.holder != holder):
+                if holder_server(holder) == self._presence.server_id and user_id in self._entering:
+                    self._early_notice(holder, event, body)
+                continue
             if player is not None and player.connection is not None:
                 player.connection.push(event, body)
+            elif player is not None and player.away and event in KEPT_WHILE_AWAY:
+                player.missed.append((event, body))
+
+    def _early_notice(self, holder, event, body):
+        """Keep a notice for the authentication C{holder}, not attached yet; those kept over EARLY_FOR go."""
+        now = self._clock.seconds()
+        for stale in [h for h, (at, _) in self._early.items() if now - at > EARLY_FOR]:
+            del self._early[stale]
+        self._early.setdefault(holder, (now, []))[1].append((event, body))
 
     def _forget(self, player):
         """The player is no longer this process's: no renewal, no timer."""
@@ -296,13 +357,22 @@ class Players(Service):
         (a resume elsewhere won the race) is not marked, and nobody hears
         "away": the resume saw no mark and sends no "back".
         """
+        if await self._mark_away(player, self._grace):
+            await self._rules.tell_party(player.user_id, AWAY)
+
+    async def _mark_away(self, player, seconds):
+        """
+        Mark the player away for the C{seconds} it waits, plus the presence
+        TTL: the mark outlives the wait (the grace, or a handoff ticket's
+        time after it) and whatever runs at its end, and lapses with the
+        presence if this process dies; the leave takes it off.  Whether it
+        was marked (a failure is logged).
+        """
         try:
-            marked = await self._presence.mark_away(player.user_id, player.holder, self._grace)
+            return await self._presence.mark_away(player.user_id, player.holder, seconds + self._presence_ttl)
         except REDIS_ERRORS as e:
             self._log.warn("user {user_id} is away, but not marked so: {error}", user_id=player.user_id, error=e)
-            return
-        if marked:
-            await self._rules.tell_party(player.user_id, AWAY)
+            return False
 
     def _grace_over(self, player):
         self._log.info("user {user_id}: away past the resume grace; leaving the game", user_id=player.user_id)
@@ -373,6 +443,11 @@ class Players(Service):
             # The session expires by itself and the next checkpoint syncs the user.
             self._log.warn("user {user_id} left, but Redis did not hear it: {error}", user_id=user_id, error=e)
             left = None
+        except Exception as e:
+            # A bug, not Redis: taken as a script Redis did not answer, so the leave ends and nobody waits forever.
+            self._log.error("user {user_id}: the leave failed in its session script ({error}); taken as unanswered: "
+                            "the session expires by itself", user_id=user_id, error=_described(e))
+            left = None
         finally:
             self._leaving.discard(player)
         if player.holder != holder or player not in self._departures:
@@ -392,15 +467,23 @@ class Players(Service):
                 player.wait_more(left)
             else:
                 player.went_away(left)
+            if self._grace > 0:
+                # Away longer than the grace: the mark is kept as long (with no grace nobody was told "away").
+                self._in_background(self._mark_away(player, left))
             return
         leave_game = self._leave_games.get(player)
         self._forget(player)
-        if left is Left.REPLACED:
-            self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host has "
-                           "the player); nothing ended, the party and any ticket stay", user_id=user_id)
-        else:
-            await self._rules.after_session(user_id, left, leave_game)
-        self._departed(player, left)
+        try:
+            if left is Left.REPLACED:
+                self._log.info("user {user_id}: a replaced connection closed (a newer connection or a raid's host "
+                               "has the player); nothing ended, the party and any ticket stay", user_id=user_id)
+            else:
+                await self._rules.after_session(user_id, left, leave_game)
+        except Exception as e:
+            self._log.error("user {user_id}: the leave failed after its session script ({error}); the player is let "
+                            "go here, and its party or ticket may stay", user_id=user_id, error=_described(e))
+        finally:
+            self._departed(player, left)
 
     # -- renewal ------------------------------------------------------------------------
 

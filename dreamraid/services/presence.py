@@ -6,7 +6,8 @@ crosses processes when the same user logs in twice.
                         user (the server's n-th), with a TTL that server
                         renews while the user stays connected or away
     {u:<id>}:away       the holder, while its connection dropped and the
-                        player is away (for the resume grace)
+                        player is away (the resume grace, or a handoff
+                        ticket's time after it), with presence_ttl more
 
 A user enters a game server only with the token that is their live session
 (the "double check" after the signature).  Entering renews the session and
@@ -129,6 +130,26 @@ return {1, previous, profile[1], profile[2], profile[3], away}
 """
 
 
+# KEYS: presence, handoff.  ARGV: this server's id, ticket, ms, the holder
+# expected (or '' for any).  Where a raid's host gives the user their
+# place: {'', 0} if nobody holds the user, {holder, -1} if another than the
+# one expected does (nothing offered either way).  A holder on this server
+# (the host) needs no ticket, and any ticket still waiting is taken off, as
+# it would never be used and a leave would wait for it: {holder, 0}.  Else
+# the ticket waits ms: {holder, 1}.
+_OFFER_PLACE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return {'', 0} end
+if ARGV[4] ~= '' and holder ~= ARGV[4] then return {holder, -1} end
+if string.match(holder, '^[^ ]*') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return {holder, 0}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {holder, 1}
+"""
+
+
 class Left(enum.Enum):
     """What a connection's leave found."""
 
@@ -181,6 +202,7 @@ class Presence:
         self._leave = Script(router, _LEAVE)
         self._handoff = Script(router, _HANDOFF)
         self._away = Script(router, _AWAY)
+        self._offer_place = Script(router, _OFFER_PLACE)
 
     async def enter(self, user_id, jti):
         """
@@ -203,6 +225,21 @@ class Presence:
     def offer_handoff(self, user_id, ticket, ttl):
         """Let the user move to this server with C{ticket}, once, within C{ttl} seconds."""
         return self._router.execute("SET", handoff_key(user_id), ticket, "PX", int(ttl * 1000))
+
+    async def offer_place(self, user_id, ticket, ttl, expected=None):
+        """
+        A raid hosted here gives the user their place, if C{expected} (a
+        holder; None: any) holds them: C{(holder, offered)}, the
+        authentication holding the user now (None: nobody) and whether
+        C{ticket} was offered (as L{offer_handoff}).  Nothing is offered if
+        nobody holds the user or another than C{expected} does.  A holder on
+        this server needs no ticket: none is offered, and any ticket still
+        waiting is taken off (unused, it would hold up the user's leave for
+        its time).
+        """
+        holder, offered = await self._offer_place([presence_key(user_id), handoff_key(user_id)],
+                                                  [self.server_id, ticket, int(ttl * 1000), expected or ""])
+        return (holder.decode() if holder else None), offered == 1
 
     async def enter_handoff(self, user_id, ticket):
         """
@@ -283,6 +320,15 @@ class Presence:
             self._router.publish(notice_channel(server), json.dumps({"users": users, "event": event, "body": body}))
             for server, users in by_server.items()])
 
+    def tell_holder(self, user_id, holder, event, body):
+        """
+        Have the authentication C{holder} of C{user_id}, and no other, push
+        C{event} with C{body}: the process it is on drops the notice if the
+        user is no longer held by it (resumed or left since), or is away.
+        """
+        return self._router.publish(notice_channel(holder_server(holder)), json.dumps(
+            {"users": [user_id], "holder": holder, "event": event, "body": body}))
+
     def ask(self, server_id, event, body):
         """Have the process C{server_id} hear C{event} with C{body} (JSON-able) as a notice to no user."""
         return self._router.publish(notice_channel(server_id), json.dumps({"users": [], "event": event, "body": body}))
@@ -291,8 +337,8 @@ class Presence:
         """
         Call C{on_kick(user_id, holder)} when another process takes over the
         authentication C{holder} of a user of this one, and
-        C{on_notice(user_ids, event, body)} for what L{tell} sends users of
-        this one; a Subscription.
+        C{on_notice(user_ids, event, body, holder)} for what L{tell} (holder
+        None) and L{tell_holder} send users of this one; a Subscription.
         """
         kicks = kick_channel(self.server_id).encode()
 
@@ -302,6 +348,6 @@ class Presence:
                 on_kick(int(user_id), holder)
             else:
                 notice = json.loads(message)
-                on_notice(notice["users"], notice["event"], notice["body"])
+                on_notice(notice["users"], notice["event"], notice["body"], notice.get("holder"))
 
         return self._router.subscribe([kick_channel(self.server_id), notice_channel(self.server_id)], received)

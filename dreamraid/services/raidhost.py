@@ -102,6 +102,19 @@ class _Hosted:
         self.over_rate = set()  # member numbers logged as sending past the rate
         self.sent = 0  # sequence of the datagrams the host sends
         self.hp_sent_at = 0.0  # when the boss's HP last went to every player
+        self.told = {}  # member number -> the authentication (presence holder) last given its place
+        self.placing = {}  # member number -> DeferredLock: one place given at a time, in order
+
+    @property
+    def over(self):
+        """The fight ended (cleared, failed or abandoned): nobody is given a place in it any more."""
+        return self.raid.stage in (Stage.CLEARED, Stage.FAILED)
+
+    def checkpoint(self):
+        """The raid's state as its checkpoint stores it (JSON)."""
+        raid = self.raid
+        return json.dumps({"stage": raid.stage.value, "hp": raid.hp, "sequence": raid.sequence,
+                           "deadline": raid.deadline, "scores": {str(u): s for u, s in raid.scores.items()}})
 
 
 class Standing(NamedTuple):
@@ -209,10 +222,7 @@ class RaidHost(Service):
         """
         self._keeps += 1
         bucket = self._keeps % BUCKETS
-        checkpoints = {raid_id: json.dumps({
-            "stage": h.raid.stage.value, "hp": h.raid.hp, "sequence": h.raid.sequence,
-            "deadline": h.raid.deadline, "scores": {str(u): s for u, s in h.raid.scores.items()}})
-            for raid_id, h in self._buckets[bucket].items()}
+        checkpoints = {raid_id: h.checkpoint() for raid_id, h in self._buckets[bucket].items()}
         try:
             for raid_id in await self._matchmaker.renew(self._presence.server_id, self.address, checkpoints):
                 self._ended_elsewhere(raid_id)
@@ -332,16 +342,56 @@ class RaidHost(Service):
         self._log.info("raid {raid_id} hosted for users {user_ids} (raid number {number})",
                        raid_id=raid_id, user_ids=list(members), number=number)
 
-    async def _give_place(self, hosted, member):
-        """Offer player C{member} a handoff ticket and tell them where the raid is; a Redis failure is logged."""
+    async def _give_place(self, hosted, member, again=False, asked_by=None):
+        """
+        Tell player C{member} where the raid is (raid_found), at forming or
+        C{again} after a resume (L{place_again}), one at a time per member.
+        The push goes to the authentication holding the player now, and to
+        it only; one elsewhere gets a handoff ticket, one on this host none
+        (and any unused ticket of theirs is taken off, so their leave does
+        not wait for it).  A place again gets a new datagram key (datagrams
+        under the old one, which a dead socket may still hold, are forged
+        now), and the member's old UDP address and sequence are forgotten
+        until they greet again; it is not given if the raid is over, nor to
+        the authentication C{asked_by} (the resume that asked) if the place
+        was given to it already: a resume racing the raid's forming hears
+        raid_found once.  A Redis failure is logged.
+        """
+        lock = hosted.placing.setdefault(member, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            await self._place(hosted, member, again, asked_by)
+        finally:
+            lock.release()
+
+    async def _place(self, hosted, member, again, asked_by):
         raid_id, user_id = hosted.raid.raid_id, hosted.members[member]
+        if self._raids.get(raid_id) is not hosted or hosted.over:
+            return  # over meanwhile: its result, not a place, is what the player hears
+        if asked_by is not None and hosted.told.get(member) == asked_by:
+            self._log.info("raid {raid_id}: user {user_id} resumed after being told where it is; not told again",
+                           raid_id=raid_id, user_id=user_id)
+            return
         ticket = f"{self._random.getrandbits(128):032x}"
         try:
-            await self._presence.offer_handoff(user_id, ticket, HANDOFF_TTL)
-            await self._presence.tell([user_id], RAID_FOUND, {
-                "raid_id": raid_id, "host": self.address, "ticket": ticket, "udp": self.udp_address,
-                "raid_number": hosted.number, "member": member, "key": hosted.keys[member].hex(),
-                "members": hosted.members})
+            holder, offered = await self._presence.offer_place(user_id, ticket, HANDOFF_TTL, asked_by)
+            if holder is None or holder != (asked_by or holder):
+                # Offline, or the resume that asked was itself replaced: a newer resume asks for itself.
+                self._log.info("raid {raid_id}: user {user_id} is not held by {asked}; not told where it is",
+                               raid_id=raid_id, user_id=user_id, asked=asked_by or "anyone")
+                return
+            if again:
+                keys = list(hosted.keys)
+                keys[member] = self._random.getrandbits(8 * KEY_SIZE).to_bytes(KEY_SIZE, "big")
+                hosted.keys = tuple(keys)
+                hosted.addresses.pop(member, None)
+                hosted.last_sequence.pop(member, None)
+                hosted.positions.pop(member, None)
+            await self._presence.tell_holder(user_id, holder, RAID_FOUND, {
+                "raid_id": raid_id, "host": self.address, "ticket": ticket if offered else "",
+                "udp": self.udp_address, "raid_number": hosted.number, "member": member,
+                "key": hosted.keys[member].hex(), "members": hosted.members})
+            hosted.told[member] = holder
         except REDIS_ERRORS as e:
             self._log.warn("raid {raid_id}: cannot tell user {user_id} where it is ({error}); it goes on without "
                            "them", raid_id=raid_id, user_id=user_id, error=e)
@@ -356,47 +406,49 @@ class RaidHost(Service):
 
     # -- resumed players -------------------------------------------------------------
 
-    async def rejoin(self, user_id, raid_id, host_server):
+    async def rejoin(self, user_id, raid_id, host_server, holder=None):
         """
-        The player resumed while in raid C{raid_id} (hosted by
-        C{host_server}): give them their place again (a new handoff ticket,
-        a new UDP key, through a raid_found push), here or by asking the
-        host; their L{Standing}, from the raid itself if hosted here, else
-        from its checkpoint (at most a second old).
+        The player resumed, as the authentication C{holder}, while in raid
+        C{raid_id} (hosted by C{host_server}): give them their place again
+        (L{place_again}), here or by asking the host; their L{Standing},
+        from the raid itself if hosted here, else from its checkpoint (at
+        most a second old, and written at once when the fight ends).  A raid
+        over (its players being paid) gives no place: the standing says its
+        end (no time left), and its result follows as to every player.
         """
         hosted = self._raids.get(raid_id)
         if hosted is not None and user_id in hosted.members:
-            self.place_again(user_id, raid_id)
+            self.place_again(user_id, raid_id, holder)
             raid = hosted.raid
             left = max(0.0, raid.deadline - self._clock.seconds()) if raid.stage is Stage.FIGHTING else 0.0
             return Standing(raid_id, raid.hp, int(left * 1000), raid.scores.get(user_id, 0))
         if host_server:
-            await self._presence.ask(host_server, PLACE_AGAIN, {"user_id": user_id, "raid_id": raid_id})
+            await self._presence.ask(host_server, PLACE_AGAIN, {"user_id": user_id, "raid_id": raid_id,
+                                                                "holder": holder})
         checkpoint = await self._matchmaker.checkpoint(raid_id) or {}
         fighting = checkpoint.get("stage") == Stage.FIGHTING.value and checkpoint.get("deadline")
         left = max(0.0, checkpoint["deadline"] - self._clock.seconds()) if fighting else 0.0
         return Standing(raid_id, int(checkpoint.get("hp", self._settings.boss_hp)), int(left * 1000),
                         int(checkpoint.get("scores", {}).get(str(user_id), 0)))
 
-    def place_again(self, user_id, raid_id):
+    def place_again(self, user_id, raid_id, holder=None):
         """
-        Give a resumed player of a raid hosted here their place again: a
-        new datagram key (datagrams under the old one, which a dead socket
-        may still hold, are forged now), their old UDP address and sequence
-        forgotten until they greet again, and a raid_found push with a new
-        handoff ticket.
+        Give a player of a raid hosted here, who resumed as the
+        authentication C{holder} (None: whoever holds them now), their place
+        again (L{_give_place}): a new datagram key and a raid_found push,
+        with a handoff ticket if they are elsewhere.  Nothing if the raid is
+        over (its result is on its way to them), or if that authentication
+        was told where the raid is already (the forming's push reached it).
         """
         hosted = self._raids.get(raid_id)
         if hosted is None or user_id not in hosted.members:
             return
-        member = hosted.members.index(user_id)
-        keys = list(hosted.keys)
-        keys[member] = self._random.getrandbits(8 * KEY_SIZE).to_bytes(KEY_SIZE, "big")
-        hosted.keys = tuple(keys)
-        hosted.addresses.pop(member, None)
-        hosted.last_sequence.pop(member, None)
-        hosted.positions.pop(member, None)
-        self._ending(raid_id, self._give_place(hosted, member), "raid {raid_id}: cannot give a player their place again")
+        if hosted.over:
+            self._log.info("raid {raid_id}: user {user_id} resumed as it ended; no place, its result follows",
+                           raid_id=raid_id, user_id=user_id)
+            return
+        self._ending(raid_id, self._give_place(hosted, hosted.members.index(user_id), again=True, asked_by=holder),
+                     "raid {raid_id}: cannot give a player their place again")
 
     # -- requests -----------------------------------------------------------------
 
@@ -444,6 +496,7 @@ class RaidHost(Service):
         """
         raid_id, members = hosted.raid.raid_id, hosted.members
         self._send_hp(hosted)
+        await self._checkpoint_ended(hosted)
         if result.cleared:
             paid = await self._pay(hosted, result)
             scores = [(u, hosted.names[u], result.scores[u]) for u, rewarded in paid.items()
@@ -468,6 +521,19 @@ class RaidHost(Service):
             "level": rewarded.level if rewarded else 0, "best": rewarded.best if rewarded else 0,
             "changed": [item._asdict() for item in rewarded.changed] if rewarded else []})
             for u, rewarded in paid.items()])
+
+    async def _checkpoint_ended(self, hosted):
+        """
+        Write the ended raid's checkpoint now, not at its next turn, so a
+        player resuming on another process is told it is over; a failure is
+        logged (that turn writes it).
+        """
+        try:
+            await self._matchmaker.renew(self._presence.server_id, self.address,
+                                         {hosted.raid.raid_id: hosted.checkpoint()})
+        except REDIS_ERRORS as e:
+            self._log.warn("raid {raid_id}: cannot checkpoint its end ({error})", raid_id=hosted.raid.raid_id,
+                           error=e)
 
     async def _pay(self, hosted, result):
         """
