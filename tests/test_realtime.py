@@ -388,6 +388,29 @@ class HostedRaidTests(TestCase):
             self.assertLessEqual(max(gaps), 1.0, (step, member))
             self.assertLessEqual(len(times), 30 / HP_REPEAT_AFTER + 3, (step, member))
 
+    def test_a_player_placed_again_mid_fight_is_told_the_fight_as_it_is_now(self):
+        """
+        A resumed player given its place again while the raid fights (its
+        raid_fight may have come while it was away): a raid_found with a new
+        key, then a raid_fight with the boss's HP, sequence and deadline as
+        they are now.  Placed again before the fight, it gets no raid_fight.
+        """
+        self.host.place_again(MEMBERS[1], "r1")
+        self.assertEqual([event for _, event, _ in self.presence.told[len(MEMBERS):]], ["raid_found"])
+        for user_id in MEMBERS:
+            self.host.ready(user_id, "r1")
+        self.host.hit(MEMBERS[0], "r1")
+        hit = self.host.hit(MEMBERS[1], "r1")
+        del self.presence.told[:]
+        self.host.place_again(MEMBERS[1], "r1")
+        [(found_for, found_event, found), (fight_for, fight_event, fight)] = self.presence.told
+        self.assertEqual((found_for, found_event, fight_for, fight_event),
+                         ([MEMBERS[1]], "raid_found", [MEMBERS[1]], "raid_fight"))
+        self.assertNotEqual(found["key"], self.found[1]["key"])
+        deadline = self.clock.seconds() + self.settings.time_limit
+        self.assertEqual(fight, {"raid_id": "r1", "hp": hit.hp, "sequence": hit.sequence,
+                                 "deadline_ms": int(deadline * 1000)})
+
     def test_the_boss_hp_goes_out_at_least_once_a_second_without_hits(self):
         """Clock steps shorter than the host's ticks, out of phase with them: HP gaps stay within a second."""
         self.assertHpEverySecond(0.007)

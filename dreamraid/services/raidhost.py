@@ -391,6 +391,11 @@ class RaidHost(Service):
                 "raid_id": raid_id, "host": self.address, "ticket": ticket if offered else "",
                 "udp": self.udp_address, "raid_number": hosted.number, "member": member,
                 "key": hosted.keys[member].hex(), "members": hosted.members})
+            raid = hosted.raid
+            if again and raid.stage is Stage.FIGHTING:  # told after the raid_found, on the same channel
+                await self._presence.tell_holder(user_id, holder, RAID_FIGHT, {
+                    "raid_id": raid_id, "hp": raid.hp, "sequence": raid.sequence,
+                    "deadline_ms": int(raid.deadline * 1000)})
             hosted.told[member] = holder
         except REDIS_ERRORS as e:
             self._log.warn("raid {raid_id}: cannot tell user {user_id} where it is ({error}); it goes on without "
@@ -439,6 +444,9 @@ class RaidHost(Service):
         with a handoff ticket if they are elsewhere.  Nothing if the raid is
         over (its result is on its way to them), or if that authentication
         was told where the raid is already (the forming's push reached it).
+        A place again in a raid that is fighting is followed by a raid_fight
+        push as the fight is now (the one at its start may have come while
+        the player was away).
         """
         hosted = self._raids.get(raid_id)
         if hosted is None or user_id not in hosted.members:
