@@ -173,8 +173,14 @@ class TellingPresence:
     def offer_handoff(self, user_id, ticket, ttl):
         return defer.succeed(None)
 
+    async def offer_place(self, user_id, ticket, ttl, expected=None):
+        return (expected or f"elsewhere {user_id}"), True  # held on another process: a ticket is offered
+
     async def tell(self, user_ids, event, body):
         self.told.append((list(user_ids), event, body))
+
+    async def tell_holder(self, user_id, holder, event, body):
+        self.told.append(([user_id], event, body))
 
 
 class IdleMatchmaker:
@@ -228,7 +234,7 @@ class HostedRaidTests(TestCase):
 
     def test_fakes_match_the_real_collaborators(self):
         """The fakes' methods take what the real presence and matchmaker take."""
-        for fake, real, names in ((TellingPresence, Presence, ("offer_handoff", "tell")),
+        for fake, real, names in ((TellingPresence, Presence, ("offer_handoff", "offer_place", "tell", "tell_holder")),
                                   (IdleMatchmaker, Matchmaker, ("renew", "reap", "release"))):
             for name in names:
                 self.assertEqual(inspect.signature(getattr(fake, name)), inspect.signature(getattr(real, name)), name)
