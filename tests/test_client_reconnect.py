@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from dreamraid.client import ConnectionClosed, GameClient, OutcomeUnknown
+from dreamraid.client import ConnectionClosed, GameClient, OutcomeUnknown, Raid
 from dreamraid.client.connection import ClientProtocol
 from dreamraid.client.reconnect import BACKOFF_CAP, Backoff
 from dreamraid.errors import ErrorCode
@@ -76,6 +76,13 @@ class FakeServer:
 
     def drop(self):
         self.transport.loseConnection()
+
+
+FOUND = {"raid_id": "r1", "host": "127.0.0.1:9090", "ticket": "t1", "udp": "127.0.0.1:9090", "raid_number": 5,
+         "member": 0, "key": "11" * 16, "members": [{"user_id": USER}, {"user_id": 8}]}
+RESULT = {"raid_id": "r1", "cleared": True, "score": 12, "team_score": 30, "exp_gained": 12, "level": 5, "best": 12,
+          "changed": []}
+FIGHT = {"raid_id": "r1", "hp": 30, "sequence": 0, "deadline_ms": 1_000_000}
 
 
 def resumed_body(raid_id=""):
@@ -142,8 +149,8 @@ class HeartbeatTests(TestCase):
         self.assertEqual([r for r in self.server.requests() if r[0] == "ping"], [])
 
 
-class ReconnectTests(TestCase):
-    """A dropped game connection comes back by itself and resumes the player."""
+class ReconnectingClientCase(TestCase):
+    """A game client on a fake server and a task.Clock, whose next connects give C{servers}."""
 
     def setUp(self):
         self.clock = task.Clock()
@@ -176,6 +183,10 @@ class ReconnectTests(TestCase):
         name, request_id, body = server.last("resume")
         self.assertEqual(body, {"token": "the-token", "user_id": 0, "ticket": ""})
         server.reply(packets.RESUMED, request_id, resumed_body())
+
+
+class ReconnectTests(ReconnectingClientCase):
+    """A dropped game connection comes back by itself and resumes the player."""
 
     def test_a_drop_reconnects_resumes_and_fires_the_events_in_order(self):
         again = FakeServer(self.clock)
@@ -289,3 +300,57 @@ class ReconnectTests(TestCase):
             self.clock.advance(BACKOFF_CAP)
         self.assertEqual(self.events[-1][0], "reconnect_failed")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RaidAcrossAResumeTests(ReconnectingClientCase):
+    """
+    The application's L{Raid} across a drop: pushes the server sends on the
+    new connection before its resumed reply are not lost, and a raid_fight
+    told again after the resume reaches a raid that missed it, once.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.raid = Raid(self.client, FOUND)
+        self.client._in_raid["r1"] = self.raid
+        self.client._remember("r1", "found")
+
+    def resume_with_pushes_first(self, *pushes):
+        """Drop, and resume on a server that pushes C{pushes} (message, body) before its resumed reply."""
+        self.first.drop()
+        again = FakeServer(self.clock)
+        self.servers.append(again)
+        self.next_attempt()
+        _, request_id, _ = again.last("resume")
+        for message, body in pushes:
+            again.client.dataReceived(message.encode(0, body))
+        again.reply(packets.RESUMED, request_id, resumed_body("r1"))
+        self.assertEqual([e[0] for e in self.events], ["reconnecting", "resumed"])
+        return again
+
+    def test_a_result_pushed_before_the_resumed_reply_reaches_the_raid(self):
+        """The raid cleared while away: its result, pushed right after the resume took the player, reaches result()."""
+        result = defer.ensureDeferred(self.raid.result())
+        self.resume_with_pushes_first((packets.RAID_RESULT, RESULT))
+        told = self.successResultOf(result)
+        self.assertEqual((told.raid_id, told.score), ("r1", 12))
+
+    def test_a_fight_missed_while_away_reaches_the_raid_once(self):
+        """
+        The fight began while the player was away: the raid_fight told
+        after the resume reaches fight(); told yet again, it is dropped.
+        """
+        fight = defer.ensureDeferred(self.raid.fight())
+        again = self.resume_with_pushes_first()
+        again.client.dataReceived(packets.RAID_FIGHT.encode(0, {**FIGHT, "hp": 21}))
+        self.assertEqual(self.successResultOf(fight).hp, 21)
+        again.client.dataReceived(packets.RAID_FIGHT.encode(0, {**FIGHT, "hp": 20}))
+        self.assertNoResult(defer.ensureDeferred(self.raid.fight()))
+
+    def test_a_fight_heard_before_the_drop_is_not_told_twice(self):
+        """The raid_fight the server tells again after a resume is dropped if this client heard the fight already."""
+        self.first.client.dataReceived(packets.RAID_FIGHT.encode(0, FIGHT))
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(self.raid.fight())).hp, 30)
+        again = self.resume_with_pushes_first()
+        again.client.dataReceived(packets.RAID_FIGHT.encode(0, {**FIGHT, "hp": 21}))
+        self.assertEqual(self.client._pushes, [])

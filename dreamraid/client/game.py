@@ -447,6 +447,8 @@ class GameClient:
             self._remember(body["raid_id"], "ended")
             raise RaidNotStarted(results.raid_result(body))
         raid = Raid(self, body)
+        raid.fight_heard = any(name == packets.RAID_FIGHT.name and pushed["raid_id"] == raid.raid_id
+                               for name, pushed in self._pushes)  # its fight came before the application asked
         self._remember(raid.raid_id, "found")
         self._in_raid[raid.raid_id] = raid
         over = self.next_push(packets.RAID_RESULT.name, lambda body: body["raid_id"] == raid.raid_id)
@@ -489,12 +491,18 @@ class GameClient:
             self.connection.close()
 
     def _use(self, connection):
+        """
+        Play through C{connection} from now on.  Pushes it received before
+        (while its authentication or resume was being answered: what the
+        player was kept while away, a raid_found again) are handed on first.
+        """
         self.connection = connection
         connection.on_push = self._pushed
-        early = getattr(connection, "pushes", [])  # pushed before the authentication's reply came
-        connection.pushes = []
-        for name, body in early:
-            self._pushed(packets.MESSAGES_BY_NAME[name], body)
+        early = getattr(connection, "pushes", None)  # a stand-in connection may keep none
+        if early:
+            connection.pushes = []
+            for name, body in early:
+                self._pushed(packets.MESSAGES_BY_NAME[name], body)
         closed = getattr(connection, "closed", None)  # a stand-in connection may have none: never lost
         if closed is not None:
             closed.addCallback(self._lost, connection)
@@ -520,6 +528,11 @@ class GameClient:
     def _pushed(self, message, body):
         if message in _RAID_PUSHES and self._raids.get(body["raid_id"]) == "ended":
             return  # a raid over for this player: a late raid_found, a repeated result
+        if message is packets.RAID_FIGHT and body["raid_id"] in self._in_raid:
+            raid = self._in_raid[body["raid_id"]]
+            if raid.fight_heard:
+                return  # told again after a resume, in case it came while away: this one did not
+            raid.fight_heard = True
         host = self._route("tcp", _address(body["host"])) if message is packets.RAID_FOUND else None
         if message is packets.RAID_FOUND and body["raid_id"] in self._in_raid and host == self.address:
             self._in_raid[body["raid_id"]].rejoin(body)  # after a resume: new key, greet again
@@ -583,6 +596,7 @@ class Raid:
         self._greeting = None  # the greeting again after a resume, until the host answers it
         self.lost = False  # it ended for the player while the client was away (RaidEndedAway)
         self._lost_waiters = []
+        self.fight_heard = False  # its raid_fight came (a resume's repeat of it is dropped)
 
     @property
     def hp(self):
