@@ -15,6 +15,7 @@ import random
 from twisted.internet import defer, reactor
 
 from dreamraid.client.game import GameClient
+from dreamraid.client.reconnect import Backoff
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import profile_key
@@ -171,6 +172,81 @@ class RaidReconnectTests(GameServerCase):
         self.assertIsNone(victim.ticket)  # its live session is its login token
         result = await self.cut_mid_fight_and_clear(clients, raids, victim)
         self.assertEqual(server.part("RaidHost").counters["forged"], 0)
+        await self.paid_once_and_stored(victim, result)
+
+    def slow_to_come_back(self, client):
+        """C{client}'s first reconnect attempt waits 1 to 2 s (not 0.25 to 0.5 s): long enough for the others to act."""
+        client._backoff = Backoff(random.Random(), first=2.0)
+
+    async def away(self, server, client):
+        """Once the in-process C{server} holds C{client}'s player away (it has seen the drop)."""
+        players = server.part("Players")
+        await eventually(lambda: _true(players.player_of(client.user_id).away))
+
+    async def test_a_raid_cleared_while_a_player_is_away_is_told_to_it_once_back(self):
+        """
+        The others clear the raid while the cut player is away: its result
+        is kept for it, and comes once its client is back by itself (the
+        resumed record names no raid: it is over); the player is paid once
+        for the hit it made, and MariaDB holds what it was told.
+        """
+        server = await self.game_server(*self.options())
+        clients = [await self.player(server.port) for _ in range(RAID_SIZE)]
+        raids = await self.raid_of(clients)
+        victim, raid = clients[1], raids[1]
+        mine = (await raid.hit()).damage
+        events, resumed = self.watch(victim)
+        self.slow_to_come_back(victim)
+        cut = reactor.seconds()
+        victim.connection.transport.abortConnection()
+        await self.away(server, victim)
+        hp, turn, others = 1, 0, [raids[0], raids[2]]
+        while hp > 0:
+            hp, turn = (await others[turn % 2].hit()).hp, turn + 1
+        for other in others:
+            self.assertTrue((await other.result()).cleared)
+        self.assertFalse(resumed.called)  # the raid ended while the player was away
+        record = await resumed
+        self.assertLess(reactor.seconds() - cut, 5)
+        self.assertEqual(events, [("reconnecting", 1), ("resumed",)])
+        self.assertEqual((record.raid_id, record.score), ("", 0))
+        result = await defer.ensureDeferred(raid.result()).addTimeout(10, reactor)
+        self.assertEqual((result.cleared, result.team_score, result.score, result.exp_gained), (True, 30, mine, mine))
+        await self.paid_once_and_stored(victim, result)
+
+    async def test_a_fight_begun_while_a_player_is_away_reaches_its_raid_once_back(self):
+        """
+        The fight begins while a player who readied is away (the last
+        player readies then): once its client is back by itself, the same
+        Raid's fight() gets the fight as it is, its hits count, and it is
+        paid once.
+        """
+        server = await self.game_server(*self.options(), "--raids-ready-grace", "60")
+        clients = [await self.player(server.port) for _ in range(RAID_SIZE)]
+        for client in clients:
+            await client.queue_raid()
+        raids = await gather([client.next_raid() for client in clients[:2]])
+        for raid in raids:
+            self.addCleanup(raid.close)
+        late = clients[2]
+        found = await late.next_push(packets.RAID_FOUND.name)
+        victim, raid = clients[1], raids[1]
+        events, resumed = self.watch(victim)
+        self.slow_to_come_back(victim)
+        victim.connection.transport.abortConnection()
+        await self.away(server, victim)
+        await late.request(packets.RAID_READY, {"raid_id": found["raid_id"]})
+        first_hit = await raids[0].hit()  # the fight is on, the victim away
+        await resumed
+        fight = await defer.ensureDeferred(raid.fight()).addTimeout(10, reactor)
+        self.assertEqual(fight.hp, first_hit.hp)
+        self.assertGreater(fight.deadline, reactor.seconds())
+        mine, hp = 0, fight.hp
+        while hp > 0:
+            hit = await raid.hit()
+            mine, hp = mine + hit.damage, hit.hp
+        result = await defer.ensureDeferred(raid.result()).addTimeout(10, reactor)
+        self.assertEqual((result.cleared, result.score, result.exp_gained), (True, mine, mine))
         await self.paid_once_and_stored(victim, result)
 
     async def test_a_player_moved_to_another_process_cut_mid_fight_comes_back_by_itself(self):
