@@ -633,7 +633,8 @@ RESUME = message(
     "as the live session it names is the credential), or, after a raid handoff made the handoff "
     "ticket the live session, user_id and that ticket (token empty). The reply is resumed: what "
     "was kept, as it is now (not a replay of the pushes missed). A player in a raid is then sent "
-    "a raid_found push again with a new handoff ticket and its UDP key: the client moves to the "
+    "a raid_found push again with a new handoff ticket and its UDP key (then, if the raid is "
+    "fighting, a raid_fight as the fight is now): the client moves to the "
     "raid's host if it is not there, and greets the UDP channel again; a connection that heard "
     "the raid's raid_found already (a resume racing the raid's forming) is not sent it twice. A "
     "raid that is over (its "
@@ -883,7 +884,8 @@ RAID_FIGHT = message(
     269, "raid_fight", Sender.SERVER,
     "Push to the raid's players on its host when the fight begins: the boss's HP and its "
     "sequence (the HP's, as in hit and boss_hp), and the deadline (ms since the epoch, by the "
-    "host's clock) after which the raid fails.",
+    "host's clock) after which the raid fails. Sent again, with the HP and sequence as they are "
+    "then, after the raid_found a resumed player gets mid-fight.",
     "raid_id" / String, "hp" / Int32ul, "sequence" / Int32ul, "deadline_ms" / Int64ul,
 )
 RAID_HIT = message(
