@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 
 from dreamraid.client import ConnectionClosed, GameClient, RaidEndedAway, Relogin, RemoteError
+from dreamraid.client.game import RESULT_AFTER_RESUME
 from dreamraid.client.game import Raid
 from dreamraid.client.results import Login
 from dreamraid.errors import ErrorCode
@@ -257,7 +258,7 @@ class GameClientReloginTests(TestCase):
         self.expire_resume(entering=False)
         self.assertEqual([e[0] for e in self.events], ["reconnecting", "reconnect_failed"])
         self.assertEqual(self.events[-1][1].code, ErrorCode.REFRESH_REFUSED)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.client._result_waits, {})  # its wait was cancelled by the result
 
     def test_an_unreachable_session_server_is_tried_again_without_another_resume(self):
         """The refresh was never sent: after the backoff the client enters again (not resuming a session that is gone)."""
@@ -308,10 +309,17 @@ class RaidsAfterADropTests(TestCase):
         return again
 
     def test_a_raid_that_ended_while_away_raises_from_its_waits(self):
-        """Resumed in no raid: the open raid's result and fight raise RaidEndedAway; its late pushes are dropped."""
+        """
+        Resumed in no raid and no result after the reply within
+        RESULT_AFTER_RESUME: the open raid's result and fight raise
+        RaidEndedAway; its late pushes are dropped.
+        """
         result = defer.ensureDeferred(self.raid.result())
         fight = defer.ensureDeferred(self.raid.fight())
         again = self.resume("")
+        self.clock.advance(RESULT_AFTER_RESUME - 0.01)
+        self.assertNoResult(result)
+        self.clock.advance(0.01)
         self.assertEqual(self.failureResultOf(result, RaidEndedAway).value.raid_id, "r1")
         self.failureResultOf(fight, RaidEndedAway)
         self.failureResultOf(defer.ensureDeferred(self.raid.result()), RaidEndedAway)
@@ -320,6 +328,19 @@ class RaidsAfterADropTests(TestCase):
             "raid_id": "r1", "cleared": True, "score": 1, "team_score": 1, "exp_gained": 1, "level": 1, "best": 1,
             "changed": []}))
         self.assertEqual(self.client._pushes, [])
+
+    def test_a_result_told_while_away_follows_the_resumed_reply(self):
+        """The server pushes a result it kept for the away player after the resume's reply: it is the result."""
+        result = defer.ensureDeferred(self.raid.result())
+        again = self.resume("")
+        self.clock.advance(1)  # forwarded from the process the player was away on
+        again.client.dataReceived(packets.RAID_RESULT.encode(0, {
+            "raid_id": "r1", "cleared": True, "score": 5, "team_score": 9, "exp_gained": 1, "level": 1, "best": 5,
+            "changed": []}))
+        self.assertEqual(self.successResultOf(result).score, 5)
+        self.clock.advance(RESULT_AFTER_RESUME)
+        self.assertFalse(self.raid.lost)
+        self.assertEqual(self.client._result_waits, {})  # its wait was cancelled by the result
 
     def test_a_raid_still_on_is_kept(self):
         result = defer.ensureDeferred(self.raid.result())

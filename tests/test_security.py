@@ -348,7 +348,12 @@ class HandoffAttackTests(SecurityCase):
         for client in (a, b):
             await client.request(packets.QUEUE_RAID, {})
         found_a, found_b = await a.next_push("raid_found"), await b.next_push("raid_found")
-        ticket_a, ticket_b = found_a["ticket"], found_b["ticket"]
+        # Both are on the raid's host, so neither was offered a ticket; the test offers them as a
+        # host on another process would (Presence.offer_handoff), to attack them.
+        self.assertEqual((found_a["ticket"], found_b["ticket"]), ("", ""))
+        ticket_a, ticket_b = (f"{random.getrandbits(128):032x}" for _ in range(2))
+        for user_id, ticket in ((a.user_id, ticket_a), (b.user_id, ticket_b)):
+            await self.router.execute("SET", handoff_key(user_id), ticket, "PX", 30_000)
 
         attempts = {
             "B's ticket for A": (a.user_id, ticket_b),

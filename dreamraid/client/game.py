@@ -67,6 +67,11 @@ _SESSION_GONE = frozenset({ErrorCode.RESUME_EXPIRED, ErrorCode.TOKEN_EXPIRED, Er
                            ErrorCode.TOKEN_ISSUER, ErrorCode.HANDOFF_REFUSED})
 # How long a client keeps trying to get back before it gives up (the server keeps an away player far less).
 GIVE_UP_AFTER = 120.0
+# After a resume that kept the player in no raid, how long (seconds) a raid
+# still open here waits for its result before it counts as lost away: the
+# server pushes a result told while the player was away right after the
+# resumed reply, or forwards it from the process the player was away on.
+RESULT_AFTER_RESUME = 5.0
 
 
 async def _first_of(*waiters):
@@ -140,6 +145,7 @@ class GameClient:
         self._looping = False  # the loop itself is running (telling its listeners)
         self._back_waiters = []  # Deferreds fired once resumed (or failed if that cannot be)
         self._in_raid = {}  # raid id -> Raid, while open: a raid_found again after a resume rejoins it
+        self._result_waits = {}  # raid id -> the DelayedCall that counts it lost if no result came after a resume
         self.address = address
         self.user_id = user_id
         self.player = None  # a results.Player once authenticated
@@ -307,7 +313,10 @@ class GameClient:
             return
         self._reconnecting = None
         self.player = event[1] if event[0] == "entered_again" else event[1].player
-        self._raids_lost_away("" if event[0] == "entered_again" else event[1].raid_id)
+        if event[0] == "entered_again":
+            self._raids_lost_away("", wait=0)
+        else:
+            self._raids_lost_away(event[1].raid_id, wait=RESULT_AFTER_RESUME)
         waiting, self._back_waiters = self._back_waiters, []
         self._emit(*event)
         for waiter in waiting:
@@ -329,16 +338,29 @@ class GameClient:
         old.on_push = None
         return results.Player(**body)
 
-    def _raids_lost_away(self, kept):
+    def _raids_lost_away(self, kept, wait):
         """
         Back after a drop, in raid C{kept} only ('' for none): the other
         raids still open here ended (or let the player go) while it was
-        away, and their results, pushed then, were missed.
+        away.  A result told then comes after the resume's reply: each of
+        them waits C{wait} seconds for it (0: a new session, which was kept
+        nothing), and counts as lost away (L{Raid.lost_away}) without it.
         """
-        for raid_id, raid in list(self._in_raid.items()):
-            if raid_id != kept:
-                self._remember(raid_id, "ended")
-                raid.lost_away()
+        for raid_id in list(self._in_raid):
+            if raid_id == kept or raid_id in self._result_waits:
+                continue
+            if wait:
+                self._result_waits[raid_id] = self._reactor.callLater(wait, self._lost_unless_told, raid_id)
+            else:
+                self._lost_unless_told(raid_id)
+
+    def _lost_unless_told(self, raid_id):
+        self._result_waits.pop(raid_id, None)
+        raid = self._in_raid.get(raid_id)
+        if raid is None or raid.result_heard:
+            return
+        self._remember(raid_id, "ended")
+        raid.lost_away()
 
     # -- progression and inventory ----------------------------------------------------
 
@@ -485,6 +507,9 @@ class GameClient:
     def close(self):
         """Close the connection; no reconnecting after (one under way stops)."""
         self._closing = True
+        for waiting in self._result_waits.values():
+            waiting.cancel()
+        self._result_waits.clear()
         if self._reconnecting is not None and not self._looping:
             self._reconnecting.cancel()
         if self.connection.connected:
@@ -533,6 +558,11 @@ class GameClient:
             if raid.fight_heard:
                 return  # told again after a resume, in case it came while away: this one did not
             raid.fight_heard = True
+        if message is packets.RAID_RESULT and body["raid_id"] in self._in_raid:
+            self._in_raid[body["raid_id"]].result_heard = True
+            waiting = self._result_waits.pop(body["raid_id"], None)
+            if waiting is not None:
+                waiting.cancel()
         host = self._route("tcp", _address(body["host"])) if message is packets.RAID_FOUND else None
         if message is packets.RAID_FOUND and body["raid_id"] in self._in_raid and host == self.address:
             self._in_raid[body["raid_id"]].rejoin(body)  # after a resume: new key, greet again
@@ -597,6 +627,7 @@ class Raid:
         self.lost = False  # it ended for the player while the client was away (RaidEndedAway)
         self._lost_waiters = []
         self.fight_heard = False  # its raid_fight came (a resume's repeat of it is dropped)
+        self.result_heard = False  # its raid_result came (after a resume, it is not lost away)
 
     @property
     def hp(self):
