@@ -421,3 +421,22 @@ class FailingLogoutTests(TestCase):
         self.assertEqual((name, request_id, body["code"]), ("error", 1, ErrorCode.INTERNAL_ERROR))
         self.assertIsNone(protocol.user_id)
         self.assertTrue(transport.disconnecting)
+
+
+class PushWhileOverBudgetTests(TestCase):
+    """A push to a connection whose frame budget is spent goes out; it does not touch the held frame."""
+
+    def test_a_push_while_a_frame_waits_for_the_budget(self):
+        clock = Clock()
+        settings = make_settings(game_rate_limits="off", game_frame_rate="10/4").game
+        liveness = Liveness(clock, settings.ping_interval, settings.idle_timeout, settings.auth_timeout)
+        factory = GameFactory("dreamraid-test", settings, liveness, None, None, None, None, None, None)
+        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol.makeConnection(transport)
+        replies = Replies(transport)
+        protocol.dataReceived(b"".join(packets.PING.encode(i, {"nonce": i}) for i in range(1, 7)))
+        self.assertEqual([r[1] for r in replies.take()], [1, 2, 3, 4])  # 5 waits for the budget
+        protocol.push("matchmaking", {"state": "queued", "group": 1})  # once raised: the held frame is bytes
+        self.assertEqual([r[0] for r in replies.take()], ["matchmaking"])
+        clock.pump([0.1] * 3)
+        self.assertEqual([r[1] for r in replies.take()], [5, 6])

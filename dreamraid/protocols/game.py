@@ -73,7 +73,7 @@ class GameProtocol(ServerProtocol):
     """One player's connection to a game server."""
 
     player = None  # the services' Player this connection plays as, once authenticated
-    _held = None  # pushes held while an authentication is answered: they follow its reply
+    _pushes_held = None  # pushes held while an authentication is answered: they follow its reply
 
     # The requests that make the connection a player: pushes that come while one is served (what the player
     # missed while away, a raid_found for the authentication) are written after its reply, which a client
@@ -102,8 +102,8 @@ class GameProtocol(ServerProtocol):
         self.drop(code)
 
     def push(self, event, body):
-        if self._held is not None:
-            self._held.append((event, body))
+        if self._pushes_held is not None:
+            self._pushes_held.append((event, body))
             return
         message, encode = _PUSHES[event]
         if self.connected:
@@ -126,7 +126,7 @@ class GameProtocol(ServerProtocol):
 
     def _release_pushes(self):
         """The authentication was answered: the pushes held meanwhile follow, in order."""
-        held, self._held = self._held or [], None
+        held, self._pushes_held = self._pushes_held or [], None
         for event, body in held:
             self.push(event, body)
 
@@ -134,21 +134,21 @@ class GameProtocol(ServerProtocol):
     async def authenticate(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        self._held = []
+        self._pushes_held = []
         return await self._entered(self.factory.players.authenticate(self, body["token"]))
 
     @handles(packets.AUTHENTICATE_HANDOFF, needs_auth=False, ordered=True)
     async def authenticate_handoff(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        self._held = []
+        self._pushes_held = []
         return await self._entered(self.factory.players.authenticate_handoff(self, body["user_id"], body["ticket"]))
 
     @handles(packets.RESUME, needs_auth=False, ordered=True)
     async def resume(self, body):
         if self.user_id is not None:
             raise RequestRefused(ErrorCode.ALREADY_AUTHENTICATED)
-        self._held = []
+        self._pushes_held = []
         authenticated = await self._entered(self.factory.players.resume(self, body["token"], body["user_id"],
                                                                         body["ticket"]))
         if authenticated is None:
