@@ -30,6 +30,7 @@ from dreamraid.services.players import EARLY_FOR, PLACE_AGAIN, Players
 from dreamraid.services.presence import Entered, Left, Presence, away_key, handoff_key, holder_server, presence_key
 from dreamraid.services.raidhost import RaidHost, Standing
 from dreamraid.services.raids import Stage as Stage_
+from dreamraid.services.rediscluster import RedisClusterError
 from tests import cluster
 from tests.support import eventually, log_lines, make_settings, require_stack, when_logged
 from tests.test_game import GameServerCase
@@ -403,6 +404,18 @@ class AddressedNoticeTests(TestCase):
         answer.callback(Entered(USER, "n", 1, 0, "here 99", True))
         self.successResultOf(resumed)
         self.assertEqual((self.connection.pushed, fresh.pushed), ([], [("raid_found", {"n": 1})]))
+        self.assertEqual(self.players._early, {})  # the one for "here 98" waits for nobody now
+
+    def test_notices_for_an_authentication_that_failed_are_not_kept(self):
+        """The enter script's reply never came: what was kept for its authentication goes with it."""
+        answer = defer.Deferred()
+        self.presence.enter = lambda user_id, jti: answer
+        resumed = defer.ensureDeferred(self.players.resume(PushRecorder(), f"{USER}:jti1"))
+        self.players.notified([USER], "raid_found", {"n": 1}, "here 99")
+        self.assertEqual(list(self.players._early), ["here 99"])
+        answer.errback(RedisClusterError("timed out"))
+        self.failureResultOf(resumed, RequestRefused)
+        self.assertEqual(self.players._early, {})
 
     def test_a_result_told_while_away_is_pushed_on_resume_here(self):
         """

@@ -99,7 +99,7 @@ class Players(Service):
         self._background = set()  # Deferreds of leaves and party notices under way
         self._place_again = None  # the raid host's, once it asked (when_asked_to_place)
         self._entering = collections.Counter()  # user id -> authentications of theirs under way here
-        self._early = {}  # holder -> (when, [(event, body)]): notices for it that came before it was attached
+        self._early = {}  # holder -> (when, user id, [(event, body)]): notices for it that came before it was attached
 
     def __len__(self):
         return len(self._players)
@@ -171,6 +171,7 @@ class Players(Service):
             # Stopping: a player taken over now would be left with nobody to run its leave.
             raise RequestRefused(ErrorCode.SHUTTING_DOWN)
         self._entering[user_id] += 1
+        entered = None
         try:
             entered = await enter(user_id, jti)
         except RedisClusterError as e:
@@ -180,7 +181,12 @@ class Players(Service):
             self._entering[user_id] -= 1
             if not self._entering[user_id]:
                 del self._entering[user_id]
-        at, early = self._early.pop(entered.holder, (None, []))
+                # No authentication of theirs is under way here now: notices kept for one that
+                # failed (its reply never came, or it was refused) would wait for nobody.
+                for holder in [h for h, (_, u, _) in self._early.items()
+                               if u == user_id and (entered is None or h != entered.holder)]:
+                    del self._early[holder]
+        at, _, early = self._early.pop(entered.holder, (None, None, []))
         if at is not None and self._clock.seconds() - at > EARLY_FOR:
             early = []
         player = self._attach(connection, user_id, jti, entered)
@@ -298,19 +304,19 @@ class Players(Service):
             player = self._players.get(user_id)
             if holder is not None and (player is None or player.holder != holder):
                 if holder_server(holder) == self._presence.server_id and user_id in self._entering:
-                    self._early_notice(holder, event, body)
+                    self._early_notice(holder, user_id, event, body)
                 continue
             if player is not None and player.connection is not None:
                 player.connection.push(event, body)
             elif player is not None and player.away and event in KEPT_WHILE_AWAY:
                 player.missed.append((event, body))
 
-    def _early_notice(self, holder, event, body):
-        """Keep a notice for the authentication C{holder}, not attached yet; those kept over EARLY_FOR go."""
+    def _early_notice(self, holder, user_id, event, body):
+        """Keep a notice for the authentication C{holder} of C{user_id}, not attached yet; those kept over EARLY_FOR go."""
         now = self._clock.seconds()
-        for stale in [h for h, (at, _) in self._early.items() if now - at > EARLY_FOR]:
+        for stale in [h for h, (at, _, _) in self._early.items() if now - at > EARLY_FOR]:
             del self._early[stale]
-        self._early.setdefault(holder, (now, []))[1].append((event, body))
+        self._early.setdefault(holder, (now, user_id, []))[2].append((event, body))
 
     def _forget(self, player):
         """The player is no longer this process's: no renewal, no timer."""
