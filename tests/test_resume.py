@@ -443,6 +443,22 @@ class AddressedNoticeTests(TestCase):
         self.assertEqual(self.presence.told, [([USER], "raid_result", {"raid_id": "r1"})])
         self.assertIsNone(self.players.player_of(USER))
 
+    def test_a_result_that_comes_just_after_the_takeover_follows_the_player(self):
+        """
+        The host read the presence (away here) before a resume elsewhere took
+        the player over, and its raid_result arrives after that takeover: it
+        is sent on to where the player resumed, for EARLY_FOR; later, not.
+        """
+        holder = self.players.player_of(USER).holder
+        self.players.connection_lost(self.connection)
+        self.players.taken_over(USER, holder)
+        self.players.notified([USER], "raid_result", {"raid_id": "r1"}, holder)
+        self.players.notified([USER], "party_changed", {"reason": "left"})  # state, which the resume reply has
+        self.assertEqual(self.presence.told, [([USER], "raid_result", {"raid_id": "r1"})])
+        self.clock.advance(EARLY_FOR + 1)
+        self.players.notified([USER], "raid_result", {"raid_id": "r2"})
+        self.assertEqual(len(self.presence.told), 1)
+
     def test_a_kept_notice_goes_after_a_while(self):
         """A notice kept for an authentication is dropped if it attaches only after EARLY_FOR."""
         answer = defer.Deferred()

@@ -99,6 +99,7 @@ class Players(Service):
         self._background = set()  # Deferreds of leaves and party notices under way
         self._place_again = None  # the raid host's, once it asked (when_asked_to_place)
         self._entering = collections.Counter()  # user id -> authentications of theirs under way here
+        self._moved = {}  # user id -> when an away player of theirs here was taken over elsewhere (resumed)
         self._early = {}  # holder -> (when, user id, [(event, body)]): notices for it that came before it was attached
 
     def __len__(self):
@@ -267,6 +268,10 @@ class Players(Service):
             else:
                 self._log.info("user {user_id}: away here, taken over elsewhere (resumed); nothing ends here",
                                user_id=user_id)
+                now = self._clock.seconds()
+                for stale in [u for u, at in self._moved.items() if now - at > EARLY_FOR]:
+                    del self._moved[stale]
+                self._moved[user_id] = now
             for event, body in player.missed:
                 self._in_background(self._forward(user_id, event, body))
             player.missed = []
@@ -294,7 +299,9 @@ class Players(Service):
         an authentication of this process not attached yet (its enter script
         ran, its reply is on its way) waits for it (L{_take_over}), a while.
         An away player's raid result (L{KEPT_WHILE_AWAY}) is kept for its
-        resume: pushed once it resumes here, forwarded if elsewhere.
+        resume: pushed once it resumes here, forwarded if elsewhere, also
+        when it comes (a while, EARLY_FOR) after the takeover that let the
+        player go here: the teller read the presence before the resume.
         """
         if event == PLACE_AGAIN:
             if self._place_again is not None:
@@ -302,6 +309,11 @@ class Players(Service):
             return
         for user_id in user_ids:
             player = self._players.get(user_id)
+            if player is None and event in KEPT_WHILE_AWAY and user_id not in self._entering and \
+                    self._clock.seconds() - self._moved.get(user_id, -EARLY_FOR - 1) <= EARLY_FOR:
+                # Told (read as away here) just as a resume elsewhere took the player over: follow it.
+                self._in_background(self._forward(user_id, event, body))
+                continue
             if holder is not None and (player is None or player.holder != holder):
                 if holder_server(holder) == self._presence.server_id and user_id in self._entering:
                     self._early_notice(holder, user_id, event, body)
