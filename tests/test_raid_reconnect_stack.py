@@ -15,7 +15,6 @@ import random
 from twisted.internet import defer, reactor
 
 from dreamraid.client.game import GameClient
-from dreamraid.client.reconnect import Backoff
 from dreamraid.protocols import packets
 from dreamraid.services.deferreds import gather
 from dreamraid.services.livestore import profile_key
@@ -28,13 +27,15 @@ RAID_SIZE = 3
 
 
 class CountingClient(GameClient):
-    """A game client that counts the raid results that reach it, before it drops repeated ones."""
+    """A game client that notes the pushes that reach it, before it drops repeated ones."""
 
     def __init__(self, *args, **kwargs):
         self.results_heard = []  # raid ids of every raid_result push, in order
+        self.pushes_heard = []  # names of every push, in order
         super().__init__(*args, **kwargs)
 
     def _pushed(self, message, body):
+        self.pushes_heard.append(message.name)
         if message is packets.RAID_RESULT:
             self.results_heard.append(body["raid_id"])
         super()._pushed(message, body)
@@ -174,9 +175,19 @@ class RaidReconnectTests(GameServerCase):
         self.assertEqual(server.part("RaidHost").counters["forged"], 0)
         await self.paid_once_and_stored(victim, result)
 
-    def slow_to_come_back(self, client):
-        """C{client}'s first reconnect attempt waits 1 to 2 s (not 0.25 to 0.5 s): long enough for the others to act."""
-        client._backoff = Backoff(random.Random(), first=2.0)
+    def held_away(self, client):
+        """
+        C{client}'s reconnect, once its backoff is over, waits to connect
+        until the test fires the Deferred returned: its player stays away
+        for as long as the test needs, however slow the machine.
+        """
+        gate, connect = defer.Deferred(), client._connect
+
+        async def held(host, port):
+            await gate
+            return await connect(host, port)
+        client._connect = lambda host, port: defer.ensureDeferred(held(host, port))
+        return gate
 
     async def away(self, server, client):
         """Once the in-process C{server} holds C{client}'s player away (it has seen the drop)."""
@@ -196,8 +207,7 @@ class RaidReconnectTests(GameServerCase):
         victim, raid = clients[1], raids[1]
         mine = (await raid.hit()).damage
         events, resumed = self.watch(victim)
-        self.slow_to_come_back(victim)
-        cut = reactor.seconds()
+        gate = self.held_away(victim)
         victim.connection.transport.abortConnection()
         await self.away(server, victim)
         hp, turn, others = 1, 0, [raids[0], raids[2]]
@@ -206,12 +216,16 @@ class RaidReconnectTests(GameServerCase):
         for other in others:
             self.assertTrue((await other.result()).cleared)
         self.assertFalse(resumed.called)  # the raid ended while the player was away
+        released, heard_away = reactor.seconds(), len(victim.pushes_heard)
+        gate.callback(None)
         record = await resumed
-        self.assertLess(reactor.seconds() - cut, 5)
+        self.assertLess(reactor.seconds() - released, 5)
         self.assertEqual(events, [("reconnecting", 1), ("resumed",)])
         self.assertEqual((record.raid_id, record.score), ("", 0))
         result = await defer.ensureDeferred(raid.result()).addTimeout(10, reactor)
         self.assertEqual((result.cleared, result.team_score, result.score, result.exp_gained), (True, 30, mine, mine))
+        self.assertEqual(victim.pushes_heard[heard_away:].count(packets.RAID_RESULT.name), 1)  # told once back
+        self.assertNotIn(packets.RAID_RESULT.name, victim.pushes_heard[:heard_away])
         await self.paid_once_and_stored(victim, result)
 
     async def test_a_fight_begun_while_a_player_is_away_reaches_its_raid_once_back(self):
@@ -232,13 +246,19 @@ class RaidReconnectTests(GameServerCase):
         found = await late.next_push(packets.RAID_FOUND.name)
         victim, raid = clients[1], raids[1]
         events, resumed = self.watch(victim)
-        self.slow_to_come_back(victim)
+        gate = self.held_away(victim)
         victim.connection.transport.abortConnection()
         await self.away(server, victim)
         await late.request(packets.RAID_READY, {"raid_id": found["raid_id"]})
         first_hit = await raids[0].hit()  # the fight is on, the victim away
+        self.assertFalse(resumed.called)
+        heard_away = len(victim.pushes_heard)
+        self.assertNotIn(packets.RAID_FIGHT.name, victim.pushes_heard)
+        gate.callback(None)
         await resumed
         fight = await defer.ensureDeferred(raid.fight()).addTimeout(10, reactor)
+        # Its one raid_fight came on the connection opened after the gate: told again once it resumed.
+        self.assertEqual(victim.pushes_heard[heard_away:].count(packets.RAID_FIGHT.name), 1)
         self.assertEqual(fight.hp, first_hit.hp)
         self.assertGreater(fight.deadline, reactor.seconds())
         mine, hp = 0, fight.hp

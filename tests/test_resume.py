@@ -782,6 +782,12 @@ class PlacePresence:
             return answer
         return defer.succeed(self._offer(user_id, ticket, expected))
 
+    def withdraw_place(self, user_id, ticket):
+        if self.tickets.get(user_id) != ticket:
+            return defer.succeed(False)
+        del self.tickets[user_id]
+        return defer.succeed(True)
+
     def offer_handoff(self, user_id, ticket, ttl):
         self.tickets[user_id] = ticket
         return defer.succeed(None)
@@ -888,7 +894,7 @@ class RaidPlaceTests(TestCase):
         return self.host.stopService()
 
     def test_the_fake_matches_the_real_presence(self):
-        for name in ("offer_place", "offer_handoff", "tell_holder", "tell", "ask"):
+        for name in ("offer_place", "withdraw_place", "offer_handoff", "tell_holder", "tell", "ask"):
             self.assertEqual(inspect.signature(getattr(PlacePresence, name)),
                              inspect.signature(getattr(Presence, name)), name)
 
@@ -958,6 +964,49 @@ class RaidPlaceTests(TestCase):
         self.assertEqual([f["ticket"] for f in self.presence.heard(2)], [""])
         self.assertEqual(self.presence.tickets, {})
 
+    def test_a_raid_that_ends_while_places_are_offered_tells_none_and_leaves_no_ticket(self):
+        """
+        100 players resume elsewhere mid-fight and the host offers each its
+        place again; the boss falls before any offer returns (for half, the
+        offer's script ran before it fell, for the other half after).  None
+        is told raid_found or raid_fight, no datagram key changes, and every
+        ticket offered is taken off (unused, it would hold up the player's
+        leave), but not a newer one that replaced it.  Each hears the
+        raid's result once it is paid.
+        """
+        members = list(range(1, 101))
+        for user_id in members:
+            self.presence.holder[user_id] = f"there {user_id}"
+        hosted = self.hosted(members)
+        for user_id in members:
+            self.host.ready(user_id, self.RAID)
+        self.assertIs(hosted.raid.stage, Stage_.FIGHTING)
+        keys = hosted.keys
+        self.presence.tickets.clear()  # the forming's, used
+        self.presence.hold_first = set(members)
+        for user_id in members:
+            self.presence.holder[user_id] = f"elsewhere {user_id}"
+            self.host.place_again(user_id, self.RAID, f"elsewhere {user_id}")
+        self.assertEqual(len(self.presence.waiting), 100)
+        early = {user_id: self.presence.waiting[user_id][1]() for user_id in members if user_id % 2}
+        self.assertEqual(len(self.presence.tickets), 50)
+        while self.host.hit(1, self.RAID).hp:
+            pass
+        self.assertTrue(hosted.over)
+        newer = {user_id: f"newer {user_id}" for user_id in members if user_id % 4 == 1}
+        self.presence.tickets.update(newer)  # another offer replaced these before the answer came
+        for user_id in members:
+            answer, run = self.presence.waiting[user_id]
+            answer.callback(early[user_id] if user_id in early else run())
+        for user_id in members:
+            self.assertEqual((self.presence.heard(user_id), self.presence.heard(user_id, "raid_fight")), ([], []))
+        self.assertEqual(self.presence.tickets, newer)
+        self.assertEqual(hosted.keys, keys)
+        self.pay.paying.callback(None)
+        for user_id in members:
+            [result] = self.presence.heard(user_id, "raid_result")
+            self.assertEqual((result["cleared"], result["score"]), (True, hosted.raid.scores[user_id]))
+
     def test_a_resume_into_a_raid_that_is_over_gets_its_end_not_a_place(self):
         """
         The boss fell and the host is paying: its end is checkpointed at
@@ -1019,6 +1068,20 @@ class PlaceScriptTests(TestCase):
         self.assertEqual(await self.router.execute("GET", handoff_key(self.user)), b"t2")
         self.assertEqual(await self.presence.offer_place(self.user, "t4", 30, here), (here, False))
         self.assertIsNone(await self.router.execute("GET", handoff_key(self.user)))
+
+    async def test_a_withdrawn_place_takes_off_only_its_own_ticket(self):
+        """
+        withdraw_place takes the ticket off only while it is the one
+        waiting: not one a newer offer put in its place, and once only.
+        """
+        await self.router.execute("SET", presence_key(self.user), "elsewhere 4")
+        self.assertEqual(await self.presence.offer_place(self.user, "t1", 30), ("elsewhere 4", True))
+        self.assertEqual(await self.presence.offer_place(self.user, "t2", 30), ("elsewhere 4", True))
+        self.assertFalse(await self.presence.withdraw_place(self.user, "t1"))
+        self.assertEqual(await self.router.execute("GET", handoff_key(self.user)), b"t2")
+        self.assertTrue(await self.presence.withdraw_place(self.user, "t2"))
+        self.assertIsNone(await self.router.execute("GET", handoff_key(self.user)))
+        self.assertFalse(await self.presence.withdraw_place(self.user, "t2"))
 
     async def test_an_addressed_notice_names_its_holder(self):
         """tell_holder reaches the holder's process with the holder named; tell names none."""

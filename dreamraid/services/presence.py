@@ -149,6 +149,13 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return {holder, 1}
 """
 
+# KEYS: handoff.  ARGV: ticket.  Takes the ticket off if it is still the one
+# waiting (not a newer offer's, nor used): 1 if it was, else 0.
+_WITHDRAW_PLACE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 
 class Left(enum.Enum):
     """What a connection's leave found."""
@@ -203,6 +210,7 @@ class Presence:
         self._handoff = Script(router, _HANDOFF)
         self._away = Script(router, _AWAY)
         self._offer_place = Script(router, _OFFER_PLACE)
+        self._withdraw_place = Script(router, _WITHDRAW_PLACE)
 
     async def enter(self, user_id, jti):
         """
@@ -240,6 +248,15 @@ class Presence:
         holder, offered = await self._offer_place([presence_key(user_id), handoff_key(user_id)],
                                                   [self.server_id, ticket, int(ttl * 1000), expected or ""])
         return (holder.decode() if holder else None), offered == 1
+
+    def withdraw_place(self, user_id, ticket):
+        """
+        Take off the ticket L{offer_place} offered, if it still waits (no
+        newer offer replaced it and it was not used): the raid ended before
+        the player was told it, and unused it would hold up the user's leave
+        for its time.  A Deferred of whether it was taken off.
+        """
+        return self._withdraw_place([handoff_key(user_id)], [ticket]).addCallback(bool)
 
     async def enter_handoff(self, user_id, ticket):
         """

@@ -352,9 +352,11 @@ class RaidHost(Service):
         not wait for it).  A place again gets a new datagram key (datagrams
         under the old one, which a dead socket may still hold, are forged
         now), and the member's old UDP address and sequence are forgotten
-        until they greet again; it is not given if the raid is over, nor to
-        the authentication C{asked_by} (the resume that asked) if the place
-        was given to it already: a resume racing the raid's forming hears
+        until they greet again.  It is not given if the raid is over, also
+        if it ends while the place is offered (the ticket offered, if still
+        waiting, is taken off, and the key is kept), nor to the
+        authentication C{asked_by} (the resume that asked) if the place was
+        given to it already: a resume racing the raid's forming hears
         raid_found once.  A Redis failure is logged.
         """
         lock = hosted.placing.setdefault(member, defer.DeferredLock())
@@ -375,6 +377,13 @@ class RaidHost(Service):
         ticket = f"{self._random.getrandbits(128):032x}"
         try:
             holder, offered = await self._presence.offer_place(user_id, ticket, HANDOFF_TTL, asked_by)
+            if self._raids.get(raid_id) is not hosted or hosted.over:
+                # Over while the place was offered: not told, and its ticket, unused, would hold up their leave.
+                if offered:
+                    await self._presence.withdraw_place(user_id, ticket)
+                self._log.info("raid {raid_id}: over before user {user_id} was told where it is; not told",
+                               raid_id=raid_id, user_id=user_id)
+                return
             if holder is None or holder != (asked_by or holder):
                 # Offline, or the resume that asked was itself replaced: a newer resume asks for itself.
                 self._log.info("raid {raid_id}: user {user_id} is not held by {asked}; not told where it is",
