@@ -254,11 +254,21 @@ class GameClientReloginTests(TestCase):
         self.assertEqual(self.session.revoked, ["refresh-1"])
 
     def test_a_refused_refresh_gives_up_with_its_code(self):
+        """
+        The session is gone and the refresh refused: the client gives up
+        with the refusal's code, an open raid's waits raise
+        ConnectionClosed, and no timer is left.
+        """
+        raid = Raid(self.client, found("r1"))
+        self.client._in_raid["r1"] = raid
+        result = defer.ensureDeferred(raid.result())
         self.session.refusals["refresh-0"] = RemoteError(ErrorCode.REFRESH_REFUSED, "revoked")
         self.expire_resume(entering=False)
         self.assertEqual([e[0] for e in self.events], ["reconnecting", "reconnect_failed"])
         self.assertEqual(self.events[-1][1].code, ErrorCode.REFRESH_REFUSED)
-        self.assertEqual(self.client._result_waits, {})  # its wait was cancelled by the result
+        self.assertEqual(self.failureResultOf(result, ConnectionClosed).value.code, ErrorCode.REFRESH_REFUSED)
+        self.failureResultOf(defer.ensureDeferred(raid.fight()), ConnectionClosed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_an_unreachable_session_server_is_tried_again_without_another_resume(self):
         """The refresh was never sent: after the backoff the client enters again (not resuming a session that is gone)."""
