@@ -319,7 +319,7 @@ class GameClient:
                 self._give_up(failed)
             waiting, self._back_waiters = self._back_waiters, []
             for waiter in waiting:
-                waiter.errback(failed)
+                waiter.errback(ConnectionClosed(failed.code, failed.detail))  # each its own: tracebacks grow on raising
             if not isinstance(e, defer.CancelledError):
                 self._emit("reconnect_failed", e)
             return
