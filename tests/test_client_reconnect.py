@@ -421,6 +421,14 @@ class GivingUpTests(ReconnectingClientCase):
         self.assertFalse(self.raid.lost)  # not RaidEndedAway: the client cannot know
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_the_application_hears_of_the_give_up_before_its_waits_fail(self):
+        """reconnect_failed comes first, so a loop that awaits pushes again on a failure can stop."""
+        heard = []
+        self.client.next_push(packets.PARTY_CHANGED.name).addErrback(
+            lambda failure: heard.append(("wait failed", [e[0] for e in self.events][-1])))
+        self.give_up()
+        self.assertEqual(heard, [("wait failed", "reconnect_failed")])
+
     def test_a_hundred_waits_at_once_all_fail(self):
         """A hundred requests waiting for the return and a hundred pushes awaited all fail with the give-up."""
         self.first.drop()

@@ -308,6 +308,8 @@ class RaidsAfterADropTests(TestCase):
         self.client._in_raid["r1"] = self.raid
         self.events = []
         self.client.on("reconnecting", lambda attempt, delay: self.events.append(delay))
+        self.lost = []
+        self.client.on("raid_lost", self.lost.append)
 
     def resume(self, raid_id):
         again = FakeServer(self.clock)
@@ -329,8 +331,10 @@ class RaidsAfterADropTests(TestCase):
         again = self.resume("")
         self.clock.advance(RESULT_AFTER_RESUME - 0.01)
         self.assertNoResult(result)
+        self.assertEqual(self.lost, [])
         self.clock.advance(0.01)
         self.assertEqual(self.failureResultOf(result, RaidEndedAway).value.raid_id, "r1")
+        self.assertEqual(self.lost, ["r1"])  # the application hears it too
         self.failureResultOf(fight, RaidEndedAway)
         self.failureResultOf(defer.ensureDeferred(self.raid.result()), RaidEndedAway)
         self.assertNotIn("r1", self.client._in_raid)
@@ -350,6 +354,7 @@ class RaidsAfterADropTests(TestCase):
         self.assertEqual(self.successResultOf(result).score, 5)
         self.clock.advance(RESULT_AFTER_RESUME)
         self.assertFalse(self.raid.lost)
+        self.assertEqual(self.lost, [])
         self.assertEqual(self.client._result_waits, {})  # its wait was cancelled by the result
 
     def test_a_raid_still_on_is_kept(self):

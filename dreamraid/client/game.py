@@ -315,22 +315,19 @@ class GameClient:
             self._reconnecting = None
             failed = e if isinstance(e, ConnectionClosed) else ConnectionClosed(
                 getattr(e, "code", None), getattr(e, "detail", str(e)))
-            if not isinstance(e, defer.CancelledError):
-                self._give_up(failed)
-            waiting, self._back_waiters = self._back_waiters, []
-            for waiter in waiting:
-                waiter.errback(ConnectionClosed(failed.code, failed.detail))  # each its own: tracebacks grow on raising
-            if not isinstance(e, defer.CancelledError):
-                self._emit("reconnect_failed", e)
+            if isinstance(e, defer.CancelledError):  # closed: whatever waits for the return hears so
+                self._fail_back_waiters(failed)
+            else:
+                self._give_up(e, failed)
             return
         self._reconnecting = None
         self.player = event[1] if event[0] == "entered_again" else event[1].player
+        waiting, self._back_waiters = self._back_waiters, []
+        self._emit(*event)
         if event[0] == "entered_again":
             self._raids_lost_away("", wait=0)
         else:
             self._raids_lost_away(event[1].raid_id, wait=RESULT_AFTER_RESUME)
-        waiting, self._back_waiters = self._back_waiters, []
-        self._emit(*event)
         for waiter in waiting:
             waiter.callback(None)
 
@@ -338,21 +335,31 @@ class GameClient:
         """A fresh L{ConnectionClosed} saying why the client gave up (one exception raised many times grows its traceback)."""
         return ConnectionClosed(self._given_up.code, self._given_up.detail)
 
-    def _give_up(self, failed):
+    def _give_up(self, error, failed):
         """
-        No getting back: every open raid's waits, every push awaited, and
-        every request from now on raise L{ConnectionClosed} C{failed}.
+        No getting back (C{error} is why): the application hears
+        reconnect_failed first (so a loop over pushes can stop), then every
+        open raid's waits, every push awaited and every request waiting for
+        the return raise L{ConnectionClosed} C{failed}, and so does every
+        request and wait from now on.
         """
         self._given_up = failed
         for waiting in self._result_waits.values():
             waiting.cancel()
         self._result_waits.clear()
+        self._emit("reconnect_failed", error)
         for raid in list(self._in_raid.values()):
             raid.gave_up(self._gave_up())
         waiting, self._waiters = self._waiters, {}
         for waiters in waiting.values():
             for _, waiter in waiters:
                 waiter.errback(self._gave_up())
+        self._fail_back_waiters(failed)
+
+    def _fail_back_waiters(self, failed):
+        waiting, self._back_waiters = self._back_waiters, []
+        for waiter in waiting:
+            waiter.errback(ConnectionClosed(failed.code, failed.detail))  # each its own: tracebacks grow on raising
 
     async def _enter_again(self):
         """The session is gone: log in again through the application's relogin and authenticate afresh."""
