@@ -207,16 +207,23 @@ class Bot:
         either = defer.DeferredList([began, ended], fireOnOneCallback=True)
         began.addErrback(lambda failure: None)  # a raid lost, a client that gave up: the result says so too
         await either
-        while not ended.called:
-            try:
-                await raid.hit()
-            except RemoteError as e:
-                if e.code not in (ErrorCode.HIT_TOO_SOON, ErrorCode.RAID_NOT_FIGHTING, ErrorCode.NOT_IN_RAID):
-                    raise
-            except OutcomeUnknown:
-                pass  # landed or not, the next hit goes on
-            raid.move(random.uniform(0, 10), random.uniform(0, 10))
-            await self._wait(0.2)
+        try:
+            while not ended.called:
+                try:
+                    await raid.hit()
+                except RemoteError as e:
+                    if e.code not in (ErrorCode.HIT_TOO_SOON, ErrorCode.RAID_NOT_FIGHTING, ErrorCode.NOT_IN_RAID):
+                        raise
+                except OutcomeUnknown:
+                    pass  # landed or not, the next hit goes on
+                raid.move(random.uniform(0, 10), random.uniform(0, 10))
+                await self._wait(0.2)
+        except Exception:
+            # What stopped the hits (a client that gave up: ConnectionClosed) is the bot's error, not the result's.
+            if not ended.called:
+                ended.cancel()
+            ended.addErrback(lambda failure: None)
+            raise
         try:
             outcome = await ended
         except RaidEndedAway:

@@ -665,6 +665,7 @@ class Terminal:
         if hasattr(client, "on"):
             client.on("resumed", lambda _: self._resumed(client))
             client.on("entered_again", lambda _: self._resumed(client))
+            client.on("raid_lost", lambda raid_id: self._raid_lost(client, raid_id))
             client.on("reconnect_failed", lambda error: self._reconnect_failed(client, error))
 
     async def _each(self, client, next_one, show):
@@ -760,11 +761,18 @@ class Terminal:
         if client is not self.client:
             return
         self.screen.say("Reconnected: playing on.", "green")
-        if self.battle is not None and self.battle.raid.lost:  # its result came while the link was down
-            self._end_battle()
-            self.screen.say("Your raid ended while you were away: `profile` and `inventory` show what it paid.",
-                            "yellow")
         client.connection.closed.addCallback(self._connection_closed, client, client.connection)
+
+    def _raid_lost(self, client, raid_id):
+        """
+        Back after a drop, the client found the raid ended while the player
+        was away, its result missed (after a resume, only once it waited a
+        while for that result): the fight on screen ends.
+        """
+        if client is not self.client or self.battle is None or self.battle.raid.raid_id != raid_id:
+            return
+        self._end_battle()
+        self.screen.say("Your raid ended while you were away: `profile` and `inventory` show what it paid.", "yellow")
 
     def _reconnect_failed(self, client, error):
         if client is self.client:

@@ -1,14 +1,20 @@
 """Scripted players against a real session server and game server, directly and through the fault proxy that cuts them."""
 
 import collections
+import gc
 import random
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 
+from dreamraid import bots
 from dreamraid.bots import Bot, main, run_bots, session_address
-from dreamraid.client import OutcomeUnknown, RemoteError
-from dreamraid.client.results import Hunted, Player, Rank
+from dreamraid.client import GameClient, OutcomeUnknown, Raid, RemoteError
+from dreamraid.client.reconnect import BACKOFF_CAP
+from dreamraid.client.results import Enhanced, Hunted, Player, Rank, SlotItem
+from dreamraid.protocols import packets
+from tests.test_client_reconnect import FIGHT, FOUND, HEARTBEAT, USER, FakeServer
 from dreamraid.errors import ErrorCode
 from dreamraid.faultproxy import ABORT, FaultProxy, Faults
 from tests.support import CONFIG
@@ -104,6 +110,79 @@ class BotCutTests(TestCase):
             raise RemoteError(ErrorCode.UNKNOWN_MONSTER, "no")
         bot.game.hunt = refused
         self.failureResultOf(defer.ensureDeferred(bot._hunt(9)), RemoteError)
+
+
+class GivingUpGame(GameClient):
+    """
+    A real game client on an in-memory server, as a bot sees it: the steps
+    before the raid answer at once, and next_raid gives raid r1 (with no UDP
+    port), so the bot comes to wait on the raid's fight and result.
+    """
+
+    async def inventory(self):
+        return [SlotItem(0, 0, 101, 0, 1)]
+
+    async def enhance(self, slot):
+        return Enhanced(slot, True, 1)
+
+    async def queue_raid(self):
+        return 1
+
+    async def my_rank(self):
+        return Rank(0, 0)
+
+    async def next_raid(self, interface="127.0.0.1"):
+        raid = Raid(self, FOUND)
+        self._in_raid[raid.raid_id] = raid
+        self._remember(raid.raid_id, "found")
+        return raid
+
+
+class BotGivesUpTests(TestCase):
+    """A bot whose client gives up reconnecting mid-raid reports an error, and run_bots finishes; on a task.Clock."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.server = FakeServer(self.clock)
+        self.game = GivingUpGame(self.clock, self.server.client, ("127.0.0.1", 9090), USER, rng=random.Random(3),
+                                 heartbeat=HEARTBEAT, give_up_after=30)
+        self.game.player = Player(USER, "bot", 1, 0)
+        self.game._connect = lambda host, port: defer.fail(ConnectionRefusedError())
+        self.stages = []
+        games = [self.game]
+
+        async def play(*args, **kwargs):
+            if not games:
+                raise ConnectError("the board reader: no server here")
+            return games.pop()
+        self.patch(bots, "play", play)
+
+    def run_until_given_up(self, fought):
+        summary = defer.ensureDeferred(run_bots(self.clock, ("127.0.0.1", 1), 1, hunts=0,
+                                                progress=lambda name, stage: self.stages.append(stage)))
+        self.assertIn("entered", self.stages)
+        if fought:
+            self.server.client.dataReceived(packets.RAID_FIGHT.encode(0, FIGHT))
+            self.assertIn("fighting", self.stages)
+        self.server.drop()
+        for _ in range(10):
+            self.clock.advance(BACKOFF_CAP)
+        [report] = self.successResultOf(summary).reports
+        self.assertEqual(self.stages[-1], "done")
+        return report
+
+    def test_giving_up_before_the_fight_is_the_bots_error(self):
+        """The raid's fight and result waits fail with the give-up: the bot reports ConnectionClosed."""
+        report = self.run_until_given_up(fought=False)
+        self.assertTrue(report.error.startswith("ConnectionClosed"), report.error)
+        self.assertEqual(report.raid, "")
+
+    def test_giving_up_while_hitting_is_the_bots_error(self):
+        """A hit after the give-up raises at once: the bot reports it, and the failed result is not left unhandled."""
+        report = self.run_until_given_up(fought=True)
+        self.assertTrue(report.error.startswith("ConnectionClosed"), report.error)
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class BotsThroughCutsTests(ServersCase):

@@ -354,3 +354,89 @@ class RaidAcrossAResumeTests(ReconnectingClientCase):
         again = self.resume_with_pushes_first()
         again.client.dataReceived(packets.RAID_FIGHT.encode(0, {**FIGHT, "hp": 21}))
         self.assertEqual(self.client._pushes, [])
+
+
+class GivingUpTests(ReconnectingClientCase):
+    """
+    Once the client gives up reconnecting (after a plain TCP loss, which
+    would otherwise call for a resume), nothing waits for a return that will
+    not come: raid waits, pushes awaited and requests all raise
+    L{ConnectionClosed}, and no timer is left behind.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.client._give_up_after = 30
+        self.raid = Raid(self.client, FOUND)
+        self.client._in_raid["r1"] = self.raid
+        self.client._remember("r1", "found")
+
+    def give_up(self):
+        self.first.drop()
+        self.servers += [ConnectionRefusedError()] * 20
+        for _ in range(10):
+            self.clock.advance(BACKOFF_CAP)
+        self.assertEqual(self.events[-1][0], "reconnect_failed")
+
+    def test_raid_waits_and_awaited_pushes_fail(self):
+        """A raid's fight() and result() and a push awaited before the give-up raise ConnectionClosed."""
+        fight = defer.ensureDeferred(self.raid.fight())
+        result = defer.ensureDeferred(self.raid.result())
+        change = defer.ensureDeferred(self.client.next_party_change())
+        self.give_up()
+        for waiting in (fight, result, change):
+            self.failureResultOf(waiting, ConnectionClosed)
+        self.assertNotIn("r1", self.client._in_raid)
+        self.assertEqual(self.client._waiters, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waits_begun_after_the_give_up_fail_at_once(self):
+        """A raid wait, a push awaited and a request (a read or a change) made after the give-up raise at once."""
+        self.give_up()
+        self.failureResultOf(defer.ensureDeferred(self.raid.result()), ConnectionClosed)
+        self.failureResultOf(defer.ensureDeferred(self.raid.fight()), ConnectionClosed)
+        self.failureResultOf(self.client.next_push(packets.PARTY_CHANGED.name), ConnectionClosed)
+        self.failureResultOf(defer.ensureDeferred(self.client.my_rank()), ConnectionClosed)
+        hunt = self.failureResultOf(defer.ensureDeferred(self.client.hunt(1)), ConnectionClosed)
+        self.assertNotIsInstance(hunt.value, OutcomeUnknown)  # never sent
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_result_wait_after_a_resume_is_cancelled_by_the_give_up(self):
+        """Resumed in no raid, then cut again for good before RESULT_AFTER_RESUME: the raid fails, its wait is gone."""
+        result = defer.ensureDeferred(self.raid.result())
+        self.first.drop()
+        again = FakeServer(self.clock)
+        self.servers.append(again)
+        self.next_attempt()
+        _, request_id, _ = again.last("resume")
+        again.reply(packets.RESUMED, request_id, resumed_body(""))
+        self.assertIn("r1", self.client._result_waits)
+        self.client._give_up_after = 0  # the first failed attempt gives up, well within RESULT_AFTER_RESUME
+        again.drop()
+        self.servers.append(ConnectionRefusedError())
+        self.next_attempt()
+        self.assertEqual(self.events[-1][0], "reconnect_failed")
+        self.assertEqual(self.client._result_waits, {})
+        self.assertIsInstance(self.failureResultOf(result, ConnectionClosed).value, ConnectionClosed)
+        self.assertFalse(self.raid.lost)  # not RaidEndedAway: the client cannot know
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_the_application_hears_of_the_give_up_before_its_waits_fail(self):
+        """reconnect_failed comes first, so a loop that awaits pushes again on a failure can stop."""
+        heard = []
+        self.client.next_push(packets.PARTY_CHANGED.name).addErrback(
+            lambda failure: heard.append(("wait failed", [e[0] for e in self.events][-1])))
+        self.give_up()
+        self.assertEqual(heard, [("wait failed", "reconnect_failed")])
+
+    def test_a_hundred_waits_at_once_all_fail(self):
+        """A hundred requests waiting for the return and a hundred pushes awaited all fail with the give-up."""
+        self.first.drop()
+        requests = [defer.ensureDeferred(self.client.hunt(1)) for _ in range(100)]
+        pushes = [self.client.next_push(packets.PARTY_CHANGED.name) for _ in range(100)]
+        self.servers += [ConnectionRefusedError()] * 20
+        for _ in range(10):
+            self.clock.advance(BACKOFF_CAP)
+        for waiting in requests + pushes:
+            self.failureResultOf(waiting, ConnectionClosed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

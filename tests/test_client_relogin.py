@@ -254,11 +254,21 @@ class GameClientReloginTests(TestCase):
         self.assertEqual(self.session.revoked, ["refresh-1"])
 
     def test_a_refused_refresh_gives_up_with_its_code(self):
+        """
+        The session is gone and the refresh refused: the client gives up
+        with the refusal's code, an open raid's waits raise
+        ConnectionClosed, and no timer is left.
+        """
+        raid = Raid(self.client, found("r1"))
+        self.client._in_raid["r1"] = raid
+        result = defer.ensureDeferred(raid.result())
         self.session.refusals["refresh-0"] = RemoteError(ErrorCode.REFRESH_REFUSED, "revoked")
         self.expire_resume(entering=False)
         self.assertEqual([e[0] for e in self.events], ["reconnecting", "reconnect_failed"])
         self.assertEqual(self.events[-1][1].code, ErrorCode.REFRESH_REFUSED)
-        self.assertEqual(self.client._result_waits, {})  # its wait was cancelled by the result
+        self.assertEqual(self.failureResultOf(result, ConnectionClosed).value.code, ErrorCode.REFRESH_REFUSED)
+        self.failureResultOf(defer.ensureDeferred(raid.fight()), ConnectionClosed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_an_unreachable_session_server_is_tried_again_without_another_resume(self):
         """The refresh was never sent: after the backoff the client enters again (not resuming a session that is gone)."""
@@ -298,6 +308,8 @@ class RaidsAfterADropTests(TestCase):
         self.client._in_raid["r1"] = self.raid
         self.events = []
         self.client.on("reconnecting", lambda attempt, delay: self.events.append(delay))
+        self.lost = []
+        self.client.on("raid_lost", self.lost.append)
 
     def resume(self, raid_id):
         again = FakeServer(self.clock)
@@ -319,8 +331,10 @@ class RaidsAfterADropTests(TestCase):
         again = self.resume("")
         self.clock.advance(RESULT_AFTER_RESUME - 0.01)
         self.assertNoResult(result)
+        self.assertEqual(self.lost, [])
         self.clock.advance(0.01)
         self.assertEqual(self.failureResultOf(result, RaidEndedAway).value.raid_id, "r1")
+        self.assertEqual(self.lost, ["r1"])  # the application hears it too
         self.failureResultOf(fight, RaidEndedAway)
         self.failureResultOf(defer.ensureDeferred(self.raid.result()), RaidEndedAway)
         self.assertNotIn("r1", self.client._in_raid)
@@ -340,6 +354,7 @@ class RaidsAfterADropTests(TestCase):
         self.assertEqual(self.successResultOf(result).score, 5)
         self.clock.advance(RESULT_AFTER_RESUME)
         self.assertFalse(self.raid.lost)
+        self.assertEqual(self.lost, [])
         self.assertEqual(self.client._result_waits, {})  # its wait was cancelled by the result
 
     def test_a_raid_still_on_is_kept(self):

@@ -5,20 +5,25 @@ import random
 import re
 import sys
 
-from types import SimpleNamespace
-
 import pyte
 from twisted.internet import defer, error, reactor
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
+from dreamraid.client import GameClient, Raid
+from dreamraid.client.game import RESULT_AFTER_RESUME
+from dreamraid.client.reconnect import BACKOFF_CAP
+from dreamraid.client.results import Player
 from dreamraid.config import load_settings
+from dreamraid.errors import ErrorCode
 from dreamraid.client.session import listen_address
-from dreamraid.play import Battle, Options, Screen, Terminal, hp_bar
+from dreamraid.play import Options, Screen, Terminal, hp_bar
+from dreamraid.protocols import packets
 from dreamraid.tables import load_tables
 from tests.support import CONFIG, eventually, spawn
 from tests.test_client_library import ServersCase
+from tests.test_client_reconnect import FIGHT, FOUND, HEARTBEAT, RESULT, USER, FakeServer, resumed_body
 
 TABLES = load_tables(load_settings(CONFIG).tables.path)
 
@@ -195,21 +200,114 @@ class TerminalScreenTests(TestCase):
 
 
 class LostRaidTests(TestCase):
-    """A raid that ended while the link was down, on a stand-in client."""
+    """
+    A raid that ended while the link was down, on a real game client over
+    an in-memory server and a task.Clock: the fight on screen (HP bar,
+    ticker, auto-hitter) ends when the client finds the raid lost, not
+    before and not never.
+    """
 
-    def test_a_raid_lost_while_away_ends_the_fight_on_screen(self):
-        """Back after a drop and no longer in the raid: the HP bar goes, and the player is told why."""
-        transcript = Transcript()
-        clock = Clock()
-        terminal = Terminal(clock, Screen(transcript.write), ("127.0.0.1", 1), TABLES)
-        raid = SimpleNamespace(lost=True, close=lambda: closed.append(True), deadline=60, hp=3)
-        closed = []
-        terminal.client = SimpleNamespace(connection=SimpleNamespace(closed=defer.Deferred()))
-        terminal.battle = Battle(raid, clock)
-        terminal._resumed(terminal.client)
-        self.assertIsNone(terminal.battle)
-        self.assertEqual(closed, [True])
-        self.assertIn("Your raid ended while you were away", transcript.text)
+    def setUp(self):
+        self.clock = Clock()
+        self.server = FakeServer(self.clock)
+        self.client = GameClient(self.clock, self.server.client, ("127.0.0.1", 9090), USER, rng=random.Random(3),
+                                 heartbeat=HEARTBEAT, give_up_after=30)
+        self.client.token = "the-token"
+        self.client.player = Player(USER, "alice", 3, 9)
+        self.servers = []
+        self.client._connect = lambda host, port: (defer.fail(self.servers.pop(0)) if isinstance(self.servers[0], Exception)
+                                                   else defer.succeed(self.servers.pop(0).client))
+        self.delays = []
+        self.client.on("reconnecting", lambda attempt, delay: self.delays.append(delay))
+        self.transcript = Transcript()
+        self.terminal = Terminal(self.clock, Screen(self.transcript.write), ("127.0.0.1", 1), TABLES)
+        self.terminal.client = self.client
+        self.terminal._follow(self.client)
+        raid = Raid(self.client, FOUND)
+        self.client._in_raid["r1"] = raid
+        self.client._remember("r1", "found")
+        self.terminal._raid_found(raid)
+        self.terminal._fight_began(FIGHT)
+        self.battle = self.terminal.battle
+        self.battle.keep_hitting(True)
+        self.assertTrue(self.battle.fighting)
+
+    def hits(self, server):
+        return len([r for r in server.requests() if r[0] == "raid_hit"])
+
+    def back_on(self, answer):
+        """Drop the link; the next attempt reaches a new server, which C{answer(server, request)} answers."""
+        self.server.drop()
+        again = FakeServer(self.clock)
+        self.servers.append(again)
+        self.clock.advance(self.delays[-1])
+        answer(again)
+        return again
+
+    def test_a_raid_lost_after_a_resume_ends_the_fight_once_its_result_wait_is_over(self):
+        """
+        Resumed in no raid: the fight stays on for RESULT_AFTER_RESUME (its
+        result may still come), then ends: the HP bar goes, the ticker and
+        the auto-hitter stop, and the player is told why.
+        """
+        def resumed(server):
+            _, request_id, _ = server.last("resume")
+            server.reply(packets.RESUMED, request_id, resumed_body(""))
+        again = self.back_on(resumed)
+        self.clock.advance(RESULT_AFTER_RESUME - 0.01)
+        self.assertIs(self.terminal.battle, self.battle)
+        self.assertNotIn("Your raid ended while you were away", self.transcript.text)
+        self.clock.advance(0.01)
+        self.assertIsNone(self.terminal.battle)
+        self.assertFalse(self.battle.fighting)
+        self.assertIsNone(self.battle._hitter)
+        self.assertIn("Your raid ended while you were away", self.transcript.text)
+        hits = self.hits(again)
+        self.clock.advance(10)
+        self.assertEqual(self.hits(again), hits)  # no hitting a raid that is over
+
+    def test_a_result_told_after_the_resume_ends_the_fight_with_the_result(self):
+        """Resumed in no raid, the result the server kept follows: the fight ends with it, not as lost."""
+        def resumed(server):
+            _, request_id, _ = server.last("resume")
+            server.reply(packets.RESUMED, request_id, resumed_body(""))
+        again = self.back_on(resumed)
+        again.client.dataReceived(packets.RAID_RESULT.encode(0, RESULT))
+        self.assertIsNone(self.terminal.battle)
+        self.assertIn("VICTORY", self.transcript.text)
+        self.clock.advance(RESULT_AFTER_RESUME)
+        self.assertNotIn("Your raid ended while you were away", self.transcript.text)
+
+    def test_a_raid_lost_by_entering_again_ends_the_fight_at_once(self):
+        """The session was gone and the client entered again (a new session, kept nothing): the fight ends at once."""
+        async def relogin():
+            return "127.0.0.1", 9191, "new-token"
+        self.client._relogin = relogin
+        fresh = FakeServer(self.clock)
+
+        def expired(server):
+            self.servers.append(fresh)  # where the client enters again
+            _, request_id, _ = server.last("resume")
+            server.error(request_id, ErrorCode.RESUME_EXPIRED)
+            _, request_id, _ = fresh.last("authenticate")
+            fresh.reply(packets.AUTHENTICATED, request_id, {"user_id": USER, "name": "alice", "level": 3, "exp": 9})
+        self.back_on(expired)
+        self.assertIsNone(self.terminal.battle)
+        self.assertFalse(self.battle.fighting)
+        text = self.transcript.text
+        self.assertLess(text.index("Reconnected: playing on."), text.index("Your raid ended while you were away"))
+
+    def test_giving_up_ends_the_fight_and_the_session(self):
+        """The client gives up: the player is told they are disconnected, the fight is over, nothing spins on."""
+        self.server.drop()
+        self.servers += [error.ConnectionRefusedError()] * 20
+        for _ in range(10):
+            self.clock.advance(BACKOFF_CAP)
+        self.assertIn("Disconnected", self.transcript.text)
+        self.assertIsNone(self.terminal.client)
+        self.assertIsNone(self.terminal.battle)
+        self.assertFalse(self.battle.fighting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class OptionsTests(TestCase):

@@ -146,6 +146,7 @@ class GameClient:
         self._back_waiters = []  # Deferreds fired once resumed (or failed if that cannot be)
         self._in_raid = {}  # raid id -> Raid, while open: a raid_found again after a resume rejoins it
         self._result_waits = {}  # raid id -> the DelayedCall that counts it lost if no result came after a resume
+        self._given_up = None  # the ConnectionClosed once the client gave up reconnecting: every wait raises it
         self.address = address
         self.user_id = user_id
         self.player = None  # a results.Player once authenticated
@@ -195,6 +196,7 @@ class GameClient:
         old, self.address = self.connection, address
         self._use(connection)
         old.on_push = None
+        self._given_up = None  # back by hand after giving up
         return resumed
 
     def request(self, message, body):
@@ -208,9 +210,12 @@ class GameClient:
         """
         Send on the connection now, or once back if reconnecting; a read cut
         by a drop is sent again once resumed, any other request raises
-        L{OutcomeUnknown}.
+        L{OutcomeUnknown}.  After the client gave up reconnecting, it raises
+        L{ConnectionClosed} at once.
         """
         while True:
+            if self._given_up is not None:
+                raise self._gave_up()
             if self._reconnecting is not None:
                 await self._back()
                 continue
@@ -235,8 +240,13 @@ class GameClient:
         from 1, the seconds waited before it) before each attempt,
         C{"resumed"} (a L{results.Resumed}) once back,
         C{"entered_again"} (a L{results.Player}) once back through
-        C{relogin} after the session could not be resumed, and
-        C{"reconnect_failed"} (the exception) when the client gives up.
+        C{relogin} after the session could not be resumed,
+        C{"raid_lost"} (the raid id) when a raid open here turns out, once
+        back, to have ended while the client was away (its waits raise
+        L{RaidEndedAway}; after a resume, only once L{RESULT_AFTER_RESUME}
+        passed without its result), and C{"reconnect_failed"} (the
+        exception) when the client gives up: from then on every request,
+        raid wait and L{next_push} raises L{ConnectionClosed}.
         """
         self._listeners.setdefault(event, []).append(listener)
 
@@ -305,22 +315,51 @@ class GameClient:
             self._reconnecting = None
             failed = e if isinstance(e, ConnectionClosed) else ConnectionClosed(
                 getattr(e, "code", None), getattr(e, "detail", str(e)))
-            waiting, self._back_waiters = self._back_waiters, []
-            for waiter in waiting:
-                waiter.errback(failed)
-            if not isinstance(e, defer.CancelledError):
-                self._emit("reconnect_failed", e)
+            if isinstance(e, defer.CancelledError):  # closed: whatever waits for the return hears so
+                self._fail_back_waiters(failed)
+            else:
+                self._give_up(e, failed)
             return
         self._reconnecting = None
         self.player = event[1] if event[0] == "entered_again" else event[1].player
+        waiting, self._back_waiters = self._back_waiters, []
+        self._emit(*event)
         if event[0] == "entered_again":
             self._raids_lost_away("", wait=0)
         else:
             self._raids_lost_away(event[1].raid_id, wait=RESULT_AFTER_RESUME)
-        waiting, self._back_waiters = self._back_waiters, []
-        self._emit(*event)
         for waiter in waiting:
             waiter.callback(None)
+
+    def _gave_up(self):
+        """A fresh L{ConnectionClosed} saying why the client gave up (one exception raised many times grows its traceback)."""
+        return ConnectionClosed(self._given_up.code, self._given_up.detail)
+
+    def _give_up(self, error, failed):
+        """
+        No getting back (C{error} is why): the application hears
+        reconnect_failed first (so a loop over pushes can stop), then every
+        open raid's waits, every push awaited and every request waiting for
+        the return raise L{ConnectionClosed} C{failed}, and so does every
+        request and wait from now on.
+        """
+        self._given_up = failed
+        for waiting in self._result_waits.values():
+            waiting.cancel()
+        self._result_waits.clear()
+        self._emit("reconnect_failed", error)
+        for raid in list(self._in_raid.values()):
+            raid.gave_up(self._gave_up())
+        waiting, self._waiters = self._waiters, {}
+        for waiters in waiting.values():
+            for _, waiter in waiters:
+                waiter.errback(self._gave_up())
+        self._fail_back_waiters(failed)
+
+    def _fail_back_waiters(self, failed):
+        waiting, self._back_waiters = self._back_waiters, []
+        for waiter in waiting:
+            waiter.errback(ConnectionClosed(failed.code, failed.detail))  # each its own: tracebacks grow on raising
 
     async def _enter_again(self):
         """The session is gone: log in again through the application's relogin and authenticate afresh."""
@@ -361,6 +400,7 @@ class GameClient:
             return
         self._remember(raid_id, "ended")
         raid.lost_away()
+        self._emit("raid_lost", raid_id)
 
     # -- progression and inventory ----------------------------------------------------
 
@@ -493,12 +533,16 @@ class GameClient:
         """
         A Deferred of the body of the next push named C{name} (one not yet
         read comes first), and only of one whose body C{which(body)} accepts
-        if given; cancelling it stops the wait.
+        if given; cancelling it stops the wait.  Once the client gave up
+        reconnecting, it fails with L{ConnectionClosed} (after the pushes
+        already here).
         """
         for i, (pushed, body) in enumerate(self._pushes):
             if pushed == name and (which is None or which(body)):
                 del self._pushes[i]
                 return defer.succeed(body)
+        if self._given_up is not None:
+            return defer.fail(self._gave_up())
         waiters = self._waiters.setdefault(name, [])
         waiter = defer.Deferred(lambda d: waiters.remove((which, d)))
         waiters.append((which, waiter))
@@ -625,6 +669,7 @@ class Raid:
         self.deadline = None
         self._greeting = None  # the greeting again after a resume, until the host answers it
         self.lost = False  # it ended for the player while the client was away (RaidEndedAway)
+        self.failed = None  # the ConnectionClosed once the client gave up reconnecting: its waits raise it
         self._lost_waiters = []
         self.fight_heard = False  # its raid_fight came (a resume's repeat of it is dropped)
         self.result_heard = False  # its raid_result came (after a resume, it is not lost away)
@@ -656,6 +701,7 @@ class Raid:
         Wait for the raid's end; a L{results.RaidResult}.  The UDP channel closes.
 
         @raise RaidEndedAway: the raid ended while the client was away, its result missed.
+        @raise ConnectionClosed: the client gave up reconnecting (so does L{fight}).
         """
         body = await self._unless_lost(packets.RAID_RESULT)
         self.client._remember(self.raid_id, "ended")
@@ -663,9 +709,15 @@ class Raid:
         return results.raid_result(body)
 
     async def _unless_lost(self, message):
-        """The body of this raid's next C{message} push, or L{RaidEndedAway} once the raid is lost (L{lost_away})."""
+        """
+        The body of this raid's next C{message} push; L{RaidEndedAway} once
+        the raid is lost (L{lost_away}), L{ConnectionClosed} once the client
+        gave up (L{gave_up}).
+        """
         if self.lost:
             raise RaidEndedAway(self.raid_id)
+        if self.failed is not None:
+            raise ConnectionClosed(self.failed.code, self.failed.detail)
         pushed = self.client.next_push(message.name, lambda body: body["raid_id"] == self.raid_id)
         lost = defer.Deferred()
         self._lost_waiters.append(lost)
@@ -682,6 +734,14 @@ class Raid:
         waiting, self._lost_waiters = self._lost_waiters, []
         for waiter in waiting:
             waiter.errback(RaidEndedAway(self.raid_id))
+
+    def gave_up(self, failed):
+        """The client gave up reconnecting: its waits raise L{ConnectionClosed} C{failed}."""
+        self.failed = failed
+        self.close()
+        waiting, self._lost_waiters = self._lost_waiters, []
+        for waiter in waiting:
+            waiter.errback(ConnectionClosed(failed.code, failed.detail))
 
     def rejoin(self, found):
         """After a resume: the raid's raid_found again, with a new key: greet the host again."""
