@@ -176,13 +176,13 @@ class ReconnectingClientCase(TestCase):
         """Let the backoff before the pending reconnect attempt pass (the last reconnecting event's delay)."""
         self.clock.advance(self.events[-1][2])
 
-    def resume_on(self, server):
-        """Let the pending reconnect attempt reach C{server} and answer its resume."""
+    def resume_on(self, server, raid_id=""):
+        """Let the pending reconnect attempt reach C{server} and answer its resume (kept in raid C{raid_id})."""
         self.servers.append(server)
         self.next_attempt()
         name, request_id, body = server.last("resume")
         self.assertEqual(body, {"token": "the-token", "user_id": 0, "ticket": ""})
-        server.reply(packets.RESUMED, request_id, resumed_body())
+        server.reply(packets.RESUMED, request_id, resumed_body(raid_id))
 
 
 class ReconnectTests(ReconnectingClientCase):

@@ -19,7 +19,7 @@ from dreamraid.client.game import Raid
 from dreamraid.client.results import Login
 from dreamraid.errors import ErrorCode
 from dreamraid.protocols import packets
-from tests.test_client_reconnect import HEARTBEAT, USER, FakeServer, resumed_body
+from tests.test_client_reconnect import HEARTBEAT, USER, FakeServer, ReconnectingClientCase, resumed_body
 
 
 def login(n):
@@ -295,29 +295,20 @@ def found(raid_id):
             "raid_number": 1, "member": 0, "host": "127.0.0.1:9090", "ticket": "t"}
 
 
-class RaidsAfterADropTests(TestCase):
+class RaidsAfterADropTests(ReconnectingClientCase):
     """What a client back after a drop makes of the raids it had open."""
 
     def setUp(self):
-        self.clock = task.Clock()
-        self.first = FakeServer(self.clock)
-        self.client = GameClient(self.clock, self.first.client, ("127.0.0.1", 9090), USER, rng=random.Random(3),
-                                 heartbeat=HEARTBEAT)
-        self.client.token = "the-token"
+        super().setUp()
         self.raid = Raid(self.client, found("r1"))
         self.client._in_raid["r1"] = self.raid
-        self.events = []
-        self.client.on("reconnecting", lambda attempt, delay: self.events.append(delay))
         self.lost = []
         self.client.on("raid_lost", self.lost.append)
 
     def resume(self, raid_id):
         again = FakeServer(self.clock)
-        self.client._connect = lambda host, port: defer.succeed(again.client)
         self.first.drop()
-        self.clock.advance(self.events[-1])
-        _, request_id, _ = again.last("resume")
-        again.reply(packets.RESUMED, request_id, resumed_body(raid_id))
+        self.resume_on(again, raid_id)
         return again
 
     def test_a_raid_that_ended_while_away_raises_from_its_waits(self):
@@ -375,9 +366,9 @@ class RaidsAfterADropTests(TestCase):
         """A push written on the new connection before the resume's reply reaches the application."""
         result = defer.ensureDeferred(self.raid.result())
         again = FakeServer(self.clock)
-        self.client._connect = lambda host, port: defer.succeed(again.client)
+        self.servers.append(again)
         self.first.drop()
-        self.clock.advance(self.events[-1])
+        self.next_attempt()
         _, request_id, _ = again.last("resume")
         again.client.dataReceived(packets.RAID_RESULT.encode(0, {
             "raid_id": "r1", "cleared": True, "score": 2, "team_score": 4, "exp_gained": 1, "level": 1, "best": 2,
