@@ -156,29 +156,28 @@ class Bot:
                 enhancement = next(w.enhancement for w in await self._weapons() if w.slot == slot)
         return enhancement
 
-    async def _queue(self):
+    async def _until_landed(self, request, landed_code):
+        """
+        Make C{request()} until it lands: a change cut by a drop
+        (OutcomeUnknown) is made again, and the refusal C{landed_code} says
+        an earlier one had landed.
+        """
         while True:
             try:
-                await self.game.queue_raid()
+                await request()
                 return
             except RemoteError as e:
-                if e.code is not ErrorCode.ALREADY_QUEUED:
+                if e.code is not landed_code:
                     raise
-                return  # the queue cut by a drop had landed
+                return
             except OutcomeUnknown:
                 continue
 
-    async def _cancel_queue(self):
-        while True:
-            try:
-                await self.game.cancel_queue()
-                return
-            except RemoteError as e:
-                if e.code is not ErrorCode.NOT_QUEUED:
-                    raise
-                return
-            except OutcomeUnknown:
-                continue
+    def _queue(self):
+        return self._until_landed(self.game.queue_raid, ErrorCode.ALREADY_QUEUED)
+
+    def _cancel_queue(self):
+        return self._until_landed(self.game.cancel_queue, ErrorCode.NOT_QUEUED)
 
     async def _next_raid(self):
         """The raid, once matched and ready; a raid_ready cut by a drop is sent again when the raid is found again."""
