@@ -35,6 +35,7 @@ from tests import cluster
 from tests.support import eventually, log_lines, make_settings, require_stack, when_logged
 from tests.test_game import GameServerCase
 from tests.test_players import FakeConnection, FakeVerifier, RecordingQueue
+from tests.test_realtime import NobodyConnected
 
 GRACE = 30.0
 TTL = 300.0
@@ -856,14 +857,6 @@ class HeldPay:
 
 class NoRanking:
     async def record(self, scores):
-        pass
-
-
-class NobodyConnected:
-    def connection_of(self, user_id):
-        return None
-
-    def when_asked_to_place(self, place_again):
         pass
 
 
