@@ -68,6 +68,18 @@ class RaidPlayTests(GameServerCase):
         self.assertEqual({(f["hp"], f["sequence"]) for f in fights}, {(30, 0)})
         return await self.hit_until_down(clients, raid_id)
 
+    async def two_fighting(self, server):
+        """
+        Two players of C{server} matched and ready, the fight on:
+        C{((a, a's id), (b, b's id), their raid_found pushes)}.
+        """
+        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
+        found, _ = await self.matched([a, b])
+        raid_id = found[0]["raid_id"]
+        for client in (a, b):
+            await client.request(packets.RAID_READY, {"raid_id": raid_id})
+        return (a, a_id), (b, b_id), found
+
     async def hit_until_down(self, clients, raid_id):
         """C{clients} hit in turn, the first first, until the boss falls; the hit replies, in order."""
         hits, turn = [], 0
@@ -134,11 +146,8 @@ class RaidPlayTests(GameServerCase):
     async def test_a_player_who_drops_is_paid_at_the_end(self):
         """B hits once and drops; A clears alone; B's live data got B's exp and best score."""
         server = await self.game_server(*self.raid_options())
-        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
-        found, _ = await self.matched([a, b])
+        (a, a_id), (b, b_id), found = await self.two_fighting(server)
         raid_id = found[0]["raid_id"]
-        for client in (a, b):
-            await client.request(packets.RAID_READY, {"raid_id": raid_id})
         _, hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
         b.connection.transport.loseConnection()
         await b.connection.closed
@@ -162,11 +171,8 @@ class RaidPlayTests(GameServerCase):
         """
         server = await self.game_server(*self.raid_options("--game-resume-grace", "30"))
         host = server.part("RaidHost")
-        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
-        found, _ = await self.matched([a, b])
+        (a, a_id), (b, b_id), found = await self.two_fighting(server)
         raid_id = found[0]["raid_id"]
-        for client in (a, b):
-            await client.request(packets.RAID_READY, {"raid_id": raid_id})
         _, b_hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
         cut = reactor.seconds()
         b.connection.transport.abortConnection()
@@ -235,11 +241,8 @@ class RaidPlayTests(GameServerCase):
         raid's result, with its own score, once.
         """
         server = await self.game_server(*self.raid_options("--game-resume-grace", "30"))
-        (a, a_id), (b, b_id) = [await self.player(server) for _ in range(2)]
-        found, _ = await self.matched([a, b])
+        (a, a_id), (b, b_id), found = await self.two_fighting(server)
         raid_id = found[0]["raid_id"]
-        for client in (a, b):
-            await client.request(packets.RAID_READY, {"raid_id": raid_id})
         _, b_hit = await b.request(packets.RAID_HIT, {"raid_id": raid_id})
         b.connection.transport.abortConnection()
         await b.connection.closed

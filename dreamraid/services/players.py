@@ -324,7 +324,10 @@ class Players(Service):
                 player.missed.append((event, body))
 
     def _early_notice(self, holder, user_id, event, body):
-        """Keep a notice for the authentication C{holder} of C{user_id}, not attached yet; those kept over EARLY_FOR go."""
+        """
+        Keep a notice for the authentication C{holder} of C{user_id}, not
+        attached yet; those kept over EARLY_FOR go.
+        """
         now = self._clock.seconds()
         for stale in [h for h, (at, _, _) in self._early.items() if now - at > EARLY_FOR]:
             del self._early[stale]
